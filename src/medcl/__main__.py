@@ -1,0 +1,5 @@
+import sys
+
+from medcl.cli import main
+
+sys.exit(main())
