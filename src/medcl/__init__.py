@@ -6,3 +6,12 @@ leakage-free evaluation, reports and export around them.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Lazy: `import medcl` stays light (no torch import) until the loader is used.
+    if name == "load_backbone":
+        from medcl.export import load_backbone
+
+        return load_backbone
+    raise AttributeError(f"module 'medcl' has no attribute {name!r}")

@@ -1,0 +1,35 @@
+"""`medcl export CHECKPOINT -o DIR`: backbone weights as safetensors plus a model card."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a pretrained backbone as safetensors with a model card",
+        description=(
+            "Write DIR/backbone.safetensors (keys match the plain MONAI network's state dict; "
+            "architecture and kwargs in the metadata), DIR/model_card.json and DIR/MODEL_CARD.md. "
+            "Load it back with medcl.load_backbone(DIR)."
+        ),
+    )
+    parser.add_argument("checkpoint", help="a medcl checkpoint (.pt) or a pretraining run folder")
+    parser.add_argument("-o", "--out", required=True, help="output folder")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from medcl.export import BackboneLoadError, CheckpointError, export_backbone, load_backbone
+
+    try:
+        file = export_backbone(args.checkpoint, args.out)
+        load_backbone(file)  # proves the export loads before we report success
+    except (CheckpointError, BackboneLoadError) as exc:
+        print(f"medcl export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {file} (+ model_card.json, MODEL_CARD.md)")
+    return 0

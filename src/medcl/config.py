@@ -1,0 +1,342 @@
+"""Typed, validated configuration for pretraining runs.
+
+A run is described by one nested mapping, usually a YAML preset (``configs/uscl.yaml``) plus
+command-line overrides ``key.sub=value``::
+
+    method: uscl            # selects the method and the method section below
+    out: runs/uscl          # run folder
+    data:     {manifest, size, in_channels, label_fraction, label_seed, cache}
+    sampling: {pairing: video|frame, mixup: paper|shared_lambda|none, alpha, beta}
+    augment:  {enabled, crop_scale, crop_ratio, flip_p, rotate_degrees, brightness, contrast}
+    model:    {backbone, proj_hidden, proj_dim}
+    optim:    {name: adam|adamw, lr, weight_decay, batch_size, epochs, warmup_epochs, max_steps, min_lr_ratio}
+    train:    {seed, device, amp, checkpoint_every, log_every, progress, tensorboard, sync_batchnorm}
+    uscl:     {temperature, lambda_sup, label_aware}   # the section named after `method`
+
+>>> cfg = load_config("configs/uscl.yaml", ["data.manifest=ingested/", "out=runs/a"])  # doctest: +SKIP
+>>> cfg.method, cfg.params.temperature, cfg.optim.lr                                    # doctest: +SKIP
+('uscl', 0.5, 0.0003)
+
+Validation happens before anything is trained: unknown keys, wrong types, out-of-range values and
+a missing manifest raise :class:`ConfigError`, whose message lists every problem as
+``key=value: reason``.
+
+Adding a method (e.g. MixCL)
+----------------------------
+1. Define ``class MixCLConfig(MethodConfig)`` with its fields (pydantic, ``extra="forbid"`` is
+   inherited). Set ``needs_manifest: ClassVar[bool] = False`` if the method does not read the
+   USCL frame-set manifest. It may live here or in its own module.
+2. Register it: add ``"mixcl": MixCLConfig`` (or the lazy string ``"medcl.methods.mixcl:MixCLConfig"``)
+   to :data:`METHOD_CONFIGS`, or call ``register_method_config("mixcl", MixCLConfig)``.
+3. Its section is then the top-level key ``mixcl:`` and is available as ``cfg.params``;
+   ``cfg.to_dict()`` writes it back under ``mixcl``. Sections of other methods are rejected.
+4. Register the builder in ``medcl.methods.base.METHOD_MODULES`` (see there).
+A method that needs extra data options should put them in its own section (``mixcl.datasets``)
+rather than widening the shared ``data`` section.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names each offending key and value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    manifest: Path | None = None  # ingest output folder or its manifest.csv
+    size: int = Field(224, ge=8)  # model input size (pixels, square)
+    in_channels: int = Field(1, ge=1)  # grayscale frames are repeated when > 1
+    label_fraction: float = Field(0.01, gt=0.0, le=1.0)  # fraction of labeled videos kept, per class
+    label_seed: int = 0
+    cache: bool = True  # keep frame arrays in memory after first use
+
+    @field_validator("manifest")
+    @classmethod
+    def _manifest_exists(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return value
+        value = Path(value).expanduser()
+        target = value / "manifest.csv" if value.is_dir() else value
+        if not target.is_file():
+            raise ValueError(f"manifest not found: {target}")
+        return value
+
+
+class SamplingConfig(Section):
+    """USCL sample pair generation (see medcl.sampling.pairs)."""
+
+    pairing: Literal["video", "frame"] = "video"
+    mixup: Literal["paper", "shared_lambda", "none"] = "paper"
+    alpha: float = Field(0.5, gt=0.0)
+    beta: float = Field(0.5, gt=0.0)
+
+
+class AugmentConfig(Section):
+    enabled: bool = True
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # area fraction of the random resized crop
+    crop_ratio: tuple[float, float] = (0.75, 4.0 / 3.0)
+    flip_p: float = Field(0.5, ge=0.0, le=1.0)
+    rotate_degrees: float = Field(10.0, ge=0.0, le=180.0)
+    brightness: float = Field(0.2, ge=0.0, lt=1.0)
+    contrast: float = Field(0.2, ge=0.0, lt=1.0)
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _ordered_positive(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0.0 < low <= high:
+            raise ValueError(f"expected 0 < low <= high, got {list(value)}")
+        return value
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_at_most_one(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if value[1] > 1.0:
+            raise ValueError(f"crop area fraction must be <= 1, got {list(value)}")
+        return value
+
+
+class ModelConfig(Section):
+    backbone: Literal["resnet18"] = "resnet18"
+    proj_hidden: int = Field(512, ge=1)
+    proj_dim: int = Field(256, ge=1)
+
+
+class OptimConfig(Section):
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(3e-4, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    batch_size: int = Field(32, ge=2)  # global: videos (or frames) per step over all processes
+    epochs: int = Field(300, ge=1)
+    warmup_epochs: float = Field(10.0, ge=0.0)
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # cosine floor as a fraction of lr
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
+    checkpoint_every: int = Field(500, ge=1)  # steps
+    log_every: int = Field(1, ge=1)  # steps
+    progress: bool = True
+    tensorboard: bool = True  # only when the tensorboard package is installed
+    sync_batchnorm: bool = False  # distributed runs only
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("expected auto, cpu, cuda or cuda:N")
+
+
+class MethodConfig(Section):
+    """Base of the method sections. ``needs_manifest``: the method reads ``data.manifest``."""
+
+    needs_manifest: ClassVar[bool] = True
+
+
+class USCLConfig(MethodConfig):
+    """USCL (Chen et al., MICCAI 2021): L = L_con + lambda_sup * L_sup."""
+
+    temperature: float = Field(0.5, gt=0.0)
+    lambda_sup: float = Field(0.2, ge=0.0)
+    label_aware: bool = False  # SupCon-style contrast: known different labels negatives, same positives
+
+
+class SimCLRConfig(MethodConfig):
+    """SimCLR (Chen et al., ICML 2020): NT-Xent only."""
+
+    temperature: float = Field(0.5, gt=0.0)
+
+
+class SupervisedConfig(MethodConfig):
+    """Plain supervised pretraining: cross-entropy on the labeled videos only."""
+
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+# method name -> its section class (or "module:Class", imported when first needed)
+METHOD_CONFIGS: dict[str, type[MethodConfig] | str] = {
+    "uscl": USCLConfig,
+    "simclr": SimCLRConfig,
+    "supervised": SupervisedConfig,
+    "mixcl": "medcl.methods.mixcl:MixCLConfig",
+}
+
+
+def register_method_config(name: str, cls: type[MethodConfig]) -> None:
+    """Make ``method: name`` valid, with section ``name:`` validated by ``cls``."""
+    if not (isinstance(cls, type) and issubclass(cls, MethodConfig)):
+        raise TypeError(f"{cls!r} is not a MethodConfig subclass")
+    METHOD_CONFIGS[name] = cls
+
+
+def method_config_class(name: str) -> type[MethodConfig]:
+    if name not in METHOD_CONFIGS:
+        raise ConfigError(f"method={name!r}: unknown method; choose one of {sorted(METHOD_CONFIGS)}")
+    entry = METHOD_CONFIGS[name]
+    if isinstance(entry, str):
+        module_name, _, class_name = entry.partition(":")
+        entry = getattr(importlib.import_module(module_name), class_name)
+        METHOD_CONFIGS[name] = entry
+    return entry  # type: ignore[return-value]
+
+
+class Config(Section):
+    """The whole run. Build with :func:`load_config` or :meth:`Config.from_dict`."""
+
+    method: str
+    out: Path | None = None
+    data: DataConfig = DataConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    params: MethodConfig = Field(default_factory=MethodConfig)  # the section named after `method`
+
+    @model_validator(mode="after")
+    def _method_needs(self) -> Config:
+        if type(self.params).needs_manifest and self.data.manifest is None:
+            raise ValueError(f"data.manifest is required by method {self.method!r} (data.manifest=PATH)")
+        return self
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Config:
+        """Validate a nested mapping (YAML layout, method section under its name)."""
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"configuration must be a mapping, got {type(raw).__name__}")
+        raw = dict(copy.deepcopy(raw))
+        method = raw.get("method")
+        if not isinstance(method, str):
+            raise ConfigError(f"method={method!r}: required, one of {sorted(METHOD_CONFIGS)}")
+        params_cls = method_config_class(method)
+        others = [k for k in raw if k in METHOD_CONFIGS and k != method]
+        if others:
+            raise ConfigError(f"{others[0]}: section of another method; this run's method is {method!r}")
+        if "params" in raw:
+            raise ConfigError("params: unknown key (put method options under the section named after the method)")
+        section = raw.pop(method, None) or {}
+        problems: list[str] = []
+        try:
+            params = params_cls.model_validate(section)
+        except ValidationError as exc:
+            problems += _describe(exc, prefix=method)
+            params = None
+        try:
+            cfg = cls.model_validate({**raw, "params": params if params is not None else params_cls.model_construct()})
+        except ValidationError as exc:
+            problems += _describe(exc)
+            cfg = None
+        if problems:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+        assert cfg is not None
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-types mapping in the YAML layout (round-trips through :meth:`from_dict`)."""
+        out = self.model_dump(mode="json", exclude={"params"})
+        out[self.method] = self.params.model_dump(mode="json")
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _describe(exc: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if p != "params"]
+        key = ".".join(([prefix] if prefix else []) + loc) or prefix or "<root>"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        value = err.get("input")
+        if not loc and not prefix:
+            lines.append(msg)
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required")
+        elif isinstance(value, Mapping) and err["type"] not in ("extra_forbidden",):
+            lines.append(f"{key}: {msg}")
+        else:
+            lines.append(f"{key}={value!r}: {msg}")
+    return lines
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=1e-3"`` -> (["optim", "lr"], 0.001). Values are parsed as YAML scalars/lists."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}={value!r}: not a valid value ({exc.__class__.__name__})") from None
+    if isinstance(parsed, str) and _NUMBER.fullmatch(parsed.strip()):
+        parsed = float(parsed)  # YAML 1.1 reads "1e-3" (no dot) as a string
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    raw = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), **base: Any) -> Config:
+    """Load a YAML preset (or start from ``base``), apply ``key.sub=value`` overrides, validate.
+
+    Errors in the file name the file; errors in values name the dotted key and the value.
+    """
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    raw.update(base)
+    raw = apply_overrides(raw, overrides)
+    try:
+        return Config.from_dict(raw)
+    except ConfigError as exc:
+        if path is not None:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise

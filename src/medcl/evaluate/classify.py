@@ -1,0 +1,700 @@
+"""Classification fine-tuning and evaluation on ingested frame sets (USCL's evaluation protocol).
+
+Reference: Chen et al., "USCL: Pretraining Deep Ultrasound Image Diagnosis Model through Video
+Contrastive Representation Learning", MICCAI 2021, section 3 (POCUS, 5-fold CV by patient, only
+the last residual stage + a new linear head fine-tuned, lr 0.01).
+
+Differences from the authors' public code, on purpose:
+- the model is selected on a validation part carved from the TRAINING folds (grouped by patient),
+  never on the test fold; the test fold is evaluated once, with the selected model;
+- folds are stratified AND grouped by patient, and repeated with different seeds;
+- frozen parts of the backbone run in eval mode (their BatchNorm statistics stay fixed), which is
+  also what makes it valid to compute their output once and reuse it (the feature cache).
+
+Flow: ``load_frame_data`` (filter, map labels, resize) -> ``make_folds`` -> for each
+initialisation ``run_classification`` (one run folder) -> ``compare`` (paired bootstrap).
+
+>>> from medcl.evaluate.classify import FinetuneConfig, finetune   # doctest: +SKIP
+>>> finetune("ingested/", inits=["scratch", "runs/uscl/checkpoints/final.pt"],
+...          config=FinetuneConfig(protocol="last_stage"), out="runs/ft")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from medcl.data.frames import FrameSets
+from medcl.data.manifest import VideoRecord
+from medcl.data.splits import Fold, fixed_split_with_validation, repeated_group_kfold
+from medcl.evaluate.metrics import classification_metrics, summarize, video_level
+from medcl.models.backbones import RESNET18_FEATURES, build_backbone, resnet18_backbone
+from medcl.sampling.augment import AugmentParams, augment_frames
+
+Protocol = Literal["last_stage", "linear", "full"]
+
+# Inputs are frames scaled to [0, 1], exactly what pretraining feeds the backbone (see
+# medcl.sampling.augment): frozen BatchNorm statistics are only valid for that input range.
+
+class FinetuneConfig(BaseModel):
+    """Everything that defines a fine-tuning run (written to ``config.yaml`` in the run folder)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    protocol: Protocol = "last_stage"
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(0.01, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    image_size: int = Field(112, ge=16)
+    folds: int = Field(5, ge=2)
+    repeats: int = Field(3, ge=1)
+    seed: int = 0
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    patience: int = Field(10, ge=1, description="epochs without validation improvement before stopping")
+    select_metric: Literal["loss", "accuracy", "balanced_accuracy", "macro_f1"] = "loss"
+    augment: bool = False
+    feature_cache: bool = Field(True, description="reuse frozen-prefix outputs when augment is off")
+    max_train_frames_per_video: int = Field(0, ge=0, description="0 = every kept frame")
+    # data selection
+    classes: list[str] | None = None
+    label_map: dict[str, str] = Field(default_factory=dict)
+    videos_file: str | None = None
+    source_contains: str | None = None
+    metadata: str | None = None
+    where: dict[str, str] = Field(default_factory=dict)
+    device: str = "cpu"
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class FrameData:
+    """Labeled frames of the selected videos, resized once, kept as uint8 [N, 1, S, S]."""
+
+    classes: list[str]
+    video_ids: list[str]
+    video_labels: np.ndarray  # int [V]
+    video_patients: list[str]
+    frames: torch.Tensor  # uint8 [N, 1, S, S]
+    frame_video: np.ndarray  # int [N] index into videos
+    frame_index: np.ndarray  # int [N] index of the frame inside its video
+
+    @property
+    def frame_labels(self) -> np.ndarray:
+        return self.video_labels[self.frame_video]
+
+    def frames_of(self, videos: np.ndarray, max_per_video: int = 0) -> np.ndarray:
+        """Frame indices of the given videos (at most ``max_per_video`` evenly spread ones)."""
+        wanted = np.zeros(len(self.video_ids), dtype=bool)
+        wanted[np.asarray(videos, dtype=int)] = True
+        idx = np.flatnonzero(wanted[self.frame_video])
+        if max_per_video <= 0:
+            return idx
+        keep = []
+        for v in np.asarray(videos, dtype=int):
+            own = idx[self.frame_video[idx] == v]
+            if len(own) > max_per_video:
+                own = own[np.linspace(0, len(own) - 1, max_per_video).round().astype(int)]
+            keep.append(own)
+        return np.sort(np.concatenate(keep)) if keep else idx[:0]
+
+    @staticmethod
+    def concat(a: FrameData, b: FrameData) -> FrameData:
+        if a.classes != b.classes or a.frames.shape[1:] != b.frames.shape[1:]:
+            raise ValueError(f"cannot join frame data with classes {a.classes} / {b.classes}")
+        return FrameData(
+            a.classes,
+            a.video_ids + b.video_ids,
+            np.concatenate([a.video_labels, b.video_labels]),
+            a.video_patients + b.video_patients,
+            torch.cat([a.frames, b.frames]),
+            np.concatenate([a.frame_video, b.frame_video + len(a.video_ids)]),
+            np.concatenate([a.frame_index, b.frame_index]),
+        )
+
+
+def _read_metadata(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if "file" not in (reader.fieldnames or []):
+            raise ValueError(f"{path}: metadata needs a 'file' column (source path); found {reader.fieldnames}")
+        return {row["file"].replace("\\", "/"): row for row in reader}
+
+
+def select_records(records: list[VideoRecord], config: FinetuneConfig, where_from: str = "") -> list[VideoRecord]:
+    """Apply the label map, class filter, video-id list, source filter and metadata filter.
+
+    Unlabeled videos are always dropped. ``where`` (e.g. ``{"probe": "convex"}``) is matched
+    against the metadata CSV row whose ``file`` equals the record's ``source``.
+    """
+    out = []
+    allowed_ids = None
+    if config.videos_file:
+        path = Path(config.videos_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"video list not found: {path}")
+        allowed_ids = {line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    metadata = _read_metadata(Path(config.metadata)) if config.metadata else None
+    if config.where and metadata is None:
+        raise ValueError(f"where={config.where} needs a metadata CSV (--metadata)")
+    for record in records:
+        label = config.label_map.get(record.label, record.label)
+        if not label:
+            continue
+        if config.classes is not None and label not in config.classes:
+            continue
+        if allowed_ids is not None and record.video_id not in allowed_ids:
+            continue
+        if config.source_contains and config.source_contains not in record.source:
+            continue
+        if metadata is not None and config.where:
+            row = metadata.get(record.source.replace("\\", "/"))
+            if row is None:
+                continue
+            missing = [k for k in config.where if k not in row]
+            if missing:
+                raise ValueError(f"{config.metadata}: no column(s) {missing} (filter {config.where})")
+            if any(row[k] != v for k, v in config.where.items()):
+                continue
+        record = copy.copy(record)
+        record.label = label
+        out.append(record)
+    if not out:
+        raise ValueError(f"no labeled videos left in {where_from or 'the manifest'} after filtering "
+                         f"(classes={config.classes}, label_map={config.label_map}, where={config.where})")
+    return out
+
+
+def load_frame_data(
+    source: str | Path | FrameSets, config: FinetuneConfig, classes: list[str] | None = None
+) -> FrameData:
+    """Select videos from an ingest folder / manifest and load their frames resized to
+    ``config.image_size``. ``classes`` fixes the class order (else config.classes or sorted labels)."""
+    sets = source if isinstance(source, FrameSets) else FrameSets(source)
+    records = select_records(sets.records, config, where_from=str(sets.manifest_path))
+    present = sorted({r.label for r in records})
+    classes = list(classes or config.classes or present)
+    unknown = sorted(set(present) - set(classes))
+    if unknown:
+        raise ValueError(f"{sets.manifest_path}: labels {unknown} are not in classes {classes}")
+    size = config.image_size
+    frames, frame_video, frame_index = [], [], []
+    for v, record in enumerate(records):
+        arr = sets.load_frames(record)
+        if len(arr) == 0:
+            continue
+        x = torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(1)
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            x = x.round().clamp(0, 255).to(torch.uint8)
+        frames.append(x)
+        frame_video.append(np.full(len(arr), v))
+        frame_index.append(np.arange(len(arr)))
+    if not frames:
+        raise ValueError(f"{sets.manifest_path}: the selected videos hold no frames")
+    return FrameData(
+        classes=classes,
+        video_ids=[r.video_id for r in records],
+        video_labels=np.array([classes.index(r.label) for r in records], dtype=np.int64),
+        video_patients=[r.patient_id or r.video_id for r in records],
+        frames=torch.cat(frames),
+        frame_video=np.concatenate(frame_video),
+        frame_index=np.concatenate(frame_index),
+    )
+
+
+def to_input(frames_uint8: torch.Tensor, in_channels: int = 1) -> torch.Tensor:
+    """uint8 [B, 1, S, S] -> float [B, in_channels, S, S] in [0, 1] (as in pretraining)."""
+    x = frames_uint8.float() / 255.0
+    return x.expand(-1, in_channels, -1, -1) if in_channels != 1 else x
+
+
+# Fine-tuning augmentation: milder crops than contrastive pretraining (the label must survive).
+FINETUNE_AUGMENT = AugmentParams(crop_scale=(0.8, 1.0), rotate_degrees=10.0, brightness=0.1, contrast=0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# initialisation and model parts
+
+
+@dataclass
+class InitSpec:
+    """A backbone initialisation: ``scratch``, a medcl checkpoint (.pt) or exported weights."""
+
+    name: str
+    path: str | None = None  # None = random (scratch)
+
+    @staticmethod
+    def parse(spec: str) -> InitSpec:
+        """``scratch`` | ``PATH`` | ``NAME=PATH``. The default name of a checkpoint inside a
+        ``RUN/checkpoints/`` folder is ``RUN``, otherwise the file stem."""
+        if spec in ("scratch", "random"):
+            return InitSpec("scratch")
+        name, sep, path = spec.partition("=")
+        if sep and path in ("scratch", "random"):
+            return InitSpec(name)
+        if not sep:
+            path, p = spec, Path(spec)
+            if p.parent.name == "checkpoints":
+                name = p.parent.parent.name
+            elif p.suffix == "" or p.name == "backbone.safetensors":  # a run / export folder
+                name = p.name if p.suffix == "" else p.parent.name
+            else:
+                name = p.stem
+        return InitSpec(name, path)
+
+
+def unique_inits(specs: list[str | InitSpec]) -> list[InitSpec]:
+    inits = [s if isinstance(s, InitSpec) else InitSpec.parse(s) for s in specs]
+    seen: dict[str, int] = {}
+    for spec in inits:
+        if spec.name in seen:
+            seen[spec.name] += 1
+            spec.name = f"{spec.name}-{seen[spec.name]}"
+        else:
+            seen[spec.name] = 1
+    return inits
+
+
+def load_backbone(init: InitSpec, seed: int = 0) -> tuple[nn.Module, int]:
+    """Build the backbone for ``init`` and return it with its number of input channels.
+
+    ``init.path``: a medcl checkpoint (read with ``weights_only=True``, never unpickling code),
+    exported ``.safetensors`` weights (``medcl.export.load_backbone``: strict keys and shapes), an
+    export folder, or a pretraining run folder (its ``checkpoints/final.pt``).
+    """
+    if init.path is None:
+        torch.manual_seed(seed)
+        return resnet18_backbone(in_channels=1), 1
+    path = Path(init.path)
+    if path.is_dir():  # an export folder or a pretraining run folder
+        for candidate in ("backbone.safetensors", "checkpoints/final.pt", "checkpoints/last.pt"):
+            if (path / candidate).is_file():
+                path = path / candidate
+                break
+    if not path.is_file():
+        raise FileNotFoundError(f"initialisation {init.name!r}: file not found: {path}")
+    if path.suffix == ".safetensors":
+        from medcl.export import load_backbone as load_exported
+
+        backbone = load_exported(path)  # checks architecture, keys, shapes and checksum
+        conv = getattr(backbone, "conv1", None)
+        return backbone, int(conv.in_channels) if conv is not None else 1
+    from medcl.train.checkpoint import backbone_state_dict, load_checkpoint
+
+    ckpt = load_checkpoint(path)  # weights_only=True; checks format and keys
+    info = ckpt["backbone"]
+    kwargs = dict(info.get("kwargs") or {})
+    backbone = build_backbone(info.get("name", "resnet18"), **kwargs)
+    _load_state(backbone, backbone_state_dict(ckpt), path)
+    return backbone, int(kwargs.get("in_channels", 1))
+
+
+def _load_state(backbone: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    result = backbone.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: weights do not fit the backbone: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def split_backbone(backbone: nn.Module, protocol: Protocol) -> tuple[nn.Module, nn.Module]:
+    """(frozen prefix, trainable suffix) with ``suffix(prefix(x)) == backbone(x)``.
+
+    ``last_stage``: prefix = stem + layer1..3, suffix = layer4 + pooling (USCL's protocol);
+    ``linear``: the whole backbone is the prefix; ``full``: nothing is frozen.
+    """
+    if protocol == "full":
+        return nn.Identity(), backbone
+    if protocol == "linear":
+        return backbone, nn.Identity()
+    if protocol != "last_stage":
+        raise ValueError(f"unknown protocol {protocol!r}; choose last_stage, linear or full")
+    needed = ["conv1", "bn1", "act", "layer1", "layer2", "layer3", "layer4", "avgpool"]
+    missing = [n for n in needed if not hasattr(backbone, n)]
+    if missing or getattr(backbone, "fc", None) is not None:
+        raise ValueError(f"protocol last_stage needs a ResNet backbone without fc; missing {missing}")
+    stem = [backbone.conv1, backbone.bn1, backbone.act]
+    if not getattr(backbone, "no_max_pool", False):
+        stem.append(backbone.maxpool)
+    prefix = nn.Sequential(*stem, backbone.layer1, backbone.layer2, backbone.layer3)
+    suffix = nn.Sequential(backbone.layer4, backbone.avgpool, nn.Flatten(1))
+    return prefix, suffix
+
+
+class FrameClassifier(nn.Module):
+    """Frozen prefix -> trainable suffix -> linear head. ``forward_features`` starts after the prefix."""
+
+    def __init__(self, prefix: nn.Module, suffix: nn.Module, n_features: int, n_classes: int):
+        super().__init__()
+        self.prefix, self.suffix = prefix, suffix
+        self.head = nn.Linear(n_features, n_classes)
+        for p in self.prefix.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> FrameClassifier:
+        super().train(mode)
+        self.prefix.eval()  # frozen: BatchNorm statistics stay those of the initialisation
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in list(self.suffix.parameters()) + list(self.head.parameters()) if p.requires_grad]
+
+    def forward_features(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.suffix(h))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            h = self.prefix(x)
+        return self.forward_features(h)
+
+
+def build_classifier(backbone: nn.Module, protocol: Protocol, n_classes: int, head_seed: int) -> FrameClassifier:
+    prefix, suffix = split_backbone(copy.deepcopy(backbone), protocol)
+    torch.manual_seed(head_seed)
+    return FrameClassifier(prefix, suffix, RESNET18_FEATURES, n_classes)
+
+
+# --------------------------------------------------------------------------------------------
+# training one fold
+
+
+class InputSource:
+    """What the trainable part sees for a set of frame indices: either the frozen prefix's cached
+    outputs (computed once), or prefix(preprocess(frames)) computed on the fly."""
+
+    def __init__(self, data: FrameData, model: FrameClassifier, in_channels: int, augment: bool,
+                 cache: torch.Tensor | None, device: torch.device, seed: int = 0):
+        self.data, self.model, self.in_channels = data, model, in_channels
+        self.augment, self.cache, self.device = augment, cache, device
+        self.rng = np.random.default_rng(seed)
+
+    def get(self, idx: np.ndarray, train: bool) -> torch.Tensor:
+        t = torch.as_tensor(idx, dtype=torch.long)
+        if self.cache is not None:
+            return self.cache[t].to(self.device)
+        if train and self.augment:
+            x = augment_frames(self.data.frames[t, 0], self.data.frames.shape[-1], self.rng, FINETUNE_AUGMENT,
+                               self.in_channels)
+        else:
+            x = to_input(self.data.frames[t], self.in_channels)
+        with torch.no_grad():
+            return self.model.prefix(x.to(self.device))
+
+
+def compute_feature_cache(prefix: nn.Module, data: FrameData, in_channels: int, device: torch.device,
+                          batch_size: int = 128) -> torch.Tensor:
+    """Outputs of the frozen prefix (eval mode) for every frame, float32 on CPU."""
+    prefix = prefix.to(device).eval()
+    outs = []
+    with torch.no_grad():
+        for start in range(0, len(data.frames), batch_size):
+            x = to_input(data.frames[start:start + batch_size], in_channels).to(device)
+            outs.append(prefix(x).float().cpu())
+    return torch.cat(outs)
+
+
+def predict(model: FrameClassifier, source: InputSource, idx: np.ndarray, batch_size: int) -> np.ndarray:
+    """Class probabilities [len(idx), C] in eval mode."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(idx), batch_size):
+            h = source.get(idx[start:start + batch_size], train=False)
+            out.append(torch.softmax(model.forward_features(h).float(), dim=1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, model.head.out_features))
+
+
+def _val_score(y: np.ndarray, probs: np.ndarray, classes: list[str], metric: str) -> tuple[float, float]:
+    """(score where higher is better, validation loss)."""
+    eps = 1e-12
+    loss = float(-np.log(probs[np.arange(len(y)), y] + eps).mean())
+    if metric == "loss":
+        return -loss, loss
+    return float(classification_metrics(y, probs, classes)[metric]), loss
+
+
+def _trainable_state(model: FrameClassifier) -> dict[str, torch.Tensor]:
+    # the frozen prefix never changes: copying it at every improvement would waste time and memory
+    return {k: v for k, v in model.state_dict().items() if not k.startswith("prefix.")}
+
+
+def train_fold(model: FrameClassifier, source: InputSource, fit_idx: np.ndarray, val_idx: np.ndarray,
+               config: FinetuneConfig, seed: int, classes: list[str]) -> tuple[dict, list[dict]]:
+    """Train the suffix + head on ``fit_idx`` frames; select the epoch with the best validation
+    score; return (summary, curve). The model holds the selected weights afterwards."""
+    generator = torch.Generator().manual_seed(seed)
+    params = model.trainable_parameters()
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(fit_idx) / config.batch_size))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * steps_per_epoch)
+    labels = torch.as_tensor(source.data.frame_labels)
+    y_val = source.data.frame_labels[val_idx]
+    best_score, best_state, best_epoch, stale, curve = -math.inf, None, -1, 0, []
+    for epoch in range(config.epochs):
+        model.train()
+        perm = fit_idx[torch.randperm(len(fit_idx), generator=generator).numpy()]
+        total, count = 0.0, 0
+        for start in range(0, len(perm), config.batch_size):
+            batch = perm[start:start + config.batch_size]
+            if len(batch) < 2 and count:  # a 1-sample BatchNorm batch is undefined; skip the remainder
+                continue
+            h = source.get(batch, train=True)
+            loss = F.cross_entropy(model.forward_features(h), labels[torch.as_tensor(batch)].to(h.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+        score, val_loss = _val_score(y_val, predict(model, source, val_idx, config.batch_size * 2), classes,
+                                     config.select_metric)
+        curve.append({"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss,
+                      "val_metric": score if config.select_metric != "loss" else val_loss})
+        if score > best_score:
+            best_score, best_epoch, stale = score, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in _trainable_state(model).items()}
+        else:
+            stale += 1
+            if stale >= config.patience:
+                break
+    model.load_state_dict(best_state, strict=False)
+    return {"best_epoch": best_epoch, "epochs_run": len(curve), "best_val": best_score}, curve
+
+
+# --------------------------------------------------------------------------------------------
+# one initialisation over all folds
+
+
+def make_folds(data: FrameData, config: FinetuneConfig) -> list[Fold]:
+    """Repeated stratified group k-fold on the videos (deterministic in data + seed)."""
+    return repeated_group_kfold(data.video_ids, data.video_labels, data.video_patients,
+                                config.folds, config.repeats, config.seed, config.val_fraction)
+
+
+def use_feature_cache(config: FinetuneConfig) -> bool:
+    return config.feature_cache and not config.augment and config.protocol in ("linear", "last_stage")
+
+
+@dataclass
+class RunResult:
+    init: str
+    out: Path | None
+    results: dict
+    predictions: list[dict] = field(repr=False, default_factory=list)
+
+
+def run_classification(data: FrameData, folds: list[Fold], init: InitSpec, config: FinetuneConfig,
+                       out: str | Path | None = None, extra_config: dict | None = None,
+                       log=print) -> RunResult:
+    """Fine-tune from ``init`` on every fold, test each test fold once; write the run folder."""
+    device = torch.device(config.device)
+    backbone, in_channels = load_backbone(init, seed=config.seed)
+    classes = data.classes
+    cached = use_feature_cache(config)
+    timing = {"feature_cache_s": 0.0, "train_s": 0.0}
+    cache = None
+    if cached:
+        t0 = time.perf_counter()
+        prefix, _ = split_backbone(copy.deepcopy(backbone), config.protocol)
+        cache = compute_feature_cache(prefix, data, in_channels, device)
+        timing["feature_cache_s"] = time.perf_counter() - t0
+    fold_results, predictions, curves = [], [], []
+    for fold in folds:
+        t0 = time.perf_counter()
+        head_seed = config.seed * 100003 + fold.repeat * 101 + fold.fold
+        model = build_classifier(backbone, config.protocol, len(classes), head_seed).to(device)
+        source = InputSource(data, model, in_channels, config.augment, cache, device, seed=head_seed)
+        fit_idx = data.frames_of(fold.train, config.max_train_frames_per_video)
+        val_idx, test_idx = data.frames_of(fold.val), data.frames_of(fold.test)
+        summary, curve = train_fold(model, source, fit_idx, val_idx, config, head_seed, classes)
+        probs = predict(model, source, test_idx, config.batch_size * 2)
+        y = data.frame_labels[test_idx]
+        frame_m = classification_metrics(y, probs, classes)
+        vids = data.frame_video[test_idx]
+        v_order, v_y, v_probs = video_level(vids, y, probs)
+        video_m = classification_metrics(v_y, v_probs, classes)
+        timing["train_s"] += time.perf_counter() - t0
+        fold_results.append({
+            "repeat": fold.repeat, "fold": fold.fold,
+            "n_train_videos": int(len(fold.train)), "n_val_videos": int(len(fold.val)),
+            "n_test_videos": int(len(fold.test)), "n_train_frames": int(len(fit_idx)),
+            **summary, "frame": frame_m, "video": video_m,
+        })
+        for c in curve:
+            curves.append({"repeat": fold.repeat, "fold": fold.fold, **c})
+        for i, frame_no in enumerate(test_idx):
+            predictions.append(_prediction_row(fold, data, int(data.frame_video[frame_no]),
+                                               int(data.frame_index[frame_no]), int(y[i]), probs[i]))
+        for v, label, p in zip(v_order, v_y, v_probs):
+            predictions.append(_prediction_row(fold, data, int(v), -1, int(label), p))
+        log(f"[{init.name}] repeat {fold.repeat} fold {fold.fold}: best epoch {summary['best_epoch']}, "
+            f"test acc frame {frame_m['accuracy']:.3f} video {video_m['accuracy']:.3f}")
+    results = {
+        "format": "medcl-classification-v1",
+        "init": {"name": init.name, "path": init.path},
+        "protocol": config.protocol,
+        "classes": classes,
+        "feature_cache": cached,
+        "timing": timing,
+        "folds": fold_results,
+        "summary": {
+            level: summarize([f[level] for f in fold_results]) for level in ("frame", "video")
+        },
+    }
+    result = RunResult(init.name, Path(out) if out else None, results, predictions)
+    if out is not None:
+        write_run(Path(out), result, curves, {**config.model_dump(), **(extra_config or {}),
+                                              "init": {"name": init.name, "path": init.path}})
+    return result
+
+
+def _prediction_row(fold: Fold, data: FrameData, video: int, frame: int, label: int, probs) -> dict:
+    row = {"repeat": fold.repeat, "fold": fold.fold, "video_id": data.video_ids[video],
+           "patient_id": data.video_patients[video], "frame": frame,
+           "true": data.classes[label], "pred": data.classes[int(np.argmax(probs))]}
+    for c, p in zip(data.classes, probs):
+        row[f"prob_{c}"] = float(p)
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# run folder
+
+
+def write_run(out: Path, result: RunResult, curves: list[dict], config: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (out / "results.json").write_text(json.dumps(result.results, indent=1))
+    with (out / "curves.jsonl").open("w") as handle:
+        for row in curves:
+            handle.write(json.dumps(row) + "\n")
+    if result.predictions:
+        with (out / "predictions.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(result.predictions[0]))
+            writer.writeheader()
+            writer.writerows(result.predictions)
+    (out / "results.md").write_text(results_markdown(result.results))
+
+
+def _fmt(stat: dict) -> str:
+    if stat.get("mean") is None:
+        return "n/a"
+    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def results_markdown(results: dict) -> str:
+    """Mean ± std over folds, per-class scores and the summed confusion matrix."""
+    classes = results["classes"]
+    n = len(results["folds"])
+    lines = [f"# Classification: {results['init']['name']} ({results['protocol']})", "",
+             f"{n} test folds; mean ± std over folds. Video level = mean of frame probabilities.", "",
+             "| level | accuracy | balanced accuracy | macro-F1 | ROC-AUC (OvR) |", "|---|---|---|---|---|"]
+    for level in ("frame", "video"):
+        s = results["summary"][level]
+        lines.append(f"| {level} | {_fmt(s['accuracy'])} | {_fmt(s['balanced_accuracy'])} | "
+                     f"{_fmt(s['macro_f1'])} | {_fmt(s['roc_auc_ovr'])} |")
+    for level in ("frame", "video"):
+        lines += ["", f"## Per class ({level} level, mean over folds)", "",
+                  "| class | precision | recall | F1 | ROC-AUC |", "|---|---|---|---|---|"]
+        for c in classes:
+            vals = []
+            for key in ("precision", "recall", "f1", "roc_auc"):
+                xs = [f[level]["per_class"][c][key] for f in results["folds"]
+                      if f[level]["per_class"][c][key] is not None]
+                vals.append(f"{np.mean(xs):.3f}" if xs else "n/a")
+            lines.append(f"| {c} | " + " | ".join(vals) + " |")
+        cm = np.sum([np.array(f[level]["confusion_matrix"]) for f in results["folds"]], axis=0)
+        lines += ["", f"Confusion matrix ({level} level, summed over folds; rows = true, columns = predicted):", "",
+                  "| true \\ pred | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
+        for c, row in zip(classes, cm):
+            lines.append(f"| {c} | " + " | ".join(str(int(v)) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+
+
+def finetune(data: str | Path, inits: list[str | InitSpec] = ("scratch",), config: FinetuneConfig | None = None,
+             out: str | Path | None = None, log=print, compare_metrics=("accuracy", "macro_f1")) -> dict:
+    """Cross-validate every initialisation on the SAME folds; with several inits, also write a
+    paired comparison (``comparison.json`` / ``.md``) against the first one.
+
+    ``out`` is the run folder for one init, or the parent of ``out/<init name>/`` for several.
+    Returns {"runs": {name: results}, "comparison": dict | None}.
+    """
+    config = config or FinetuneConfig()
+    frame_data = load_frame_data(data, config)
+    folds = make_folds(frame_data, config)
+    log(f"{len(frame_data.video_ids)} videos, {len(frame_data.frames)} frames, classes {frame_data.classes}; "
+        f"{config.folds} folds x {config.repeats} repeats, protocol {config.protocol}")
+    return _run_all(frame_data, folds, unique_inits(list(inits)), config, out, {"data": str(data)}, log,
+                    compare_metrics)
+
+
+def evaluate_fixed(train: str | Path, test: str | Path, inits: list[str | InitSpec] = ("scratch",),
+                   config: FinetuneConfig | None = None, out: str | Path | None = None, log=print,
+                   allow_overlap: bool = False, compare_metrics=("accuracy", "macro_f1")) -> dict:
+    """Train on the ``train`` manifest (validation carved from it, by patient), test once on the
+    separate ``test`` manifest. ``config.repeats`` repeats use different validation parts / seeds.
+    Refuses videos or patients present in both (leakage) unless ``allow_overlap``."""
+    config = config or FinetuneConfig()
+    train_data = load_frame_data(train, config)
+    test_data = load_frame_data(test, config, classes=train_data.classes)
+    shared_videos = set(train_data.video_ids) & set(test_data.video_ids)
+    shared_patients = set(train_data.video_patients) & set(test_data.video_patients)
+    if (shared_videos or shared_patients) and not allow_overlap:
+        raise ValueError(f"train {train} and test {test} share videos {sorted(shared_videos)[:5]} / patients "
+                         f"{sorted(shared_patients)[:5]}: that leaks test data (allow_overlap to override)")
+    n_train = len(train_data.video_ids)
+    joined = FrameData.concat(train_data, test_data)
+    test_videos = np.arange(n_train, len(joined.video_ids))
+    folds = [Fold(f.repeat, 0, f.train, f.val, test_videos) for f in fixed_split_with_validation(
+        train_data.video_ids, train_data.video_labels, train_data.video_patients, config.repeats, config.seed,
+        config.val_fraction)]
+    log(f"train: {n_train} videos; test: {len(test_videos)} videos; classes {joined.classes}; "
+        f"{config.repeats} repeat(s), protocol {config.protocol}")
+    return _run_all(joined, folds, unique_inits(list(inits)), config, out,
+                    {"train": str(train), "test": str(test)}, log, compare_metrics)
+
+
+def _run_all(data: FrameData, folds: list[Fold], inits: list[InitSpec], config: FinetuneConfig,
+             out: str | Path | None, extra: dict, log, compare_metrics) -> dict:
+    from medcl.evaluate.compare import compare_results, write_comparison
+
+    runs: dict[str, RunResult] = {}
+    for init in inits:
+        run_out = None
+        if out is not None:
+            run_out = Path(out) if len(inits) == 1 else Path(out) / init.name
+        runs[init.name] = run_classification(data, folds, init, config, run_out, extra, log)
+    comparison = None
+    if len(inits) > 1:
+        comparison = compare_results([r.predictions for r in runs.values()], list(runs),
+                                     metrics=compare_metrics, seed=config.seed)
+        if out is not None:
+            write_comparison(comparison, Path(out))
+    return {"runs": {k: v.results for k, v in runs.items()}, "comparison": comparison}

@@ -1,0 +1,694 @@
+"""Segmentation fine-tuning evaluation: the MixCL protocol (Li, Quan, Zhou; METHODS.md section 2).
+
+A UNETR (2D or 3D) is initialised from a pretrained encoder (a medcl checkpoint) or from scratch,
+fine-tuned with Dice + cross-entropy (MONAI ``DiceCELoss``) on a *label fraction* of the labeled
+training patients, model-selected on validation patients, and scored with per-class Dice on the
+held-out fold (k-fold by patient) and on an optional separate test set::
+
+    for fold in folds:                          # patient-level folds (predefined or seeded)
+        test = patients of this fold; rest -> validation patients (seeded) + training pool
+        for fraction in (5, 15, 50, 100 %):     # nested subsets of the pool's patients
+            fine-tune N iterations, keep the weights with the best validation mean Dice
+            Dice on the fold's test cases (+ the task's separate test cases)
+    report mean +- std over folds
+
+Volumes are predicted with ``monai.inferers.sliding_window_inference``; training draws random
+crops centred on foreground with probability ``pos_fraction``. Writes into the run folder:
+``config.yaml``, ``results.json``, ``results.md``, ``curves.jsonl`` and ``overlays/*.npz``
+(keys ``image`` float32 [H, W] in [0, 1], ``pred`` and ``gt`` uint8 [H, W] class indices,
+``classes`` the foreground names, ``dice`` per-class Dice of that case; 3D cases store the axial
+slice with the most ground-truth foreground).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from medcl.data.seg_manifest import SegCase, SegTask, busbra_task, load_case, openkbp_task, read_seg_csv
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------------------------
+
+
+class SegmentConfig(BaseModel):
+    """Everything a segmentation fine-tune run depends on (written to config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: list[int] | None = Field(
+        default=None, description="2D: resize every image to this; 3D: resample volumes (None keeps)"
+    )
+    roi_size: list[int] | None = Field(
+        default=None, description="training crop and sliding-window size; None = the whole image"
+    )
+    model: dict[str, Any] = Field(
+        default_factory=dict, description="UNETR kwargs (hidden_size, num_layers, num_heads, ...)"
+    )
+    checkpoint: str | None = Field(default=None, description="medcl checkpoint; None = scratch")
+    iterations: int = 2000
+    batch_size: int = 2
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_fraction: float = 0.05
+    val_every: int = 100
+    fractions: list[float] = Field(default_factory=lambda: [0.05, 0.15, 0.5, 1.0])
+    folds: list[int] | None = Field(default=None, description="1-based folds to run; None = all")
+    n_folds: int = 5
+    val_fraction: float = 0.2
+    max_val_cases: int | None = None
+    pos_fraction: float = 0.5
+    sw_batch_size: int = 4
+    sw_overlap: float = 0.25
+    n_overlays: int = 2
+    seed: int = 0
+    num_threads: int | None = None
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_in_range(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("fractions must not be empty")
+        for f in v:
+            if not 0.0 < f <= 1.0:
+                raise ValueError(f"each fraction must be in (0, 1], got {f}")
+        return sorted(v)
+
+    @field_validator("val_fraction", "warmup_fraction", "pos_fraction")
+    @classmethod
+    def _unit_interval(cls, v: float) -> float:
+        if not 0.0 <= v < 1.0 + 1e-9:
+            raise ValueError(f"must be in [0, 1], got {v}")
+        return v
+
+    @field_validator("iterations", "batch_size", "val_every", "n_folds", "sw_batch_size")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+# splits: k-fold by patient, validation patients, label fractions
+# ---------------------------------------------------------------------------------------------
+
+
+def _unique_in_order(items: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def kfold_by_patient(patient_ids: Sequence[str], n_folds: int, seed: int) -> list[int]:
+    """1-based fold of every case; all cases of one patient share a fold (seeded shuffle)."""
+    patients = sorted(set(patient_ids))
+    if len(patients) < n_folds:
+        raise ValueError(f"{len(patients)} patients cannot make {n_folds} patient-level folds")
+    order = np.random.default_rng(seed).permutation(len(patients))
+    fold_of = {patients[j]: rank % n_folds + 1 for rank, j in enumerate(order)}
+    return [fold_of[p] for p in patient_ids]
+
+
+def split_patients(patient_ids: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split case indices into (held, rest) by patient: ``round(fraction * n_patients)`` patients
+    (at least one when fraction > 0, at most n - 1) go into ``held``."""
+    patients = sorted(set(patient_ids))
+    if fraction <= 0 or len(patients) < 2:
+        return [], list(range(len(patient_ids)))
+    n_held = min(max(1, round(fraction * len(patients))), len(patients) - 1)
+    order = np.random.default_rng(seed).permutation(len(patients))
+    held = {patients[j] for j in order[:n_held]}
+    held_idx = [i for i, p in enumerate(patient_ids) if p in held]
+    rest_idx = [i for i, p in enumerate(patient_ids) if p not in held]
+    return held_idx, rest_idx
+
+
+def select_label_fraction(patient_ids: Sequence[str], fraction: float, seed: int) -> list[int]:
+    """Indices of the cases of ``max(1, round(fraction * n_patients))`` patients.
+
+    Patients are drawn in one seeded order, so for a fixed seed a smaller fraction's patients are
+    a subset of a larger fraction's (the curves compare like with like), and both initialisations
+    of a comparison see exactly the same labeled cases.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    patients = sorted(set(patient_ids))
+    if not patients:
+        raise ValueError("no training cases to take a label fraction of")
+    n_keep = max(1, round(fraction * len(patients)))
+    order = np.random.default_rng(seed).permutation(len(patients))
+    keep = {patients[j] for j in order[:n_keep]}
+    return [i for i, p in enumerate(patient_ids) if p in keep]
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+
+# A small ViT that trains on two CPU cores; pass the paper's ViT-B/16 via ``model`` on a GPU.
+DEFAULT_MODEL: dict[str, Any] = {
+    "patch_size": 8,
+    "hidden_size": 96,
+    "mlp_dim": 384,
+    "num_layers": 6,
+    "num_heads": 4,
+    "feature_size": 8,
+}
+# checkpoint ``backbone.kwargs`` that describe the input, not the encoder architecture
+_INPUT_KEYS = ("spatial_dims", "in_channels", "img_size", "out_channels", "qkv_bias")
+
+
+def build_segmentation_model(
+    spatial_dims: int, img_size: Sequence[int], in_channels: int, out_channels: int, **model_kwargs
+) -> nn.Module:
+    """UNETR (``medcl.models.unetr``; encoder at ``.encoder``) with :data:`DEFAULT_MODEL` defaults."""
+    from medcl.models.unetr import build_unetr
+
+    kwargs = {**DEFAULT_MODEL, **model_kwargs}
+    return build_unetr(
+        spatial_dims=spatial_dims, img_size=tuple(img_size), in_channels=in_channels,
+        out_channels=out_channels, **kwargs,
+    )
+
+
+def load_encoder_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(encoder state dict without prefix, encoder architecture kwargs) of a medcl checkpoint."""
+    from medcl.train.checkpoint import backbone_state_dict, load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    backbone = ckpt.get("backbone") or {}
+    if backbone.get("name") != "unetr_encoder":
+        raise ValueError(
+            f"{path}: backbone is {backbone.get('name')!r}; segmentation fine-tuning needs a"
+            " 'unetr_encoder' checkpoint (e.g. from `medcl pretrain` with method mixcl)"
+        )
+    kwargs = {k: v for k, v in dict(backbone.get("kwargs") or {}).items() if k not in _INPUT_KEYS}
+    return backbone_state_dict(ckpt), kwargs
+
+
+def load_encoder_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Copy pretrained encoder weights into ``model.encoder`` (every key must match; the position
+    embedding is interpolated when the fine-tuning input size differs)."""
+    from medcl.models.unetr import load_encoder_weights
+
+    try:
+        load_encoder_weights(model, state)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{source}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling, inference, metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def random_crop(
+    image: np.ndarray,
+    labels: np.ndarray,
+    roi_size: Sequence[int],
+    pos_fraction: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Crop ``roi_size`` from channel-first arrays, centred on a foreground voxel of a randomly
+    chosen present class with probability ``pos_fraction`` (small organs get seen), else
+    anywhere. Arrays smaller than the ROI are zero-padded."""
+    spatial = image.shape[1:]
+    pad = [(0, 0)] + [(0, max(0, r - s)) for r, s in zip(roi_size, spatial)]
+    if any(p[1] for p in pad[1:]):
+        image = np.pad(image, pad)
+        labels = np.pad(labels, pad)
+        spatial = image.shape[1:]
+    center = None
+    if rng.random() < pos_fraction:
+        present = [c for c in np.unique(labels) if c > 0]
+        if present:
+            cls = present[rng.integers(len(present))]
+            coords = np.argwhere(labels[0] == cls)
+            center = coords[rng.integers(len(coords))]
+    if center is None:
+        center = [rng.integers(s) for s in spatial]
+    start = [int(np.clip(c - r // 2, 0, s - r)) for c, r, s in zip(center, roi_size, spatial)]
+    sl = (slice(None),) + tuple(slice(a, a + r) for a, r in zip(start, roi_size))
+    return image[sl], labels[sl]
+
+
+def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, spatial_dims: int):
+    """Random flips along the in-plane axes (cheap and anatomy-safe for left/right)."""
+    for axis in range(1, 1 + min(spatial_dims, 2)):
+        if rng.random() < 0.5:
+            image, labels = np.flip(image, axis), np.flip(labels, axis)
+    return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    image: torch.Tensor,
+    roi_size: Sequence[int] | None,
+    sw_batch_size: int = 4,
+    overlap: float = 0.25,
+) -> torch.Tensor:
+    """Logits [B, C, *spatial] for images [B, 1, *spatial]; sliding window when the image is
+    larger than ``roi_size`` (Gaussian-weighted overlap)."""
+    from monai.inferers import sliding_window_inference
+
+    if roi_size is None or tuple(image.shape[2:]) == tuple(roi_size):
+        return model(image)
+    return sliding_window_inference(
+        image, tuple(roi_size), sw_batch_size, model, overlap=overlap, mode="gaussian"
+    )
+
+
+def dice_per_class(pred: torch.Tensor, gt: torch.Tensor, n_classes: int) -> np.ndarray:
+    """Dice of each foreground class for label maps [B, 1, *spatial] -> array [B, n_classes - 1].
+
+    MONAI ``DiceMetric`` (include_background=False, ignore_empty=True): a class absent from the
+    ground truth of a case gives NaN for that case, and aggregates skip NaN.
+    """
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    out = metric(one_hot(pred.long(), n_classes), one_hot(gt.long(), n_classes))
+    return out.cpu().numpy().astype(np.float64)
+
+
+def _nanmean(a: np.ndarray, axis: int | None = None):
+    """np.nanmean without the all-NaN RuntimeWarning (an all-NaN slice is simply NaN)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a, axis=axis)
+
+
+def evaluate_cases(
+    model: nn.Module,
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    n_classes: int,
+    roi_size: Sequence[int] | None,
+    cfg: SegmentConfig,
+    keep: int = 0,
+) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Per-case, per-class Dice [n_cases, n_classes - 1]; also returns (image, pred, gt) of the
+    first ``keep`` cases."""
+    model.eval()
+    scores, kept = [], []
+    batch = 8 if roi_size is None or len(images) == 0 or images[0].ndim == 3 else 1
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(np.stack(images[start : start + batch]))
+        y = torch.from_numpy(np.stack(labels[start : start + batch]))
+        pred = predict(model, x, roi_size, cfg.sw_batch_size, cfg.sw_overlap).argmax(1, keepdim=True)
+        scores.append(dice_per_class(pred, y, n_classes))
+        for j in range(x.shape[0]):
+            if len(kept) < keep:
+                kept.append((x[j, 0].numpy(), pred[j, 0].numpy().astype(np.uint8), y[j, 0].numpy().astype(np.uint8)))
+    if not scores:
+        return np.zeros((0, n_classes - 1)), kept
+    return np.concatenate(scores), kept
+
+
+def summarize_dice(scores: np.ndarray, classes: Sequence[str]) -> dict:
+    """Class means over cases (NaN skipped) and their mean."""
+    per_class = _nanmean(scores, axis=0) if len(scores) else np.full(len(classes), np.nan)
+    return {
+        "n_cases": int(len(scores)),
+        "per_class": {c: float(v) for c, v in zip(classes, per_class)},
+        "mean_dice": float(_nanmean(per_class)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# one fine-tune
+# ---------------------------------------------------------------------------------------------
+
+
+def _lr_lambda(iterations: int, warmup: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, iterations - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def finetune_once(
+    task: SegTask,
+    train: tuple[list[np.ndarray], list[np.ndarray]],
+    val: tuple[list[np.ndarray], list[np.ndarray]],
+    cfg: SegmentConfig,
+    encoder_state: dict[str, torch.Tensor] | None,
+    model_kwargs: dict[str, Any],
+    seed: int,
+    on_eval: Callable[[dict], None] | None = None,
+) -> tuple[nn.Module, dict]:
+    """Fine-tune one UNETR; returns the model with the best-validation weights and a record."""
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    train_images, train_labels = train
+    spatial = train_images[0].shape[1:]
+    roi = tuple(cfg.roi_size) if cfg.roi_size else tuple(spatial)
+    model = build_segmentation_model(task.spatial_dims, roi, 1, task.n_classes, **model_kwargs)
+    if encoder_state is not None:
+        load_encoder_into(model, encoder_state, cfg.checkpoint or "checkpoint")
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, int(cfg.warmup_fraction * cfg.iterations))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.iterations, warmup))
+
+    best = {"val_mean_dice": -1.0, "iteration": 0}
+    best_state = copy.deepcopy(model.state_dict())
+    curve: list[dict] = []
+    running, n_running = 0.0, 0
+    t0 = time.time()
+    for it in range(1, cfg.iterations + 1):
+        model.train()
+        xs, ys = [], []
+        for _ in range(cfg.batch_size):
+            k = int(rng.integers(len(train_images)))
+            img, lab = train_images[k], train_labels[k]
+            if roi != tuple(spatial):
+                img, lab = random_crop(img, lab, roi, cfg.pos_fraction, rng)
+            img, lab = augment(img, lab, rng, task.spatial_dims)
+            xs.append(img)
+            ys.append(lab)
+        x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+        loss = loss_fn(model(x), y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"segmentation loss became {loss.item()} at iteration {it}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running += float(loss.detach())
+        n_running += 1
+        if it % cfg.val_every == 0 or it == cfg.iterations:
+            scores, _ = evaluate_cases(model, val[0], val[1], task.n_classes, cfg.roi_size, cfg)
+            val_dice = summarize_dice(scores, task.classes)["mean_dice"] if len(scores) else float("nan")
+            row = {
+                "iteration": it,
+                "train_loss": running / n_running,
+                "val_mean_dice": val_dice,
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": round(time.time() - t0, 1),
+            }
+            curve.append(row)
+            if on_eval is not None:
+                on_eval(row)
+            running, n_running = 0.0, 0
+            # no validation cases: keep the last weights
+            score = val_dice if not math.isnan(val_dice) else -0.5
+            if score > best["val_mean_dice"] or not len(scores):
+                best = {"val_mean_dice": score if len(scores) else float("nan"), "iteration": it}
+                best_state = copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, {"best_iteration": best["iteration"], "val_mean_dice": best["val_mean_dice"],
+                   "curve": curve, "train_seconds": round(time.time() - t0, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole protocol
+# ---------------------------------------------------------------------------------------------
+
+
+def _overlay_slice(image: np.ndarray, pred: np.ndarray, gt: np.ndarray):
+    """2D arrays as they are; for volumes the axial slice with the most ground-truth foreground."""
+    if image.ndim == 2:
+        return image, pred, gt
+    z = int(np.argmax((gt > 0).reshape(-1, gt.shape[-1]).sum(0))) if gt.any() else gt.shape[-1] // 2
+    return image[..., z], pred[..., z], gt[..., z]
+
+
+def _mean_std(values: Sequence[float]) -> dict:
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
+
+
+def summarize_runs(runs: Sequence[dict], classes: Sequence[str]) -> dict:
+    """Mean +- std over folds per label fraction (test fold, external test, validation)."""
+    summary: dict[str, dict] = {}
+    for fraction in sorted({r["fraction"] for r in runs}):
+        rows = [r for r in runs if r["fraction"] == fraction]
+        entry = {
+            "n_folds": len(rows),
+            "n_train_patients": _mean_std([r["n_train_patients"] for r in rows]),
+            "val_mean_dice": _mean_std([r["val_mean_dice"] for r in rows]),
+            "test_mean_dice": _mean_std([r["test"]["mean_dice"] for r in rows]),
+            "test_per_class": {c: _mean_std([r["test"]["per_class"][c] for r in rows]) for c in classes},
+        }
+        if any("external_test" in r for r in rows):
+            ext = [r["external_test"] for r in rows if "external_test" in r]
+            entry["external_test_mean_dice"] = _mean_std([e["mean_dice"] for e in ext])
+            entry["external_test_per_class"] = {c: _mean_std([e["per_class"][c] for e in ext]) for c in classes}
+        summary[f"{fraction:g}"] = entry
+    return summary
+
+
+def fmt(ms: dict, digits: int = 3) -> str:
+    """'0.812 +- 0.021' from a {mean, std, n} dict."""
+    if ms.get("n", 0) == 0 or math.isnan(ms["mean"]):
+        return "n/a"
+    return f"{ms['mean']:.{digits}f} +- {ms['std']:.{digits}f}"
+
+
+def results_markdown(results: dict) -> str:
+    classes = results["task"]["classes"]
+    init = results["init"]
+    lines = [
+        f"# Segmentation fine-tune: {results['task']['name']} ({init})",
+        "",
+        f"Dice on each held-out patient fold, mean +- std over {results['n_folds_run']} fold(s);"
+        " model selected on validation patients.",
+        "",
+    ]
+    ext = any("external_test_mean_dice" in s for s in results["summary"].values())
+    header = ["label fraction", "train patients", "val mean Dice", "test mean Dice"] + [f"test {c}" for c in classes]
+    if ext:
+        header.append("separate test mean Dice")
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for frac, s in results["summary"].items():
+        row = [
+            f"{float(frac) * 100:g}%",
+            f"{s['n_train_patients']['mean']:.1f}",
+            fmt(s["val_mean_dice"]),
+            fmt(s["test_mean_dice"]),
+        ] + [fmt(s["test_per_class"][c]) for c in classes]
+        if ext:
+            row.append(fmt(s.get("external_test_mean_dice", {"n": 0})))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_segmentation(
+    task: SegTask,
+    cfg: SegmentConfig,
+    out_dir: str | Path | None,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """Run the full protocol on ``task``; write the run folder when ``out_dir`` is given."""
+    log = log or (lambda s: None)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if not task.cases:
+        raise ValueError(f"task {task.name!r} has no cases")
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        (out / "overlays").mkdir(parents=True, exist_ok=True)
+
+    encoder_state, model_kwargs = None, dict(cfg.model)
+    if cfg.checkpoint:
+        encoder_state, ckpt_kwargs = load_encoder_checkpoint(cfg.checkpoint)
+        # the encoder's architecture is the checkpoint's; decoder options stay the config's
+        model_kwargs.update(ckpt_kwargs)
+
+    size = tuple(cfg.size) if cfg.size else None
+    if task.spatial_dims == 2 and size is None:
+        raise ValueError("2D segmentation needs config 'size' (e.g. [64, 64])")
+    t_load = time.time()
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def get(case: SegCase) -> tuple[np.ndarray, np.ndarray]:
+        if case.case_id not in cache:
+            cache[case.case_id] = load_case(case, task, size)
+        return cache[case.case_id]
+
+    cases = task.cases
+    patients = [c.patient_id for c in cases]
+    if task.has_predefined_folds():
+        fold_of = [int(c.fold) for c in cases]
+    else:
+        fold_of = kfold_by_patient(patients, cfg.n_folds, cfg.seed)
+    all_folds = sorted(set(fold_of))
+    folds = cfg.folds or all_folds
+    bad = [f for f in folds if f not in all_folds]
+    if bad:
+        raise ValueError(f"folds {bad} not in the task's folds {all_folds}")
+
+    external = [get(c) for c in task.test_cases]
+    runs: list[dict] = []
+    curves_path = out / "curves.jsonl" if out is not None else None
+    if curves_path is not None:
+        curves_path.write_text("")
+    init = "pretrained" if cfg.checkpoint else "scratch"
+    for fold in folds:
+        test_idx = [i for i, f in enumerate(fold_of) if f == fold]
+        rest_idx = [i for i, f in enumerate(fold_of) if f != fold]
+        held, pool = split_patients([patients[i] for i in rest_idx], cfg.val_fraction, cfg.seed * 1000 + fold)
+        val_idx = [rest_idx[i] for i in held]
+        pool_idx = [rest_idx[i] for i in pool]
+        if cfg.max_val_cases is not None:
+            val_idx = val_idx[: cfg.max_val_cases]
+        val = ([get(cases[i])[0] for i in val_idx], [get(cases[i])[1] for i in val_idx])
+        test_imgs = [get(cases[i]) for i in test_idx]
+        pool_patients = [patients[i] for i in pool_idx]
+        for fraction in cfg.fractions:
+            chosen = [pool_idx[i] for i in select_label_fraction(pool_patients, fraction, cfg.seed * 1000 + fold)]
+            train = ([get(cases[i])[0] for i in chosen], [get(cases[i])[1] for i in chosen])
+            n_train_patients = len({patients[i] for i in chosen})
+            log(
+                f"[segment {init}] fold {fold} fraction {fraction:g}: {len(chosen)} train cases"
+                f" ({n_train_patients} patients), {len(val_idx)} val, {len(test_idx)} test"
+                f" (data ready {time.time() - t_load:.0f}s)"
+            )
+
+            def on_eval(row: dict, fold=fold, fraction=fraction) -> None:
+                if curves_path is not None:
+                    with curves_path.open("a") as fh:
+                        fh.write(json.dumps({"fold": fold, "fraction": fraction, **row}) + "\n")
+
+            model, record = finetune_once(
+                task, train, val, cfg, encoder_state, model_kwargs, seed=cfg.seed * 1000 + fold, on_eval=on_eval
+            )
+            keep = cfg.n_overlays if fold == folds[0] else 0
+            scores, kept = evaluate_cases(
+                model, [t[0] for t in test_imgs], [t[1] for t in test_imgs], task.n_classes, cfg.roi_size, cfg, keep
+            )
+            run = {
+                "fold": fold,
+                "fraction": fraction,
+                "n_train_cases": len(chosen),
+                "n_train_patients": n_train_patients,
+                "n_val_cases": len(val_idx),
+                "best_iteration": record["best_iteration"],
+                "val_mean_dice": record["val_mean_dice"],
+                "train_seconds": record["train_seconds"],
+                "test": summarize_dice(scores, task.classes),
+            }
+            if external:
+                ext_scores, _ = evaluate_cases(
+                    model, [e[0] for e in external], [e[1] for e in external], task.n_classes, cfg.roi_size, cfg
+                )
+                run["external_test"] = summarize_dice(ext_scores, task.classes)
+            runs.append(run)
+            log(
+                f"[segment {init}] fold {fold} fraction {fraction:g}: test mean Dice"
+                f" {run['test']['mean_dice']:.4f} (best val {record['val_mean_dice']:.4f}"
+                f" at it {record['best_iteration']}, {record['train_seconds']:.0f}s)"
+            )
+            if out is not None:
+                for j, (img, pred, gt) in enumerate(kept):
+                    img2, pred2, gt2 = _overlay_slice(img, pred, gt)
+                    case_id = cases[test_idx[j]].case_id
+                    np.savez_compressed(
+                        out / "overlays" / f"fold{fold}_frac{fraction * 100:g}_{case_id}.npz",
+                        image=img2.astype(np.float32),
+                        pred=pred2.astype(np.uint8),
+                        gt=gt2.astype(np.uint8),
+                        classes=np.array(task.classes),
+                        dice=scores[j].astype(np.float32),
+                    )
+            del model
+
+    results = {
+        "format": "medcl-segment-results-v1",
+        "task": task.summary(),
+        "init": init,
+        "checkpoint": cfg.checkpoint,
+        "model": {**DEFAULT_MODEL, **model_kwargs},
+        "n_folds_run": len(folds),
+        "runs": runs,
+        "summary": summarize_runs(runs, task.classes),
+    }
+    if out is not None:
+        (out / "config.yaml").write_text(
+            yaml.safe_dump({"task": task.summary(), "segment": cfg.model_dump(), "resolved_model": model_kwargs},
+                           sort_keys=False)
+        )
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        (out / "results.md").write_text(results_markdown(results))
+    return results
+
+
+def comparison_markdown(results_by_init: dict[str, dict]) -> str:
+    """Side-by-side table: test mean Dice (mean +- std over folds) per label fraction and
+    initialisation, and the mean paired per-fold difference to the first (baseline) one."""
+    names = list(results_by_init)
+    base = names[0]
+    fractions = list(next(iter(results_by_init.values()))["summary"])
+    header = ["label fraction"] + [f"{n} test Dice" for n in names] + [f"{n} - {base} (paired)" for n in names[1:]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for frac in fractions:
+        row = [f"{float(frac) * 100:g}%"]
+        for n in names:
+            s = results_by_init[n]["summary"].get(frac)
+            row.append(fmt(s["test_mean_dice"]) if s else "n/a")
+        base_runs = {r["fold"]: r["test"]["mean_dice"] for r in results_by_init[base]["runs"] if f"{r['fraction']:g}" == frac}
+        for n in names[1:]:
+            other = {r["fold"]: r["test"]["mean_dice"] for r in results_by_init[n]["runs"] if f"{r['fraction']:g}" == frac}
+            diffs = [other[f] - base_runs[f] for f in base_runs if f in other]
+            d = _mean_std(diffs)
+            row.append(f"{d['mean']:+.3f} +- {d['std']:.3f} ({sum(x > 0 for x in diffs)}/{len(diffs)} folds better)"
+                       if d["n"] else "n/a")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def build_task(
+    source: str,
+    path: str | Path,
+    organs: Sequence[str] | None = None,
+    patients: Sequence[str] | None = None,
+    test_patients: Sequence[str] = (),
+    classes: Sequence[str] | None = None,
+) -> SegTask:
+    """A task from a named source ('busbra', 'openkbp', 'csv' manifest, or 'auto' to detect)."""
+    path = Path(path)
+    if source == "auto":
+        if path.is_file() and path.suffix.lower() == ".csv":
+            source = "csv"
+        elif (path / "5-fold-cv.csv").is_file():
+            source = "busbra"
+        elif (path / "index.json").is_file():
+            source = "openkbp"
+        else:
+            raise ValueError(
+                f"cannot tell what {path} is: give a CSV manifest (image, mask, patient_id), a BUS-BRA"
+                " folder (5-fold-cv.csv) or an OpenKBP folder (index.json), or set --seg-source"
+            )
+    if source == "busbra":
+        return busbra_task(path)
+    if source == "openkbp":
+        if not organs:
+            raise ValueError("an OpenKBP task needs organs (e.g. --organs Larynx,Esophagus)")
+        return openkbp_task(path, organs, patients=patients, test_patients=test_patients)
+    if source == "csv":
+        return read_seg_csv(path, classes=classes)
+    raise ValueError(f"unknown segmentation source {source!r}; choose auto, busbra, openkbp or csv")

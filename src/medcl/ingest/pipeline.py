@@ -1,0 +1,310 @@
+"""``ingest_videos``: every video, cine DICOM or still under SRC -> per-video frame sets in OUT.
+
+Per file: decode (PyAV / pydicom / PIL) keeping frames at ``fps`` per second of real time ->
+grayscale -> detect the ultrasound sector on the kept frames -> crop, fit into a black square of
+``size`` (aspect kept) -> ``OUT/frames/<video_id>.npy`` (uint8 ``[n, size, size]``) -> a row of
+``OUT/manifest.csv``. Failures go to ``OUT/errors.csv`` with a readable reason and the run goes
+on. Reruns skip finished videos (their labels are refreshed from the current label options).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medcl.data.manifest import FRAMES_DIR, MANIFEST_NAME, VideoRecord
+from medcl.ingest import store
+from medcl.ingest.labels import LabelSource
+from medcl.ingest.sector import CropBox, crop_square, detect_sector
+from medcl.ingest.video import DecodedClip, DecodeError, decode_video
+
+
+@dataclass
+class IngestSummary:
+    """What a run did. ``failed`` lists ``(file, reason)``; ``exit_code`` is 2 when any failed."""
+
+    out: Path
+    n_sources: int = 0
+    n_ingested: int = 0
+    n_skipped: int = 0  # already done by an earlier run
+    n_frames: int = 0  # frames written by this run
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    n_ignored_files: int = 0  # files under SRC that are not videos / images / DICOM
+    n_unlabeled: int = 0
+    n_unmatched_metadata_rows: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.failed else 0
+
+    @property
+    def manifest(self) -> Path:
+        return self.out / MANIFEST_NAME
+
+    def describe(self) -> str:
+        lines = [
+            f"{self.n_sources} source file(s): {self.n_ingested} ingested ({self.n_frames} frames), "
+            f"{self.n_skipped} already done, {len(self.failed)} failed, in {self.seconds:.1f} s",
+            f"manifest: {self.manifest}",
+        ]
+        if self.n_ignored_files:
+            lines.append(f"ignored {self.n_ignored_files} file(s) that are not video, image or DICOM")
+        if self.n_unlabeled:
+            lines.append(f"{self.n_unlabeled} video(s) without a label (empty label = unlabeled)")
+        if self.n_unmatched_metadata_rows:
+            lines.append(f"{self.n_unmatched_metadata_rows} metadata row(s) matched no file under SRC")
+        if self.failed:
+            lines.append(f"failures ({len(self.failed)}) are listed in {self.out / store.ERRORS_NAME}:")
+            lines += [f"  {name}: {reason}" for name, reason in self.failed[:10]]
+            if len(self.failed) > 10:
+                lines.append(f"  ... and {len(self.failed) - 10} more")
+        return "\n".join(lines)
+
+
+def read_still(path: Path) -> DecodedClip:
+    """A still image (PNG/JPEG/...) as a one-frame clip (EXIF orientation applied)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            gray = np.asarray(image.convert("L"))
+    except UnidentifiedImageError:
+        raise DecodeError("not an image Pillow can identify") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise DecodeError(f"cannot read image (truncated or damaged?): {exc}") from None
+    if gray.size == 0:
+        raise DecodeError("image has no pixels")
+    return DecodedClip(frames=[gray], times=[0.0], n_source_frames=1, duration_s=0.0)
+
+
+def decode_any(path: Path, fps: float, *, threads: int = 0, keep_partial: bool = False) -> DecodedClip:
+    """Decode a video, DICOM or still image into kept grayscale frames (see the modules)."""
+    if path.stat().st_size == 0:
+        raise DecodeError("empty file (0 bytes)")
+    kind = store.source_kind(path)
+    if kind == "dicom":
+        from medcl.ingest.dicom import read_dicom
+
+        return read_dicom(path, fps)
+    if kind == "image":
+        return read_still(path)
+    if path.suffix.lower() == ".gif" and not keep_partial:
+        with path.open("rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\x3b":  # every complete GIF ends with the trailer byte 0x3B
+                raise DecodeError("truncated GIF (the end-of-file trailer byte is missing)")
+    return decode_video(path, fps, threads=threads, keep_partial=keep_partial)
+
+
+def process_file(task: dict[str, Any]) -> dict[str, Any]:
+    """Worker: one source file -> frames file on disk; returns the record fields or an error.
+
+    Runs in a worker process when ``workers > 1``; everything in and out is plain data.
+    """
+    path = Path(task["path"])
+    try:
+        clip = decode_any(path, task["fps"], threads=task["threads"], keep_partial=task["keep_partial"])
+        if not clip.frames:
+            raise DecodeError("no frames kept")
+        shapes = {f.shape for f in clip.frames}
+        if len(shapes) > 1:  # a resolution change mid-stream: fit every frame to the first size
+            from PIL import Image
+
+            h, w = clip.frames[0].shape
+            clip.frames = [
+                f if f.shape == (h, w) else np.asarray(Image.fromarray(f).resize((w, h), Image.Resampling.BILINEAR))
+                for f in clip.frames
+            ]
+        box = detect_sector(clip.frames) if task["crop"] else CropBox(0, 0, clip.frames[0].shape[1], clip.frames[0].shape[0])
+        size = task["size"]
+        converted: dict[int, np.ndarray] = {}
+        out_frames = np.empty((len(clip.frames), size, size), np.uint8)
+        for i, frame in enumerate(clip.frames):
+            key = id(frame)  # repeated frames (slow sources) are resized once
+            if key not in converted:
+                converted[key] = crop_square(frame, box, size)
+            out_frames[i] = converted[key]
+        store.save_frames_atomic(Path(task["frames_path"]), out_frames)
+    except DecodeError as exc:
+        return {"ok": False, "reason": str(exc)}
+    except MemoryError:
+        return {"ok": False, "reason": "out of memory while decoding (video too long or too large?)"}
+    except Exception as exc:  # keep going on anything a damaged file can trigger; say what it was
+        return {"ok": False, "reason": f"unexpected {type(exc).__name__}: {exc}"}
+    return {
+        "ok": True,
+        "fps": round(clip.source_fps, 4),
+        "n_source_frames": clip.n_source_frames,
+        "n_frames": len(out_frames),
+        "crop": (box.x0, box.y0, box.x1, box.y1),
+    }
+
+
+def ingest_videos(
+    src: str | Path,
+    out: str | Path,
+    fps: float = 3.0,
+    size: int = 224,
+    *,
+    metadata: str | Path | None = None,
+    file_column: str = "file",
+    label_column: str | None = "label",
+    patient_column: str | None = "patient_id",
+    label_pattern: str | None = None,
+    patient_pattern: str | None = None,
+    patient_metadata: str | Path | None = None,
+    patient_key_column: str = "patient_id",
+    patient_label_column: str | None = None,
+    label_map: dict[str, str] | None = None,
+    workers: int = 1,
+    crop: bool = True,
+    keep_partial: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> IngestSummary:
+    """Ingest every video / cine DICOM / still image under ``src`` into ``out``.
+
+    Keeps ``fps`` frames per second of real time (see :mod:`medcl.ingest.video`), crops the
+    ultrasound sector (:mod:`medcl.ingest.sector`), fits it into ``size`` x ``size`` keeping the
+    aspect ratio, and writes ``out/frames/<video_id>.npy``, ``out/manifest.csv`` and
+    ``out/errors.csv``. Labels and patients come from ``metadata`` / ``patient_metadata`` tables
+    and/or ``label_pattern`` / ``patient_pattern`` (see :mod:`medcl.ingest.labels`).
+    ``workers > 1`` decodes in that many processes. Resumable: finished videos are skipped.
+    Returns an :class:`IngestSummary` (``exit_code`` 2 when any file failed).
+    """
+    start = time.perf_counter()
+    src, out = Path(src), Path(out)
+    if not src.exists():
+        raise FileNotFoundError(f"source folder not found: {src}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size must be an integer >= 8, got {size!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    labels = LabelSource(
+        src_root=src if src.is_dir() else src.parent,
+        metadata=Path(metadata) if metadata else None,
+        file_column=file_column,
+        label_column=label_column,
+        patient_column=patient_column,
+        label_pattern=label_pattern,
+        patient_pattern=patient_pattern,
+        patient_metadata=Path(patient_metadata) if patient_metadata else None,
+        patient_key_column=patient_key_column,
+        patient_label_column=patient_label_column,
+        label_map=dict(label_map or {}),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FRAMES_DIR).mkdir(exist_ok=True)
+    settings = {"fps": float(fps), "size": int(size), "crop": bool(crop), "keep_partial": bool(keep_partial)}
+    reuse = store.check_settings(out, settings, overwrite=overwrite)
+    store.write_settings(out, settings)
+    store.remove_stale_temporaries(out)
+    done = store.load_done(out) if reuse else {}
+
+    sources, n_ignored = store.find_sources(src, exclude=out)
+    root = src if src.is_dir() else src.parent
+    summary = IngestSummary(out=out, n_sources=len(sources), n_ignored_files=n_ignored)
+    records: dict[str, VideoRecord] = {}
+    taken = {r.video_id for r in done.values()}
+    tasks: list[dict[str, Any]] = []
+    threads = 0 if workers == 1 else max(1, (os.cpu_count() or 2) // workers)
+    for path in sources:
+        relative = path.resolve().relative_to(root.resolve()).as_posix()
+        label, patient, _ = labels.lookup(path)
+        if relative in done:
+            record = done[relative]
+            record.label, record.patient_id = label, patient or record.video_id
+            records[relative] = record
+            summary.n_skipped += 1
+            continue
+        video_id = store.make_video_id(relative, taken)
+        taken.add(video_id)
+        tasks.append(
+            {
+                "path": str(path),
+                "relative": relative,
+                "video_id": video_id,
+                "label": label,
+                "patient_id": patient or video_id,
+                "frames_path": str(out / store.frames_relpath(video_id)),
+                "fps": float(fps),
+                "size": int(size),
+                "crop": crop,
+                "threads": threads,
+                "keep_partial": keep_partial,
+            }
+        )
+    summary.n_unmatched_metadata_rows = labels.n_unmatched_rows if metadata else 0
+    store.write_records(out, records)  # drops rows of videos that are gone or being redone
+    store.write_errors(out, [])
+
+    def finish(task: dict[str, Any], result: dict[str, Any]) -> None:
+        if result["ok"]:
+            x0, y0, x1, y1 = result["crop"]
+            records[task["relative"]] = VideoRecord(
+                video_id=task["video_id"],
+                source=task["relative"],
+                label=task["label"],
+                patient_id=task["patient_id"],
+                fps=result["fps"],
+                n_source_frames=result["n_source_frames"],
+                n_frames=result["n_frames"],
+                width=task["size"],
+                height=task["size"],
+                crop_x0=x0,
+                crop_y0=y0,
+                crop_x1=x1,
+                crop_y1=y1,
+                frames_file=store.frames_relpath(task["video_id"]),
+            )
+            summary.n_ingested += 1
+            summary.n_frames += result["n_frames"]
+            store.write_records(out, records)
+        else:
+            summary.failed.append((task["relative"], result["reason"]))
+            store.write_errors(out, summary.failed)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc="ingest", unit="video", disable=not progress or not tasks, file=sys.stderr)
+    try:
+        if workers == 1 or len(tasks) <= 1:
+            for task in tasks:
+                bar.set_postfix_str(Path(task["relative"]).name[-30:], refresh=False)
+                finish(task, process_file(task))
+                bar.update()
+        else:
+            import multiprocessing
+
+            # spawn: workers never inherit the parent's threads or open FFmpeg state
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                futures = {pool.submit(process_file, task): task for task in tasks}
+                try:
+                    for future in as_completed(futures):
+                        task = futures[future]
+                        try:
+                            result = future.result()
+                        except Exception as exc:  # a worker that died (crash in a codec, killed)
+                            result = {"ok": False, "reason": f"worker process failed: {type(exc).__name__}: {exc}"}
+                        finish(task, result)
+                        bar.update()
+                except KeyboardInterrupt:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+    finally:
+        bar.close()
+    summary.n_unlabeled = sum(1 for r in records.values() if not r.label)
+    summary.seconds = time.perf_counter() - start
+    return summary

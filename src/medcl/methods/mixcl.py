@@ -1,0 +1,185 @@
+"""MixCL: pixel labels in contrastive pretraining (Li, Quan, Zhou, "MixCL: Pixel label matters to
+contrastive learning in medical image segmentation").
+
+    L = L_id + alpha * L_label + beta * L_recon,            alpha = beta = 0.01
+
+- Model: UNETR = ViT encoder theta (``backbone``, exported) + reconstruction decoder phi, and a
+  projector sigma^l (1x1 convs [c, c, 2c]) on every encoder layer's token grid.
+- Views (:mod:`medcl.data.mixcl_views`): patch P1 -> two pixel-aligned intensity views V1, V1';
+  auxiliary patch P2 from the same image or another image of the same source (1:1) -> V2.
+- L_id (:mod:`medcl.losses.pixel_barlow`): Barlow Twins between Z1 = sigma(theta(V1)) and
+  Z1' = sigma(theta(V1')) at every position, summed over ALL layers.
+- L_label (:mod:`medcl.losses.pixel_contrast`): supervised pixel contrast (tau 0.1) on layer 2
+  between pixels of Z1 and Z2, sampled per class with boundary weights
+  (:mod:`medcl.sampling.pixels`); background-background pairs and unannotated classes ignored.
+- L_recon (:mod:`medcl.losses.reconstruction`): MSE between phi(theta(V)) and the clean patch.
+Switches ``use_label`` / ``use_recon`` give the paper's ablation (identity / + label / + recon).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor, nn
+
+from medcl.config import MethodConfig, Section
+from medcl.losses.pixel_barlow import PixelBarlowTwinsLoss
+from medcl.losses.pixel_contrast import PixelContrastLoss
+from medcl.losses.reconstruction import ReconstructionLoss
+from medcl.methods.base import Method
+from medcl.models.unetr import Projector, UNETREncoder, build_decoder, encoder_kwargs
+from medcl.sampling.pixels import gather_tokens, labels_to_grid, sample_pixels
+
+
+class MixCL(Method):
+    name: ClassVar[str] = "mixcl"
+
+    def __init__(self, encoder: UNETREncoder, feature_size: int = 16, projector_norm: str = "batch",
+                 lambda_offdiag: float = 5e-3, temperature: float = 0.1, alpha: float = 0.01, beta: float = 0.01,
+                 use_label: bool = True, use_recon: bool = True, label_layer: int = 2, pixel_budget: int = 32,
+                 mu: float = 8.0, eps: float = 0.05, label_pooling: str = "majority",
+                 cross_view_only: bool = False) -> None:
+        super().__init__()
+        if not 1 <= label_layer <= encoder.num_layers:
+            raise ValueError(f"label_layer must be in [1, {encoder.num_layers}], got {label_layer}")
+        self.backbone = encoder  # theta
+        self.backbone_spec = {"name": "unetr_encoder", "kwargs": encoder_kwargs(encoder)}
+        dims, width = encoder.spatial_dims, encoder.hidden_size
+        self.projectors = nn.ModuleList(Projector(dims, width, projector_norm) for _ in range(encoder.num_layers))
+        self.decoder = build_decoder(encoder, out_channels=encoder.kwargs["in_channels"], feature_size=feature_size) if use_recon else None
+        self.identity_loss = PixelBarlowTwinsLoss(lambda_offdiag)
+        self.label_loss = PixelContrastLoss(temperature)
+        self.recon_loss = ReconstructionLoss()
+        self.alpha, self.beta, self.use_label, self.use_recon = alpha, beta, use_label, use_recon
+        self.label_layer, self.pixel_budget, self.mu, self.eps = label_layer - 1, pixel_budget, mu, eps
+        self.label_pooling, self.cross_view_only = label_pooling, cross_view_only
+
+    def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        v1, v1b, v2 = batch["view1"], batch["view1b"], batch["view2"]
+        n = v1.shape[0]
+        needs_p2 = self.use_label or self.use_recon
+        x = torch.cat([v1, v1b, v2] if needs_p2 else [v1, v1b])
+        last, hidden = self.backbone(x)  # one pass for all views
+        z = [proj(self.backbone.to_grid(h)) for proj, h in zip(self.projectors, hidden)]
+
+        l_id = self.identity_loss([zl[:n] for zl in z], [zl[n:2 * n] for zl in z])
+        total, out = l_id, {"loss_id": l_id.detach()}
+        if self.use_label:
+            l_label = self.label_consistency(z[self.label_layer][:n], z[self.label_layer][2 * n:], batch)
+            total = total + self.alpha * l_label
+            out["loss_label"] = l_label.detach()
+        if self.use_recon:
+            restored = self.decoder(x, last, hidden)
+            l_recon = self.recon_loss(restored, torch.cat([batch["patch1"], batch["patch1"], batch["patch2"]]))
+            total = total + self.beta * l_recon
+            out["loss_recon"] = l_recon.detach()
+        return {"loss": total, **out}
+
+    def label_consistency(self, z1: Tensor, z2: Tensor, batch: dict[str, Any]) -> Tensor:
+        """L_label on boundary-weighted pixel samples of Z1 (from P1) and Z2 (from P2)."""
+        grid = tuple(z1.shape[2:])
+        feats, labels, annotated, view = [], [], [], []
+        for k, zk in ((1, z1), (2, z2)):
+            with torch.no_grad():
+                grid_labels = labels_to_grid(batch[f"label{k}"], grid, self.label_pooling)
+                picked = sample_pixels(grid_labels, self.pixel_budget, self.mu, self.eps)
+            feats.append(gather_tokens(zk, picked))
+            labels.append(picked.label)
+            annotated.append(batch[f"annotated{k}"][picked.sample])
+            view.append(torch.full_like(picked.label, k))
+        pairs_across = torch.cat(view) if self.cross_view_only else None  # only Z1-Z2 pairs
+        return self.label_loss(torch.cat(feats), torch.cat(labels), torch.cat(annotated), pairs_across)
+
+
+class DatasetEntry(Section):
+    """One source of the pool: adapter (medcl.data.pool.ADAPTERS), root, optional name + options."""
+
+    model_config = Section.model_config | {"extra": "allow"}
+    adapter: str
+    root: Path
+    name: str | None = None
+
+
+class MixCLConfig(MethodConfig):
+    """The ``mixcl:`` section (defaults: the paper; presets: configs/mixcl-2d.yaml, mixcl-3d.yaml)."""
+
+    needs_manifest: ClassVar[bool] = False
+    # data and views
+    datasets: list[DatasetEntry] = Field(min_length=1)
+    spatial_dims: Literal[2, 3] = 3
+    patch_size: int = Field(96, ge=16)  # pixels per side of P1 / P2
+    spacing: list[float] | None = None  # 3D resampling (mm); the paper: [1.5, 1.5, 2.0]
+    cache: int = -1  # pooled items kept in memory (LRU), -1 all, 0 none
+    same_image_prob: float = Field(0.5, ge=0.0, le=1.0)  # P2 from I1 (else another image of the source)
+    fg_crop_prob: float = Field(0.5, ge=0.0, le=1.0)
+    affine_prob: float = Field(0.5, ge=0.0, le=1.0)
+    elastic_prob: float = Field(0.5, ge=0.0, le=1.0)
+    intensity_prob: float = Field(0.2, ge=0.0, le=1.0)
+    # model
+    vit_patch: int = Field(16, ge=4)
+    hidden_size: int = Field(768, ge=8)
+    mlp_dim: int = Field(3072, ge=8)
+    num_layers: int = Field(12, ge=1)
+    num_heads: int = Field(12, ge=1)
+    feature_size: int = Field(16, ge=1)
+    projector_norm: Literal["batch", "instance"] = "batch"
+    # losses
+    lambda_offdiag: float = Field(5e-3, ge=0.0)
+    temperature: float = Field(0.1, gt=0.0)
+    alpha: float = Field(0.01, ge=0.0)
+    beta: float = Field(0.01, ge=0.0)
+    use_label: bool = True
+    use_recon: bool = True
+    label_layer: int = Field(2, ge=1)
+    pixel_budget: int = Field(32, ge=1)  # r: pixels per class and patch
+    mu: float = Field(8.0, gt=0.0)
+    eps: float = Field(0.05, ge=0.0)
+    label_pooling: Literal["majority", "nearest"] = "majority"  # labels -> token grid
+    label_pairs: Literal["all", "cross"] = "all"  # all sampled pixel pairs, or only P1-P2 pairs
+
+    @field_validator("spacing")
+    @classmethod
+    def _spacing_positive(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (len(value) != 3 or min(value) <= 0):
+            raise ValueError("expected three positive spacings in mm")
+        return value
+
+
+def build_method(p: MixCLConfig, in_channels: int = 1) -> MixCL:
+    if p.hidden_size % p.num_heads:
+        raise ValueError(f"mixcl.hidden_size={p.hidden_size} must be divisible by mixcl.num_heads={p.num_heads}")
+    if p.patch_size % p.vit_patch:
+        raise ValueError(f"mixcl.patch_size={p.patch_size} must be divisible by mixcl.vit_patch={p.vit_patch}")
+    if p.label_layer > p.num_layers:
+        raise ValueError(f"mixcl.label_layer={p.label_layer} exceeds mixcl.num_layers={p.num_layers}")
+    encoder = UNETREncoder(spatial_dims=p.spatial_dims, img_size=p.patch_size, in_channels=in_channels,
+                           patch_size=p.vit_patch, hidden_size=p.hidden_size, mlp_dim=p.mlp_dim,
+                           num_layers=p.num_layers, num_heads=p.num_heads)
+    return MixCL(encoder, feature_size=p.feature_size, projector_norm=p.projector_norm,
+                 lambda_offdiag=p.lambda_offdiag, temperature=p.temperature, alpha=p.alpha, beta=p.beta,
+                 use_label=p.use_label, use_recon=p.use_recon, label_layer=p.label_layer,
+                 pixel_budget=p.pixel_budget, mu=p.mu, eps=p.eps, label_pooling=p.label_pooling,
+                 cross_view_only=p.label_pairs == "cross")
+
+
+def build(config, *, rank: int = 0, world_size: int = 1):
+    """``(method, loader)`` for the shared trainer (medcl.methods.base registry)."""
+    from medcl.data.mixcl_views import MixCLViewMaker
+    from medcl.data.pool import pool_from_specs
+    from medcl.train.loader import IndexBatchLoader
+
+    p: MixCLConfig = config.params
+    specs = [entry.model_dump(exclude_none=True) for entry in p.datasets]
+    pool = pool_from_specs(specs, cache=p.cache, spacing=p.spacing)
+    if pool.spatial_dims != p.spatial_dims:
+        raise ValueError(f"mixcl.spatial_dims={p.spatial_dims} but the datasets are {pool.spatial_dims}D")
+    views = MixCLViewMaker(pool, p.patch_size, same_image_prob=p.same_image_prob, fg_crop_prob=p.fg_crop_prob,
+                           affine_prob=p.affine_prob, elastic_prob=p.elastic_prob, intensity_prob=p.intensity_prob)
+    method = build_method(p, in_channels=1)
+    method.metadata = {"class_names": pool.class_names, "sources": [s.name for s in pool.sources]}
+    loader = IndexBatchLoader(len(pool), config.optim.batch_size, views.make_batch, seed=config.train.seed,
+                              rank=rank, world_size=world_size, what="pooled images")
+    return method, loader

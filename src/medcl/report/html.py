@@ -1,0 +1,665 @@
+"""One self-contained HTML report comparing run folders side by side.
+
+Sections (each skipped with a one-line note when its inputs are absent; a section that fails
+shows its error instead of stopping the report):
+
+1. Runs: what each folder holds.
+2. Training curves: every logged loss term (and lr) vs step, runs overlaid; fine-tuning curves.
+3. Cross-validation results: mean ± std tables from results.json, results.md.
+4. Confusion matrices: from predictions.csv (or results.json), pooled over folds and repeats.
+5. Grad-CAM: layer4 maps on sample frames per class, one column per run.
+6. Feature embedding: t-SNE (PCA for few frames) of backbone features, by class and by video.
+7. Segmentation overlays: prediction vs ground truth from DIR/overlays/*.npz.
+8. Configuration and environment of each run.
+
+Frames for Grad-CAM and embeddings come from ``manifest`` (an ingest folder or its manifest.csv)
+or from the first run whose config names an existing one (``data.manifest``, or ``data`` for a
+fine-tuning run). Every image is embedded as base64 PNG: the file has no external assets.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+import platform
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medcl.report import plots
+from medcl.report.runs import Run, load_run, numeric_series, unique_names
+
+# Inputs as medcl's fine-tuning feeds them (medcl.evaluate.classify.to_input): x / 255, then
+# standardised with mean 0.5 and std 0.25.
+PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
+DEFAULT_SIZE = 112
+
+
+@dataclass
+class Section:
+    anchor: str
+    title: str
+    body: str = ""
+    note: str | None = None  # set when skipped
+
+
+@dataclass
+class ReportContext:
+    runs: list[Run]
+    manifest: Path | None
+    max_embedding_frames: int = 300
+    gradcam_per_class: int = 2
+    seed: int = 0
+    log: Callable[[str], None] = print
+    _frames: Any = None
+    _backbones: dict[str, tuple[nn.Module | None, str]] = field(default_factory=dict)
+    _features: dict[str, tuple[torch.Tensor, np.ndarray]] = field(default_factory=dict)
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def img_tag(png: bytes, alt: str, max_width: int | None = None) -> str:
+    style = f' style="max-width:min(100%, {max_width}px)"' if max_width else ""
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{esc(alt)}"{style}>'
+
+
+def figure(png: bytes, caption: str, max_width: int | None = None) -> str:
+    return f'<figure>{img_tag(png, caption, max_width)}<figcaption>{esc(caption)}</figcaption></figure>'
+
+
+def note(text: str) -> str:
+    return f'<p class="note">{esc(text)}</p>'
+
+
+# --------------------------------------------------------------------------- frames & backbones
+
+
+def _find_manifest(ctx: ReportContext) -> Path | None:
+    from medcl.export import manifest_path_from_config
+
+    if ctx.manifest is not None:
+        return ctx.manifest
+    for run in ctx.runs:
+        found = manifest_path_from_config(run.config, base=run.path)
+        if found is not None:
+            return found
+    return None
+
+
+@dataclass
+class SampleFrames:
+    frames: list[np.ndarray]  # uint8 [H, W]
+    labels: list[str]
+    videos: list[str]
+    frame_index: list[int]
+    classes: list[str]
+
+
+def load_sample_frames(manifest: Path, max_frames: int, seed: int = 0) -> SampleFrames:
+    """Evenly spaced frames of the labeled videos (all videos when none is labeled), at most
+    ``max_frames`` in total; the video order is shuffled with ``seed`` before capping."""
+    from medcl.data.frames import FrameSets
+
+    sets = FrameSets(manifest, cache=False)
+    records = [r for r in sets.records if r.label] or list(sets.records)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(records))
+    per_video = int(np.clip(max_frames // max(1, len(records)), 1, 8))
+    frames, labels, videos, index = [], [], [], []
+    for i in order:
+        record = records[int(i)]
+        video_frames = sets.load_frames(record)
+        if len(video_frames) == 0:
+            continue
+        picks = np.unique(np.linspace(0, len(video_frames) - 1, per_video).round().astype(int))
+        for j in picks:
+            if len(frames) >= max_frames:
+                break
+            frames.append(video_frames[j])
+            labels.append(record.label)
+            videos.append(record.video_id)
+            index.append(int(j))
+    classes = sorted({l for l in labels if l})
+    return SampleFrames(frames, labels, videos, index, classes)
+
+
+def _config_value(config: dict | None, *keys: str) -> Any:
+    from medcl.export import find_in_config
+
+    for key in keys:
+        value = find_in_config(config, key)
+        if value is not None:
+            return value
+    return None
+
+
+def run_input_size(run: Run) -> int:
+    size = _config_value(run.config, "data.size", "image_size", "data.image_size")
+    return int(size) if isinstance(size, (int, float)) and size >= 16 else DEFAULT_SIZE
+
+
+def run_backbone(run: Run) -> tuple[nn.Module | None, str]:
+    """The run's backbone and where it came from, or (None, why not)."""
+    from medcl.export import backbone_from_checkpoint, load_backbone
+
+    if run.exported is not None:
+        return load_backbone(run.exported), f"exported weights {run.exported.name}"
+    if run.checkpoint is not None:
+        network, ckpt = backbone_from_checkpoint(run.checkpoint)
+        return network, f"checkpoint {run.checkpoint.name} (step {ckpt.get('step')})"
+    init = (run.config or {}).get("init")
+    if isinstance(init, dict):  # a classification fine-tuning run: its initialisation
+        path = init.get("path")
+        if path:
+            p = Path(path)
+            if not p.is_absolute() and not p.exists():
+                p = run.path / p
+            if not p.exists():
+                return None, f"initialisation {path} not found"
+            if p.suffix == ".safetensors" or p.is_dir() and (p / "backbone.safetensors").is_file():
+                return load_backbone(p), f"initialisation {p.name} (pretrained, before fine-tuning)"
+            network, ckpt = backbone_from_checkpoint(p)
+            return network, f"initialisation {p.name} (pretrained, before fine-tuning)"
+        if init.get("name") in ("scratch", "random"):
+            from medcl.models.backbones import resnet18_backbone
+
+            seed = int(_config_value(run.config, "seed") or 0)
+            torch.manual_seed(seed)
+            return resnet18_backbone(), f"random initialisation (scratch, seed {seed})"
+    return None, "no checkpoint, exported weights or initialisation in this run folder"
+
+
+def _backbone_cached(ctx: ReportContext, run: Run) -> tuple[nn.Module | None, str]:
+    key = str(run.path)
+    if key not in ctx._backbones:
+        try:
+            ctx._backbones[key] = run_backbone(run)
+        except Exception as exc:  # noqa: BLE001  (the report goes on without this run's backbone)
+            ctx._backbones[key] = (None, f"backbone could not be loaded: {exc}")
+    return ctx._backbones[key]
+
+
+def _standardise(images: torch.Tensor) -> torch.Tensor:
+    return (images - PIXEL_MEAN) / PIXEL_STD
+
+
+def _inputs_and_features(ctx: ReportContext, run: Run, network: nn.Module, frames: SampleFrames) -> tuple[torch.Tensor, np.ndarray]:
+    """Standardised model inputs [n, 1, S, S] of the sample frames and their features (cached per run)."""
+    from medcl.report.gradcam import backbone_features, frames_to_tensor
+
+    key = str(run.path)
+    if key not in ctx._features:
+        images = _standardise(frames_to_tensor(frames.frames, run_input_size(run)))
+        ctx._features[key] = (images, backbone_features(network, images))
+    return ctx._features[key]
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def section_runs(ctx: ReportContext) -> Section:
+    rows = []
+    for colour, run in zip(plots.RUN_COLOURS * 10, ctx.runs):
+        hex_colour = "#%02x%02x%02x" % tuple(int(255 * c) for c in colour[:3])
+        present = [
+            name
+            for name, ok in (
+                ("config.yaml", run.config_text is not None), ("metrics.jsonl", bool(run.metrics)),
+                ("checkpoint", run.checkpoint is not None), ("backbone.safetensors", run.exported is not None),
+                ("results.json", run.results is not None), ("predictions.csv", bool(run.predictions)),
+                ("curves.jsonl", bool(run.curves)), (f"{len(run.overlays)} overlays", bool(run.overlays)),
+            )
+            if ok
+        ]
+        method = run.method or ""
+        init = (run.config or {}).get("init")
+        if isinstance(init, dict):
+            method = f"fine-tune from {init.get('name')}"
+        rows.append(
+            f'<tr><td><span class="chip" style="background:{hex_colour}"></span>{esc(run.name)}</td>'
+            f"<td>{esc(run.kind)}</td><td>{esc(method)}</td><td><code>{esc(run.path)}</code></td>"
+            f"<td>{esc(', '.join(present) or 'nothing readable')}</td></tr>"
+        )
+        for message in run.notes:
+            rows.append(f'<tr><td></td><td colspan="4" class="note">{esc(run.name)}: {esc(message)}</td></tr>')
+    body = ("<table><thead><tr><th>run</th><th>kind</th><th>method</th><th>folder</th><th>contents</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+    manifest = _find_manifest(ctx)
+    body += note(f"Frames for Grad-CAM and embeddings: {manifest}" if manifest else
+                 "No data manifest found (pass --manifest): Grad-CAM and embedding sections are skipped.")
+    return Section("runs", "Runs", body)
+
+
+def section_training(ctx: ReportContext) -> Section:
+    section = Section("training", "Training curves")
+    parts = []
+    pretrain = {run.name: numeric_series(run.metrics, "step") for run in ctx.runs if run.metrics}
+    pretrain = {k: v for k, v in pretrain.items() if v}
+    if pretrain:
+        parts.append("<h3>Pretraining: every logged term vs step</h3>")
+        terms = sorted({term for series in pretrain.values() for term in series})
+        parts.append(figure(plots.training_curves(pretrain),
+                            f"Logged terms: {', '.join(terms)}. Thick lines: moving average when there are many "
+                            "points; faint: raw values."))
+    finetune = [run for run in ctx.runs if run.curves]
+    if finetune:
+        parts.append("<h3>Fine-tuning: per fold</h3><div class='grid'>")
+        for run in finetune:
+            parts.append(figure(plots.finetune_curves(run.curves, run.name), f"{run.name}: one line per repeat/fold", 620))
+        parts.append("</div>")
+    if not parts:
+        section.note = "No metrics.jsonl or curves.jsonl in any run."
+    section.body = "".join(parts)
+    return section
+
+
+def _stat_cell(value: Any) -> str | None:
+    if isinstance(value, dict) and "mean" in value:
+        if value.get("mean") is None or (isinstance(value["mean"], float) and np.isnan(value["mean"])):
+            return "n/a"
+        std = value.get("std")
+        return f"{value['mean']:.3f} ± {std:.3f}" if isinstance(std, (int, float)) else f"{value['mean']:.3f}"
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+    return None
+
+
+def _flatten_summary(summary: Any, prefix: str = "") -> dict[str, str]:
+    """{"metric/sub": "mean ± std"} for every leaf statistic of a results summary."""
+    out: dict[str, str] = {}
+    if not isinstance(summary, dict):
+        return out
+    for key, value in summary.items():
+        path = f"{prefix}{key}"
+        cell = _stat_cell(value)
+        if cell is not None:
+            out[path] = cell
+        elif isinstance(value, dict):
+            out.update(_flatten_summary(value, f"{path} / "))
+    return out
+
+
+def section_results(ctx: ReportContext) -> Section:
+    section = Section("results", "Cross-validation results")
+    runs = [run for run in ctx.runs if run.results is not None and isinstance(run.results.get("summary"), dict)]
+    if not runs:
+        section.note = "No results.json with a summary in any run."
+        return section
+    # group by the summary's first level (classification: frame / video; segmentation: label fraction)
+    groups: dict[tuple[bool, str], dict[str, dict[str, str]]] = {}
+    for run in runs:
+        summary = run.results["summary"]
+        nested = all(isinstance(v, dict) and _stat_cell(v) is None for v in summary.values())
+        for group, content in (summary.items() if nested else [("summary", summary)]):
+            groups.setdefault((run.is_segmentation, str(group)), {})[run.name] = _flatten_summary(content)
+    parts = [note("Mean ± standard deviation over test folds (and repeats), as written by the fine-tuning run.")]
+    for (segmentation, group), per_run in groups.items():
+        columns: list[str] = []
+        for cells in per_run.values():
+            columns += [c for c in cells if c not in columns]
+        main = [c for c in columns if "per_class" not in c]
+        per_class = [c for c in columns if "per_class" in c]
+        title = group
+        if segmentation:
+            try:
+                title = f"Segmentation, label fraction {float(group) * 100:g}%"
+            except ValueError:
+                title = f"Segmentation: {group}"
+        elif group in ("frame", "video"):
+            title = f"Classification, {group} level"
+        for label, cols in ((title, main), (f"{title}: per class", per_class)):
+            if not cols:
+                continue
+            head = "".join(f"<th>{esc(c.replace('_', ' '))}</th>" for c in cols)
+            body = "".join(
+                f"<tr><td>{esc(name)}</td>" + "".join(f"<td>{esc(cells.get(c, '—'))}</td>" for c in cols) + "</tr>"
+                for name, cells in per_run.items()
+            )
+            parts.append(f"<h3>{esc(label)}</h3><div class='scroll'><table><thead><tr><th>run</th>{head}</tr></thead>"
+                         f"<tbody>{body}</tbody></table></div>")
+    for run in ctx.runs:
+        if run.results_md:
+            parts.append(f"<details><summary>results.md of {esc(run.name)}</summary><pre>{esc(run.results_md)}</pre></details>")
+    comparison = [p for p in {run.path.parent / "comparison.md" for run in ctx.runs} if p.is_file()]
+    for path in comparison:
+        parts.append(f"<details><summary>{esc(path)}</summary><pre>{esc(path.read_text())}</pre></details>")
+    section.body = "".join(parts)
+    return section
+
+
+def confusion_from_run(run: Run) -> list[tuple[str, np.ndarray, list[str]]]:
+    """(level, matrix [true, pred], classes) from predictions.csv, else results.json folds."""
+    out = []
+    classes = list((run.results or {}).get("classes") or [])
+    if run.predictions:
+        prob_classes = [k[len("prob_"):] for k in run.predictions[0] if k.startswith("prob_")]
+        classes = classes or prob_classes or sorted({r["true"] for r in run.predictions} | {r["pred"] for r in run.predictions})
+        index = {c: i for i, c in enumerate(classes)}
+        levels = {"video": [r for r in run.predictions if str(r.get("frame", "")).strip() == "-1"],
+                  "frame": [r for r in run.predictions if str(r.get("frame", "")).strip() != "-1"]}
+        for level, rows in levels.items():
+            if not rows:
+                continue
+            matrix = np.zeros((len(classes), len(classes)), dtype=int)
+            for row in rows:
+                if row.get("true") in index and row.get("pred") in index:
+                    matrix[index[row["true"]], index[row["pred"]]] += 1
+            out.append((level, matrix, classes))
+        return out
+    folds = (run.results or {}).get("folds") or []
+    for level in ("video", "frame"):
+        mats = [np.asarray(f[level]["confusion_matrix"]) for f in folds if isinstance(f.get(level), dict) and "confusion_matrix" in f[level]]
+        if mats and classes:
+            out.append((level, np.sum(mats, axis=0), classes))
+    return out
+
+
+def section_confusion(ctx: ReportContext) -> Section:
+    section = Section("confusion", "Confusion matrices")
+    figures = []
+    for run in ctx.runs:
+        repeats = {r.get("repeat") for r in run.predictions} if run.predictions else set()
+        for level, matrix, classes in confusion_from_run(run):
+            pooled = f"pooled over folds{' and ' + str(len(repeats)) + ' repeats' if len(repeats) > 1 else ''}"
+            figures.append(figure(plots.confusion_matrix_plot(matrix, classes, f"{run.name}: {level} level"),
+                                  f"{run.name}, {level} level, {pooled} (n = {int(matrix.sum())})", 460))
+    if not figures:
+        section.note = "No predictions.csv or per-fold confusion matrices in any run."
+        return section
+    section.body = note("Rows: true class; columns: predicted. Colour and percentage: fraction of the true class "
+                        "(recall on the diagonal). Video level: mean of the frame probabilities.") + \
+        f"<div class='grid'>{''.join(figures)}</div>"
+    return section
+
+
+def _frames_or_note(ctx: ReportContext) -> tuple[Any, str | None]:
+    if ctx._frames is None:
+        manifest = _find_manifest(ctx)
+        if manifest is None:
+            ctx._frames = (None, "No data manifest (config data.manifest or --manifest): section skipped.")
+        else:
+            try:
+                frames = load_sample_frames(manifest, ctx.max_embedding_frames, ctx.seed)
+                ctx._frames = (frames, None) if frames.frames else (None, f"{manifest}: no frames to show.")
+            except Exception as exc:  # noqa: BLE001
+                ctx._frames = (None, f"Frames could not be read from {manifest}: {exc}")
+    return ctx._frames
+
+
+def _runs_with_backbones(ctx: ReportContext) -> tuple[list[tuple[Run, nn.Module, str]], list[str]]:
+    usable, skipped = [], []
+    for run in ctx.runs:
+        network, source = _backbone_cached(ctx, run)
+        if network is None:
+            skipped.append(f"{run.name}: {source}")
+        else:
+            usable.append((run, network, source))
+    return usable, skipped
+
+
+def section_gradcam(ctx: ReportContext) -> Section:
+    from medcl.report.gradcam import PrototypeClassifier, frames_to_tensor, gradcam_maps, target_layer_name
+
+    section = Section("gradcam", "Grad-CAM (last convolutional stage)")
+    frames, why = _frames_or_note(ctx)
+    if frames is None:
+        section.note = why
+        return section
+    if not frames.classes:
+        section.note = "The manifest has no labeled videos: Grad-CAM needs classes. Section skipped."
+        return section
+    usable, skipped = _runs_with_backbones(ctx)
+    # sample frames: per class, frames from distinct videos (the middle one of the sampled frames)
+    rng = np.random.default_rng(ctx.seed)
+    picks: list[int] = []
+    for cls in frames.classes:
+        by_video: dict[str, list[int]] = {}
+        for i, (label, video) in enumerate(zip(frames.labels, frames.videos)):
+            if label == cls:
+                by_video.setdefault(video, []).append(i)
+        chosen = rng.permutation(sorted(by_video))[: ctx.gradcam_per_class]
+        picks += [by_video[v][len(by_video[v]) // 2] for v in chosen]
+    display_size = max(run_input_size(run) for run, _, _ in usable) if usable else DEFAULT_SIZE
+    display = frames_to_tensor([frames.frames[i] for i in picks], display_size)[:, 0].numpy()
+    maps: dict[str, list[np.ndarray]] = {}
+    sources = []
+    for run, network, source in usable:
+        layer = target_layer_name(nn.ModuleDict({"backbone": network}))
+        if layer is None:
+            skipped.append(f"{run.name}: {type(network).__name__} has no layer4 stage")
+            continue
+        size = run_input_size(run)
+        images, features = _inputs_and_features(ctx, run, network, frames)
+        model = PrototypeClassifier.from_features(network, features, frames.labels, frames.classes)
+        class_idx = [frames.classes.index(frames.labels[i]) for i in picks]
+        run_maps = gradcam_maps(model, images[picks], class_idx, "backbone.layer4")
+        resized = torch.nn.functional.interpolate(torch.as_tensor(run_maps)[:, None], size=(display_size, display_size),
+                                                  mode="bilinear", align_corners=False)[:, 0].numpy()
+        maps[run.name] = list(resized)
+        grid = -(-images.shape[-1] // 32)  # layer4 stride is 32
+        sources.append(f"{run.name}: {source}, input {size} px (layer4 grid {grid}x{grid}"
+                       f"{': too coarse for a spatial map' if grid < 2 else ''})")
+    if not maps:
+        section.note = "No run has a ResNet backbone to explain. " + " ".join(skipped)
+        return section
+    titles = [f"{frames.labels[i]}\n{frames.videos[i]} #{frames.frame_index[i]}" for i in picks]
+    body = [note("Each frame's score is the cosine similarity of its backbone features to its class's mean feature "
+                 "(prototype computed on the report's sample frames), so every backbone is explained with the same "
+                 "rule; warm colours = regions that raise that score (MONAI GradCAM on layer4)."),
+            figure(plots.gradcam_grid(list(display), titles, maps), "Rows: sample frames (class, video, frame); columns: runs.",
+                   260 * (1 + len(maps)))]
+    body.append("<ul class='small'>" + "".join(f"<li>{esc(s)}</li>" for s in sources + [f"skipped {s}" for s in skipped]) + "</ul>")
+    section.body = "".join(body)
+    return section
+
+
+def embed_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
+    """t-SNE (after PCA to 50 dims) when there are enough points, else PCA."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    features = np.nan_to_num(np.asarray(features, dtype=np.float64))
+    n = len(features)
+    if n < 3:
+        raise ValueError(f"need at least 3 frames for an embedding, got {n}")
+    if n < 30:
+        return PCA(n_components=2, random_state=seed).fit_transform(features), "PCA"
+    reduced = PCA(n_components=min(50, n - 1, features.shape[1]), random_state=seed).fit_transform(features)
+    perplexity = float(min(30.0, (n - 1) / 3.0))
+    coords = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, max_iter=750).fit_transform(reduced)
+    return coords, f"t-SNE (perplexity {perplexity:g})"
+
+
+def section_embedding(ctx: ReportContext) -> Section:
+    section = Section("embedding", "Feature embedding")
+    frames, why = _frames_or_note(ctx)
+    if frames is None:
+        section.note = why
+        return section
+    usable, skipped = _runs_with_backbones(ctx)
+    if not usable:
+        section.note = "No run has backbone weights to embed with. " + " ".join(skipped)
+        return section
+    parts = []
+    for run, network, source in usable:
+        _, features = _inputs_and_features(ctx, run, network, frames)
+        coords, method = embed_2d(features, ctx.seed)
+        parts.append(figure(plots.embedding_plot(coords, frames.labels, frames.videos, f"{run.name}: {method}"),
+                            f"{run.name}: {len(frames.frames)} frames of {len(set(frames.videos))} videos; {source}", 640))
+    body = note("Frames of one video cluster together for any backbone; what matters is whether classes separate "
+                "across videos.") + f"<div class='grid'>{''.join(parts)}</div>"
+    if skipped:
+        body += "<ul class='small'>" + "".join(f"<li>skipped {esc(s)}</li>" for s in skipped) + "</ul>"
+    section.body = body
+    return section
+
+
+def section_segmentation(ctx: ReportContext) -> Section:
+    section = Section("segmentation", "Segmentation overlays")
+    parts = []
+    for run in ctx.runs:
+        if not run.overlays:
+            continue
+        parts.append(f"<h3>{esc(run.name)}</h3><div class='grid'>")
+        for overlay in run.overlays[:12]:
+            parts.append(figure(plots.segmentation_overlay(overlay.image, overlay.pred, overlay.gt, overlay.name, overlay.class_names),
+                                f"{run.name}: {overlay.name}", 760))
+        parts.append("</div>")
+        if len(run.overlays) > 12:
+            parts.append(note(f"{len(run.overlays) - 12} more overlays in {run.path / 'overlays'} not shown."))
+    if not parts:
+        section.note = "No overlays/*.npz in any run (segmentation runs write them)."
+        return section
+    section.body = note("Filled colour and outline: the class mask; left image, middle ground truth, right prediction.") + "".join(parts)
+    return section
+
+
+def report_environment() -> dict[str, str]:
+    import monai
+
+    from medcl import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
+            "medcl": __version__, "machine": f"{platform.platform()} ({platform.machine()}, {_cpu_model()})"}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def section_config(ctx: ReportContext) -> Section:
+    parts = []
+    for run in ctx.runs:
+        env = run.environment
+        env_html = ("<table class='kv'>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in env.items()) + "</table>"
+                    if isinstance(env, dict) else note("Environment not recorded by this run (no environment.json)."))
+        config = f"<pre>{esc(run.config_text)}</pre>" if run.config_text else note("No config.yaml.")
+        parts.append(f"<details open><summary>{esc(run.name)}</summary><h4>Environment</h4>{env_html}"
+                     f"<h4>config.yaml</h4>{config}</details>")
+    gen = report_environment()
+    parts.append("<h3>Report generated with</h3><table class='kv'>" +
+                 "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in gen.items()) + "</table>")
+    return Section("config", "Configuration and environment", "".join(parts))
+
+
+SECTIONS: list[Callable[[ReportContext], Section]] = [
+    section_runs, section_training, section_results, section_confusion,
+    section_gradcam, section_embedding, section_segmentation, section_config,
+]
+
+STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d232b;background:#f6f7f9;line-height:1.45}
+header{background:#1f3a5f;color:#fff;padding:22px 40px}
+header h1{margin:0 0 6px 0;font-size:26px}
+header .runs span{display:inline-block;background:rgba(255,255,255,.15);border-radius:12px;padding:2px 10px;margin:3px 6px 0 0;font-size:14px}
+header .meta{opacity:.8;font-size:13px;margin-top:8px}
+main{max-width:1320px;margin:0 auto;padding:10px 40px 60px}
+nav{background:#fff;border:1px solid #dde2e8;border-radius:8px;padding:10px 20px;margin:18px 0}
+nav ol{margin:4px 0;columns:2}
+nav a{color:#1f3a5f;text-decoration:none}
+section{background:#fff;border:1px solid #dde2e8;border-radius:8px;padding:6px 24px 18px;margin:18px 0}
+h2{border-bottom:2px solid #e4e8ee;padding-bottom:6px}
+table{border-collapse:collapse;margin:8px 0;font-size:14px}
+th,td{border:1px solid #dde2e8;padding:5px 10px;text-align:left;vertical-align:top}
+thead th{background:#eef2f6}
+table.kv th{background:#f3f5f8;font-weight:600;width:110px}
+.scroll{overflow-x:auto}
+.grid{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
+figure{margin:8px 0}
+figure img{display:block;max-width:100%;height:auto;border:1px solid #eef0f3}
+figcaption{font-size:13px;color:#555;margin-top:4px}
+.note{color:#6a4b00;background:#fff7e0;border-left:3px solid #e0b400;padding:4px 10px;font-size:14px}
+.small{font-size:13px;color:#444}
+.chip{display:inline-block;width:11px;height:11px;border-radius:3px;margin-right:7px}
+pre{background:#f3f5f8;padding:10px;overflow-x:auto;font-size:12.5px;max-height:480px}
+details{margin:8px 0}
+summary{cursor:pointer;font-weight:600}
+code{font-size:13px}
+"""
+
+
+def render(ctx: ReportContext, sections: list[Section], title: str) -> str:
+    toc = "".join(f'<li><a href="#{s.anchor}">{esc(s.title)}</a>{" (skipped)" if s.note else ""}</li>' for s in sections)
+    body = []
+    for s in sections:
+        content = note(s.note) if s.note else s.body
+        body.append(f'<section id="{s.anchor}"><h2>{esc(s.title)}</h2>{content}</section>')
+    runs = "".join(f"<span>{esc(run.name)} <small>({esc(run.kind)})</small></span>" for run in ctx.runs)
+    generated = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>{esc(title)}</title><style>{STYLE}</style></head><body>"
+        f"<header><h1>{esc(title)}</h1><div class='runs'>{runs}</div>"
+        f"<div class='meta'>Generated {generated} by medcl report</div></header>"
+        f"<main><nav><strong>Contents</strong><ol>{toc}</ol></nav>{''.join(body)}</main></body></html>\n"
+    )
+
+
+def write_report(
+    run_dirs: Sequence[str | Path],
+    out_path: str | Path,
+    manifest: str | Path | None = None,
+    *,
+    title: str | None = None,
+    max_embedding_frames: int = 300,
+    gradcam_per_class: int = 2,
+    seed: int = 0,
+    log: Callable[[str], None] = lambda message: None,
+) -> Path:
+    """Write one self-contained HTML report comparing ``run_dirs`` side by side; returns its path.
+
+    >>> write_report(["runs/scratch", "runs/simclr", "runs/uscl"], "report.html", manifest="ingested/")  # doctest: +SKIP
+
+    Sections whose inputs are absent are skipped with a note; a section that fails shows its error.
+    """
+    if not run_dirs:
+        raise ValueError("write_report needs at least one run folder")
+    paths = [Path(p) for p in run_dirs]
+    names = unique_names(paths)
+    runs = [load_run(p, n) for p, n in zip(paths, names)]
+    if manifest is not None and not Path(manifest).exists():
+        raise FileNotFoundError(f"manifest not found: {manifest}")
+    ctx = ReportContext(runs, Path(manifest) if manifest is not None else None, max_embedding_frames,
+                        gradcam_per_class, seed, log)
+    sections = []
+    for build in SECTIONS:
+        try:
+            log(f"report: {build.__name__}")
+            sections.append(build(ctx))
+        except Exception as exc:  # noqa: BLE001  (one broken input must not cost the whole report)
+            name = build.__name__.removeprefix("section_")
+            detail = traceback.format_exc(limit=3)
+            sections.append(Section(name, name.capitalize(), f"{note(f'This section failed: {exc}')}<details><summary>"
+                                    f"traceback</summary><pre>{esc(detail)}</pre></details>"))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    text = render(ctx, sections, title or "medcl report: " + " vs ".join(names))
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out_path)
+    return out_path
+
+
+def environment_json() -> str:
+    """What a run can write as ``environment.json`` so its report shows where it ran."""
+    return json.dumps(report_environment(), indent=2)

@@ -1,0 +1,311 @@
+"""The one training loop shared by every pretraining method.
+
+    Trainer(method, loader, config, out_dir, resume=False).fit() -> out_dir
+
+- ``method``: a ``medcl.methods.base.Method`` (``training_step(batch) -> {"loss": ..., ...}``).
+- ``loader``: a ``BatchLoader`` (below); ``medcl.train.loader.IndexBatchLoader`` is one.
+- ``config``: a ``medcl.config.Config``; the trainer reads ``config.optim`` and ``config.train``
+  and stores ``config.to_dict()`` in checkpoints.
+- ``out_dir``: the run folder. It receives ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON
+  object per logged step: step, epoch, lr, loss and the method's other loss terms),
+  ``checkpoints/last.pt`` every ``train.checkpoint_every`` steps and at the end, plus
+  ``checkpoints/final.pt`` at the end; TensorBoard events under ``tb/`` when installed.
+
+Optimisation: Adam or AdamW (``optim.name``, lr, weight_decay) on all method parameters; linear
+warm-up for ``optim.warmup_epochs`` then cosine decay to ``min_lr_ratio * lr`` over
+``optim.max_steps`` (or ``epochs * len(loader)``) steps; bfloat16 autocast on CUDA when
+``train.amp``. A step counts one optimiser update; ``step`` in logs and checkpoints is the number
+of updates done.
+
+Resume (``resume=True``): loads ``checkpoints/last.pt`` and continues exactly -- model, optimiser,
+scheduler, every RNG state and the loader position and generator are restored, and metrics logged
+after that checkpoint are dropped from ``metrics.jsonl`` -- so on CPU the resumed loss curve equals
+the uninterrupted one. The config must match the checkpoint's except for ``train.*``, ``out`` and
+the run length (``optim.max_steps`` / ``optim.epochs``: extending a finished run re-spans the cosine).
+
+Divergence: a non-finite loss stops training with :class:`TrainingDiverged` before the step is
+applied; the last good checkpoint is left untouched and named in the message.
+
+Distributed (``world_size > 1``, torch.distributed initialised, e.g. under torchrun): the method is
+wrapped in DistributedDataParallel, the loader must shard batches by rank, only rank 0 writes
+files, logged values are averaged over ranks, and checkpoints hold every rank's RNG/loader state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from medcl.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+if TYPE_CHECKING:
+    from medcl.config import Config
+    from medcl.methods.base import Method
+
+
+class BatchLoader(Protocol):
+    """What the trainer needs from a loader."""
+
+    def __len__(self) -> int:  # batches per epoch, constant
+        ...
+
+    def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[Any]:  # from batch ``start`` on
+        ...
+
+    def state_dict(self) -> dict[str, Any]:  # random state between two batches
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ...
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available")
+    return device
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr for update ``step`` (0-based): linear warm-up, then cosine."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Trainer:
+    """Optimise ``method`` on ``loader`` as ``config`` says; see the module docstring."""
+
+    def __init__(
+        self,
+        method: Method,
+        loader: BatchLoader,
+        config: Config,
+        out_dir: str | Path,
+        *,
+        resume: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.method, self.loader, self.config = method, loader, config
+        self.out_dir = Path(out_dir)
+        self.resume, self.rank, self.world_size = resume, rank, world_size
+        self.device = torch.device(device) if device is not None else resolve_device(config.train.device)
+        self.is_main = rank == 0
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.last_path = self.ckpt_dir / "last.pt"
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+
+        self.steps_per_epoch = len(loader)
+        if self.steps_per_epoch < 1:
+            raise ValueError("the loader yields no batch per epoch (fewer items than optim.batch_size?)")
+        optim = config.optim
+        self.total_steps = optim.max_steps or optim.epochs * self.steps_per_epoch
+        self.warmup_steps = min(self.total_steps, round(optim.warmup_epochs * self.steps_per_epoch))
+
+        self.method.to(self.device)
+        self.model: torch.nn.Module = self.method
+        if world_size > 1:
+            if config.train.sync_batchnorm:
+                self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)  # type: ignore[assignment]
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.method, device_ids=ids)
+        opt_cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(self.method.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.warmup_steps, self.total_steps, optim.min_lr_ratio)
+        )
+        self.amp = bool(config.train.amp and self.device.type == "cuda")
+        self.step = 0
+        self._tb = None
+
+    # ----------------------------------------------------------------- checkpoints
+    def _gather(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def checkpoint(self) -> dict[str, Any]:
+        rngs = self._gather(rng_state())
+        loaders = self._gather(self.loader.state_dict())
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "method": self.config.method,
+            "config": self.config.to_dict(),
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "rng": rngs[0],
+            "rng_per_rank": rngs,
+            "loader": loaders[0],
+            "loader_per_rank": loaders,
+            "world_size": self.world_size,
+            "backbone": self.method.backbone_info(),
+            "metadata": dict(getattr(self.method, "metadata", {})),
+        }
+
+    def save(self, *names: str) -> None:
+        ckpt = self.checkpoint()  # collective in distributed runs: every rank calls it
+        if self.is_main:
+            for name in names:
+                save_checkpoint(self.ckpt_dir / name, ckpt)
+
+    def _restore(self) -> None:
+        ckpt = load_checkpoint(self.last_path, map_location=self.device)
+        if ckpt["method"] != self.config.method:
+            raise ValueError(f"{self.last_path}: method {ckpt['method']!r}, but config says {self.config.method!r}")
+        diffs = _config_differences(ckpt["config"], self.config.to_dict(), ignore=("train", "out", "optim.max_steps", "optim.epochs"))
+        if diffs:
+            raise ValueError(f"{self.last_path}: cannot resume with a different configuration: " + "; ".join(diffs))
+        if ckpt.get("world_size", 1) != self.world_size:
+            raise ValueError(f"{self.last_path}: saved with world_size {ckpt.get('world_size', 1)}, now {self.world_size}")
+        self.method.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step = int(ckpt["step"])
+        set_rng_state(ckpt["rng_per_rank"][self.rank])
+        self.loader.load_state_dict(ckpt["loader_per_rank"][self.rank])
+        if self.is_main and self.metrics_path.is_file():  # drop what was logged after this checkpoint
+            kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+            self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
+
+    # ----------------------------------------------------------------- logging
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def _open_tensorboard(self) -> None:
+        if not (self.is_main and self.config.train.tensorboard):
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception:  # noqa: BLE001 - tensorboard not installed: JSONL only
+            return
+        self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+
+    def _reduce(self, values: dict[str, Tensor]) -> dict[str, float]:
+        keys = sorted(values)
+        stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+        if self.world_size > 1:
+            torch.distributed.all_reduce(stacked)
+            stacked /= self.world_size
+        return dict(zip(keys, stacked.tolist()))
+
+    # ----------------------------------------------------------------- loop
+    def fit(self) -> Path:
+        """Train to ``total_steps`` (from the last checkpoint when resuming); returns ``out_dir``."""
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.resume:
+            if not self.last_path.is_file():
+                raise FileNotFoundError(f"--resume: no checkpoint at {self.last_path}")
+            self._restore()
+        elif self.is_main and self.last_path.exists():
+            raise FileExistsError(f"{self.out_dir} already holds a run ({self.last_path}); pass --resume or choose another out")
+        if self.is_main:
+            (self.out_dir / "config.yaml").write_text(self.config.to_yaml())
+            if not self.resume:
+                self.metrics_path.write_text("")
+        self._open_tensorboard()
+
+        self.method.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=(not self.is_main or not self.config.train.progress) or None,
+                   desc=f"pretrain {self.config.method}", unit="step", dynamic_ncols=True)
+        started, start_step = time.perf_counter(), self.step
+        try:
+            while self.step < self.total_steps:
+                epoch, first = divmod(self.step, self.steps_per_epoch)
+                for batch in self.loader.epoch_batches(epoch, start=first):
+                    lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
+                    values = self._train_step(move_to(batch, self.device), epoch)
+                    self.step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+                    if self.step % self.config.train.log_every == 0 or self.step == self.total_steps:
+                        elapsed = time.perf_counter() - started
+                        self._log({"step": self.step, "epoch": epoch, "lr": lr, **values,
+                                   "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9)})
+                    if self.step == self.total_steps:
+                        break
+                    if self.step % self.config.train.checkpoint_every == 0:
+                        self.save("last.pt")
+            self.save("last.pt", "final.pt")
+        finally:
+            bar.close()
+            if self._tb is not None:
+                self._tb.close()
+        return self.out_dir
+
+    def _train_step(self, batch: Any, epoch: int) -> dict[str, float]:
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            losses = self.model(batch)
+        if "loss" not in losses:
+            raise KeyError(f"{type(self.method).__name__}.training_step must return a 'loss' key, got {sorted(losses)}")
+        values = self._reduce(losses)
+        if not math.isfinite(values["loss"]):
+            last = f"{self.last_path} (step {load_checkpoint(self.last_path)['step']})" if self.last_path.is_file() else "none written yet"
+            raise TrainingDiverged(
+                f"loss is {values['loss']} at step {self.step + 1} (epoch {epoch}); training stopped before applying it. "
+                f"Last good checkpoint: {last}. Lower optim.lr or check the data."
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return values
+
+
+def _config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...], prefix: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if f"{prefix}{key}" in ignore:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_differences(a, b, ignore, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
+    return diffs

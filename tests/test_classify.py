@@ -1,0 +1,155 @@
+"""Classification fine-tuning: protocols, feature cache, initialisations, filters, run folders."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medcl.data.manifest import read_manifest
+from medcl.evaluate.classify import (
+    FinetuneConfig, InitSpec, InputSource, build_classifier, compute_feature_cache, evaluate_fixed, finetune,
+    load_backbone, load_frame_data, make_folds, predict, split_backbone, train_fold,
+)
+from medcl.models.backbones import resnet18_backbone
+from tiny_frames import make_frame_sets
+
+TINY = dict(epochs=2, batch_size=16, image_size=32, folds=3, repeats=1, patience=5)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_frame_sets(tmp_path_factory.mktemp("frames"), n_patients=9, n_frames=4)
+
+
+@pytest.mark.parametrize("protocol", ["last_stage", "linear", "full"])
+def test_split_backbone_composes_to_the_backbone(protocol):
+    torch.manual_seed(0)
+    backbone = resnet18_backbone().eval()
+    x = torch.rand(3, 1, 48, 48)
+    prefix, suffix = split_backbone(backbone, protocol)
+    torch.testing.assert_close(suffix(prefix(x)), backbone(x))
+
+
+def _train_once(data, protocol, use_cache, epochs=2):
+    config = FinetuneConfig(protocol=protocol, **{**TINY, "epochs": epochs})
+    torch.manual_seed(1)
+    backbone = resnet18_backbone()
+    fold = make_folds(data, config)[0]
+    model = build_classifier(backbone, protocol, 3, head_seed=7)
+    cache = compute_feature_cache(split_backbone(copy.deepcopy(backbone), protocol)[0], data, 1,
+                                  torch.device("cpu")) if use_cache else None
+    source = InputSource(data, model, 1, False, cache, torch.device("cpu"))
+    fit, val, test = data.frames_of(fold.train), data.frames_of(fold.val), data.frames_of(fold.test)
+    train_fold(model, source, fit, val, config, seed=3, classes=data.classes)
+    plain = InputSource(data, model, 1, False, None, torch.device("cpu"))
+    return model, predict(model, plain, test, 32), backbone
+
+
+@pytest.mark.parametrize("protocol", ["last_stage", "linear"])
+def test_feature_cache_gives_the_same_model_as_the_plain_path(tiny_data, protocol):
+    data = load_frame_data(tiny_data, FinetuneConfig(**TINY))
+    _, probs_plain, _ = _train_once(data, protocol, use_cache=False)
+    _, probs_cached, _ = _train_once(data, protocol, use_cache=True)
+    np.testing.assert_allclose(probs_cached, probs_plain, atol=1e-5)
+
+
+def test_protocols_freeze_what_they_should(tiny_data):
+    data = load_frame_data(tiny_data, FinetuneConfig(**TINY))
+    model, _, backbone = _train_once(data, "last_stage", use_cache=False, epochs=1)
+    before, after = backbone.state_dict(), model.state_dict()
+    # prefix (stem + layer1..3) incl. BatchNorm running statistics unchanged, layer4 trained
+    assert torch.equal(after["prefix.0.weight"], before["conv1.weight"])
+    assert torch.equal(after["prefix.1.running_mean"], before["bn1.running_mean"])
+    assert torch.equal(after["prefix.6.1.bn2.running_var"], before["layer3.1.bn2.running_var"])
+    assert not torch.equal(after["suffix.0.1.conv2.weight"], before["layer4.1.conv2.weight"])
+    model, _, backbone = _train_once(data, "linear", use_cache=False, epochs=1)
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(model.state_dict()[f"prefix.{key}"], value), key
+
+
+def test_init_from_checkpoint_and_export(tmp_path):
+    from medcl.export import export_backbone
+    from medcl.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(5)
+    net = resnet18_backbone()
+    ckpt = {"format": "medcl-checkpoint-v1", "method": "uscl", "config": {}, "step": 3, "epoch": 1,
+            "model": {f"backbone.{k}": v for k, v in net.state_dict().items()},
+            "backbone": {"name": "resnet18", "kwargs": {"in_channels": 1}, "prefix": "backbone."}}
+    path = save_checkpoint(tmp_path / "run" / "checkpoints" / "final.pt", ckpt)
+    spec = InitSpec.parse(str(path))
+    assert spec.name == "run"
+    loaded, channels = load_backbone(spec)
+    assert channels == 1 and torch.equal(loaded.layer4[1].conv2.weight, net.layer4[1].conv2.weight)
+    exported = export_backbone(path, tmp_path / "export")
+    loaded, _ = load_backbone(InitSpec.parse(f"uscl={exported}"))
+    assert torch.equal(loaded.conv1.weight, net.conv1.weight)
+    bad = dict(ckpt, model={"backbone.nonsense": torch.zeros(1)})
+    save_checkpoint(tmp_path / "bad.pt", bad)
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_backbone(InitSpec.parse(str(tmp_path / "bad.pt")))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_backbone(InitSpec.parse(str(tmp_path / "missing.pt")))
+
+
+def test_filters_and_label_map(tmp_path):
+    root = make_frame_sets(tmp_path / "d", n_patients=6, classes=("covid", "pneumonia", "regular", "viral"),
+                           n_frames=2, unlabeled=1)
+    data = load_frame_data(root, FinetuneConfig(**TINY, classes=["covid", "pneumonia", "regular"]))
+    assert data.classes == ["covid", "pneumonia", "regular"] and len(data.video_ids) == 7  # viral + unlabeled dropped
+    mapped = load_frame_data(root, FinetuneConfig(**TINY, label_map={"viral": "pneumonia"}))
+    assert mapped.classes == ["covid", "pneumonia", "regular"] and len(mapped.video_ids) == 9
+    convex = load_frame_data(root, FinetuneConfig(**TINY, source_contains="/convex/"))
+    assert all(v.endswith("_0") for v in convex.video_ids)
+    meta = tmp_path / "meta.csv"
+    meta.write_text("file,probe\n" + "".join(f"{r.source},{r.source.split('/')[1]}\n" for r in read_manifest(root)))
+    linear = load_frame_data(root, FinetuneConfig(**TINY, metadata=str(meta), where={"probe": "linear"}))
+    assert linear.video_ids and all(v.endswith("_1") for v in linear.video_ids)
+    listed = tmp_path / "ids.txt"
+    listed.write_text("v000_0\nv001_1\n")
+    assert load_frame_data(root, FinetuneConfig(**TINY, videos_file=str(listed))).video_ids == ["v000_0", "v001_1"]
+    with pytest.raises(ValueError, match="no labeled videos"):
+        load_frame_data(root, FinetuneConfig(**TINY, classes=["nothing"]))
+    with pytest.raises(ValueError, match="probe"):
+        load_frame_data(root, FinetuneConfig(**TINY, where={"probe": "linear"}))
+
+
+def test_train_test_split_and_leakage_check(tmp_path):
+    train = make_frame_sets(tmp_path / "train", n_patients=9, n_frames=3, prefix="a")
+    test = make_frame_sets(tmp_path / "test", n_patients=3, n_frames=3, prefix="b", seed=1)
+    result = evaluate_fixed(train, test, ["scratch"], FinetuneConfig(**TINY, protocol="linear"), tmp_path / "out",
+                            log=lambda *_: None)
+    folds = result["runs"]["scratch"]["folds"]
+    assert len(folds) == 1 and folds[0]["n_test_videos"] == 4  # patients alternate 1 / 2 videos
+    rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
+    assert all(line.split(",")[2].startswith("b") for line in rows[1:])
+    with pytest.raises(ValueError, match="leaks"):
+        evaluate_fixed(train, train, ["scratch"], FinetuneConfig(**TINY), None, log=lambda *_: None)
+
+
+def test_cli_finetune_two_inits_same_folds_and_compare(tiny_data, tmp_path, capsys):
+    from medcl.cli import main
+
+    out = tmp_path / "cv"
+    args = [str(tiny_data), "--init", "scratch", "--init", "other=scratch", "--protocol", "linear",
+            "--epochs", "2", "--image-size", "32", "--folds", "3", "--repeats", "1", "--out", str(out)]
+    assert main(["finetune", *args]) == 0
+    for name in ("scratch", "other"):
+        run = out / name
+        for f in ("config.yaml", "results.json", "results.md", "predictions.csv", "curves.jsonl"):
+            assert (run / f).is_file(), f
+    a = json.loads((out / "scratch" / "results.json").read_text())
+    assert a["feature_cache"] and len(a["folds"]) == 3
+    assert set(a["summary"]["video"]) >= {"accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr"}
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["baseline"] == "scratch" and comparison["levels"]["video"]["pairs"]
+    assert main(["evaluate", "--compare", str(out / "scratch"), str(out / "other"), "--n-boot", "50"]) == 0
+    assert "Paired comparison" in capsys.readouterr().out
+    other_seed = tmp_path / "cv2"
+    assert main(["finetune", *args[:3], "--seed", "9", *args[5:-1], str(other_seed)]) == 0
+    with pytest.raises(ValueError, match="same folds"):
+        main(["evaluate", "--compare", str(out / "scratch"), str(other_seed), "--n-boot", "10"])

@@ -1,0 +1,114 @@
+from pathlib import Path
+
+import pytest
+from pydantic import Field
+
+from medcl.config import (
+    METHOD_CONFIGS,
+    Config,
+    ConfigError,
+    MethodConfig,
+    load_config,
+    parse_override,
+    register_method_config,
+)
+from uscl_fixtures import write_frame_sets
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    return write_frame_sets(tmp_path_factory.mktemp("cfg"), n_videos=3)
+
+
+def load(*overrides: str, preset: str = "uscl") -> Config:
+    return load_config(PROJECT / f"configs/{preset}.yaml", list(overrides))
+
+
+def test_presets_hold_the_paper_defaults(manifest):
+    cfg = load(f"data.manifest={manifest}")
+    assert cfg.method == "uscl"
+    assert (cfg.params.temperature, cfg.params.lambda_sup) == (0.5, 0.2)
+    assert (cfg.sampling.alpha, cfg.sampling.beta, cfg.sampling.pairing, cfg.sampling.mixup) == (0.5, 0.5, "video", "paper")
+    assert (cfg.data.size, cfg.optim.batch_size, cfg.optim.epochs) == (224, 32, 300)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("adam", 3e-4, 1e-4)
+    assert cfg.model.proj_dim == 256
+    simclr = load(f"data.manifest={manifest}", preset="simclr")
+    assert (simclr.method, simclr.sampling.pairing, simclr.sampling.mixup) == ("simclr", "frame", "none")
+    assert load(f"data.manifest={manifest}", preset="supervised").method == "supervised"
+
+
+def test_overrides_are_typed(manifest):
+    cfg = load(f"data.manifest={manifest}", "optim.lr=1e-3", "uscl.label_aware=true", "augment.crop_scale=[0.5, 0.9]",
+               "sampling.mixup=shared_lambda", "out=runs/a", "optim.max_steps=10")
+    assert cfg.optim.lr == 1e-3 and cfg.params.label_aware is True
+    assert cfg.augment.crop_scale == (0.5, 0.9) and cfg.sampling.mixup == "shared_lambda"
+    assert str(cfg.out) == "runs/a" and cfg.optim.max_steps == 10
+    assert parse_override("a.b=2.5e-4") == (["a", "b"], 2.5e-4)
+    # round trip through the YAML layout
+    assert Config.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("uscl.temperature=0", "uscl.temperature=0: Input should be greater than 0"),
+        ("uscl.temperature=-1", "uscl.temperature=-1"),
+        ("data.label_fraction=0", "data.label_fraction=0"),
+        ("data.label_fraction=1.5", "data.label_fraction=1.5"),
+        ("data.manifset=x", "data.manifset='x': unknown key"),
+        ("uscl.tau=0.5", "uscl.tau=0.5: unknown key"),
+        ("optim.name=sgd", "optim.name='sgd'"),
+        ("sampling.mixup=cutmix", "sampling.mixup='cutmix'"),
+        ("sampling.alpha=0", "sampling.alpha=0"),
+        ("augment.crop_scale=[0.9, 0.5]", "augment.crop_scale"),
+        ("optim.batch_size=1", "optim.batch_size=1"),
+        ("train.device=tpu", "train.device='tpu'"),
+        ("optimizer.lr=1", "optimizer={'lr': 1}: unknown key"),
+        ("simclr.temperature=0.5", "simclr: section of another method"),
+        ("method=byol", "method='byol': unknown method"),
+    ],
+)
+def test_invalid_values_name_key_and_value(manifest, override, message):
+    with pytest.raises(ConfigError) as info:
+        load(f"data.manifest={manifest}", override)
+    assert message in str(info.value)
+
+
+def test_missing_manifest_fails_before_training(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.manifest='.*nowhere': manifest not found"):
+        load(f"data.manifest={tmp_path / 'nowhere'}")
+    with pytest.raises(ConfigError, match="data.manifest is required"):
+        load()
+
+
+def test_several_problems_reported_together(manifest):
+    with pytest.raises(ConfigError) as info:
+        load(f"data.manifest={manifest}", "uscl.temperature=0", "optim.lr=-1")
+    assert "uscl.temperature=0" in str(info.value) and "optim.lr=-1" in str(info.value)
+
+
+def test_bad_files_and_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("method: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(None, ["method"])
+
+
+def test_a_new_method_section_registers_cleanly(manifest):
+    class ToyConfig(MethodConfig):
+        needs_manifest = False
+        weight: float = Field(0.01, gt=0)
+
+    register_method_config("toy", ToyConfig)
+    try:
+        cfg = load_config(None, ["method=toy", "toy.weight=0.5"])
+        assert cfg.params.weight == 0.5 and cfg.to_dict()["toy"] == {"weight": 0.5}
+        with pytest.raises(ConfigError, match="toy.weight=0"):
+            load_config(None, ["method=toy", "toy.weight=0"])
+    finally:
+        METHOD_CONFIGS.pop("toy")

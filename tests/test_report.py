@@ -1,0 +1,310 @@
+"""Report generation on tiny fake run folders written in the agreed formats (contracts.md)."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medcl.data.manifest import VideoRecord, write_manifest
+from medcl.models.backbones import resnet18_backbone
+
+CLASSES = ["covid", "pneumonia", "regular"]
+SIZE = 32
+
+
+def make_manifest(root: Path, videos_per_class: int = 2, frames_per_video: int = 4, size: int = SIZE) -> Path:
+    """Tiny ingest folder: class-dependent bright bars on noise (32 px by default)."""
+    rng = np.random.default_rng(0)
+    (root / "frames").mkdir(parents=True)
+    records = []
+    for c, label in enumerate(CLASSES):
+        for v in range(videos_per_class):
+            video_id = f"{label}_{v}"
+            frames = rng.integers(0, 60, size=(frames_per_video, size, size), dtype=np.uint8)
+            bar = size // 8
+            frames[:, bar * (1 + 2 * c) : bar * (2 + 2 * c), :] = 200 + v * 10
+            np.save(root / "frames" / f"{video_id}.npy", frames)
+            records.append(VideoRecord(video_id, f"{video_id}.mp4", label, f"p{c}{v}", 30.0, 40, frames_per_video, size, size))
+    write_manifest(root / "manifest.csv", records)
+    return root
+
+
+def make_checkpoint(path: Path, method: str = "uscl", seed: int = 0, config: dict | None = None) -> Path:
+    torch.manual_seed(seed)
+    backbone = resnet18_backbone()
+    model = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    model["classifier.weight"] = torch.zeros(3, 512)
+    ckpt = {
+        "format": "medcl-checkpoint-v1", "method": method, "config": config or {}, "model": model,
+        "optimizer": {}, "scheduler": {}, "step": 30, "epoch": 3, "rng": {},
+        "backbone": {"name": "resnet18", "kwargs": {"in_channels": 1, "spatial_dims": 2}, "prefix": "backbone."},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def make_pretrain_run(root: Path, manifest: Path, method: str = "uscl", seed: int = 0) -> Path:
+    config = {"method": method, "data": {"manifest": str(manifest), "size": SIZE, "in_channels": 1},
+              "optim": {"lr": 3e-4, "batch_size": 4}, "out": str(root)}
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    with (root / "metrics.jsonl").open("w") as handle:
+        for step in range(1, 41):
+            row = {"step": step, "epoch": step // 10, "lr": 3e-4 * min(1, step / 10), "loss": 5.0 / step + 0.1,
+                   "loss_con": 4.0 / step, "loss_sup": 1.0 / step}
+            handle.write(json.dumps(row) + "\n")
+        handle.write('{"step": 41, "lo')  # a torn last line, as a killed run leaves it
+    (root / "environment.json").write_text(json.dumps({"python": "3.11", "torch": "2.13", "monai": "1.6", "machine": "test"}))
+    make_checkpoint(root / "checkpoints" / "final.pt", method, seed, config)
+    return root
+
+
+def make_finetune_run(root: Path, manifest: Path, init_path: Path | None) -> Path:
+    """A classification run folder as medcl.evaluate.classify writes it."""
+    root.mkdir(parents=True)
+    init = {"name": "scratch", "path": None} if init_path is None else {"name": init_path.parent.parent.name, "path": str(init_path)}
+    (root / "config.yaml").write_text(yaml.safe_dump({"protocol": "last_stage", "image_size": SIZE, "seed": 0,
+                                                       "data": str(manifest), "init": init}))
+    rng = np.random.default_rng(1)
+    folds, rows = [], []
+    for fold in range(2):
+        cm = rng.integers(0, 5, size=(3, 3)) + np.eye(3, dtype=int) * 6
+        stats = {"accuracy": 0.8 + 0.05 * fold, "balanced_accuracy": 0.78, "macro_f1": 0.77, "roc_auc_ovr": 0.9,
+                 "per_class": {c: {"precision": 0.8, "recall": 0.7, "f1": 0.75, "support": 4, "roc_auc": 0.9} for c in CLASSES},
+                 "confusion_matrix": cm.tolist(), "n": int(cm.sum())}
+        folds.append({"repeat": 0, "fold": fold, "frame": stats, "video": stats})
+        for v, true in enumerate(CLASSES):
+            pred = CLASSES[(v + fold) % 3] if v == 2 else true
+            for frame in (0, 1, -1):
+                rows.append({"repeat": 0, "fold": fold, "video_id": f"{true}_{fold}", "patient_id": "p", "frame": frame,
+                             "true": true, "pred": pred, **{f"prob_{c}": 1.0 / 3 for c in CLASSES}})
+    summary = {level: {k: {"mean": 0.82, "std": 0.03, "n": 2} for k in ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr")}
+               for level in ("frame", "video")}
+    results = {"format": "medcl-classification-v1", "init": init, "protocol": "last_stage", "classes": CLASSES,
+               "folds": folds, "summary": summary}
+    (root / "results.json").write_text(json.dumps(results))
+    (root / "results.md").write_text("# Classification\n\n| level | accuracy |\n|---|---|\n| frame | 0.820 ± 0.030 |\n")
+    with (root / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with (root / "curves.jsonl").open("w") as handle:
+        for fold in range(2):
+            for epoch in range(5):
+                handle.write(json.dumps({"repeat": 0, "fold": fold, "epoch": epoch, "train_loss": 1.0 / (epoch + 1),
+                                         "val_metric": 0.5 + 0.05 * epoch}) + "\n")
+    return root
+
+
+def make_segment_run(root: Path) -> Path:
+    from medcl.report.runs import write_overlay
+
+    root.mkdir(parents=True)
+    (root / "config.yaml").write_text(yaml.safe_dump({"task": {"name": "toy"}, "segment": {"fractions": [1.0]}}))
+    yy, xx = np.mgrid[:48, :48]
+    for i in range(2):
+        gt = ((yy - 24) ** 2 + (xx - 20 - i * 4) ** 2 < 100).astype(np.uint8)
+        pred = ((yy - 22) ** 2 + (xx - 22 - i * 4) ** 2 < 90).astype(np.uint8)
+        write_overlay(root, f"case{i}", np.random.default_rng(i).random((48, 48)).astype(np.float32), pred, gt, ["lesion"])
+    summary = {"1": {"n_folds": 1, "test_mean_dice": {"mean": 0.71, "std": 0.0, "n": 1},
+                     "test_per_class": {"lesion": {"mean": 0.71, "std": 0.0, "n": 1}}}}
+    (root / "results.json").write_text(json.dumps({"format": "medcl-segment-results-v1", "summary": summary}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("report")
+    manifest = make_manifest(root / "ingested")
+    uscl = make_pretrain_run(root / "uscl", manifest, "uscl", seed=0)
+    simclr = make_pretrain_run(root / "simclr", manifest, "simclr", seed=1)
+    finetune = make_finetune_run(root / "ft_uscl", manifest, uscl / "checkpoints" / "final.pt")
+    scratch = make_finetune_run(root / "ft_scratch", manifest, None)
+    segment = make_segment_run(root / "segment")
+    return {"root": root, "manifest": manifest, "uscl": uscl, "simclr": simclr, "finetune": finetune,
+            "scratch": scratch, "segment": segment}
+
+
+class _Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images: list[str] = []
+        self.section_ids: list[str] = []
+        self.links: list[str] = []
+        self._section: str | None = None
+        self.notes: dict[str, list[str]] = {}
+        self._in_note = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs.get("src", ""))
+        if tag == "section":
+            self._section = attrs.get("id")
+            self.section_ids.append(self._section)
+        if tag in ("link", "script"):
+            self.links.append(tag)
+        if tag == "p" and "note" in (attrs.get("class") or ""):
+            self._in_note = True
+
+    def handle_endtag(self, tag):
+        if tag == "p":
+            self._in_note = False
+
+    def handle_data(self, data):
+        if self._in_note and self._section:
+            self.notes.setdefault(self._section, []).append(data)
+
+
+def _parse(path: Path) -> _Collector:
+    collector = _Collector()
+    collector.feed(path.read_text())
+    return collector
+
+
+def _decode_images(sources: list[str]):
+    from PIL import Image
+
+    images = []
+    for src in sources:
+        assert src.startswith("data:image/png;base64,"), src[:40]
+        image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        image.load()
+        images.append(image)
+    return images
+
+
+EVERY_SECTION = ["runs", "training", "results", "confusion", "gradcam", "embedding", "segmentation", "config"]
+
+
+def test_report_has_every_section_with_decodable_images(runs, tmp_path):
+    from medcl.report import write_report
+
+    out = write_report([runs["uscl"], runs["simclr"], runs["finetune"], runs["scratch"], runs["segment"]],
+                       tmp_path / "report.html", max_embedding_frames=24)
+    text = out.read_text()
+    parsed = _parse(out)
+    assert parsed.section_ids == EVERY_SECTION
+    for section in EVERY_SECTION[1:-1]:  # no content section was skipped or failed
+        joined = " ".join(parsed.notes.get(section, []))
+        assert "skipped" not in joined and "failed" not in joined, (section, joined)
+    assert "This section failed" not in text
+    assert parsed.links == []  # self-contained: no stylesheet or script links
+    images = _decode_images(parsed.images)
+    # curves (1 pretrain + 2 fine-tune), 2x2 confusion, 1 Grad-CAM grid, 4 embeddings, 2 overlays
+    assert len(images) == 3 + 4 + 1 + 4 + 2
+    assert all(min(im.size) > 50 for im in images)
+    for name in ("uscl", "simclr", "ft_uscl", "ft_scratch", "segment"):
+        assert name in text
+    assert "loss_con" in text or "loss con" in text  # the loss terms appear (figure alt / tables)
+    assert "0.820 ± 0.030" in text  # CV table from results.json
+    assert "random initialisation (scratch, seed 0)" in text
+    assert "torch" in text and "monai" in text  # environment
+
+
+def test_report_skips_absent_inputs_with_notes(tmp_path):
+    from medcl.report import write_report
+
+    run = tmp_path / "empty_run"
+    run.mkdir()
+    (run / "config.yaml").write_text("method: uscl\n")
+    out = write_report([run], tmp_path / "r.html")
+    parsed = _parse(out)
+    assert parsed.section_ids == EVERY_SECTION
+    for section in ("training", "results", "confusion", "gradcam", "embedding", "segmentation"):
+        assert parsed.notes.get(section), f"section {section} has no skip note"
+    assert parsed.images == []
+
+
+def test_report_survives_a_corrupt_checkpoint(runs, tmp_path):
+    from medcl.report import write_report
+
+    broken = tmp_path / "broken"
+    (broken / "checkpoints").mkdir(parents=True)
+    (broken / "checkpoints" / "final.pt").write_bytes(b"not a checkpoint")
+    (broken / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n')
+    out = write_report([runs["uscl"], broken], tmp_path / "r.html", manifest=runs["manifest"], max_embedding_frames=12)
+    text = out.read_text()
+    assert "broken: backbone could not be loaded" in text
+    assert "final.pt" in text
+    _decode_images(_parse(out).images)
+
+
+def test_report_cli(runs, tmp_path):
+    from medcl.cli import main
+
+    out = tmp_path / "cli.html"
+    assert main(["report", str(runs["finetune"]), "-o", str(out), "--max-frames", "12"]) == 0
+    assert out.is_file() and "ft_uscl" in out.read_text()
+    assert main(["report", str(tmp_path / "missing"), "-o", str(out)]) == 2
+
+
+def test_report_rejects_missing_manifest(runs, tmp_path):
+    from medcl.report import write_report
+
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        write_report([runs["uscl"]], tmp_path / "r.html", manifest=tmp_path / "nowhere")
+
+
+def test_confusion_from_predictions_counts(runs):
+    from medcl.report.html import confusion_from_run
+    from medcl.report.runs import load_run
+
+    levels = {level: (m, c) for level, m, c in confusion_from_run(load_run(runs["finetune"]))}
+    video, classes = levels["video"]
+    assert classes == CLASSES
+    # fold 0: all correct; fold 1: the "regular" video predicted as covid
+    assert video.tolist() == [[2, 0, 0], [0, 2, 0], [1, 0, 1]]
+    assert levels["frame"][0].sum() == 12
+
+
+def test_gradcam_map_shape_range_and_input_dependence():
+    from medcl.report.gradcam import PrototypeClassifier, backbone_features, gradcam_maps
+
+    torch.manual_seed(0)
+    backbone = resnet18_backbone()
+    images = torch.rand(4, 1, 64, 48)
+    features = backbone_features(backbone, images)
+    model = PrototypeClassifier.from_features(backbone, features, ["a", "a", "b", "b"], ["a", "b"])
+    maps = gradcam_maps(model, images, [0, 0, 1, 1])
+    assert maps.shape == (4, 64, 48)
+    assert maps.min() >= 0.0 and maps.max() <= 1.0 and maps.max() == pytest.approx(1.0)
+    shifted = gradcam_maps(model, torch.roll(images, shifts=20, dims=-1), [0, 0, 1, 1])
+    assert np.abs(maps - shifted).mean() > 0.05  # the map follows the input
+    again = gradcam_maps(model, images, [0, 0, 1, 1])
+    np.testing.assert_allclose(maps, again, atol=1e-6)  # and is deterministic
+
+
+def test_embed_2d_uses_tsne_or_pca():
+    from medcl.report.html import embed_2d
+
+    rng = np.random.default_rng(0)
+    coords, method = embed_2d(rng.normal(size=(10, 16)))
+    assert coords.shape == (10, 2) and method == "PCA"
+    coords, method = embed_2d(rng.normal(size=(40, 16)))
+    assert coords.shape == (40, 2) and method.startswith("t-SNE")
+    with pytest.raises(ValueError, match="at least 3"):
+        embed_2d(rng.normal(size=(2, 16)))
+
+
+def test_overlay_roundtrip_and_validation(tmp_path):
+    from medcl.report.runs import load_run, write_overlay
+
+    with pytest.raises(ValueError, match="one \\[H, W\\] shape"):
+        write_overlay(tmp_path, "bad", np.zeros((4, 4)), np.zeros((4, 5)), np.zeros((4, 4)))
+    write_overlay(tmp_path, "ok", np.zeros((4, 4)), np.ones((4, 4)), np.ones((4, 4)), ["liver"])
+    (tmp_path / "overlays" / "torn.npz").write_bytes(b"garbage")
+    run = load_run(tmp_path)
+    assert [o.name for o in run.overlays] == ["ok"]
+    assert run.overlays[0].class_names == ["background", "liver"]
+    assert any("torn.npz" in n for n in run.notes)

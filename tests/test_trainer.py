@@ -1,0 +1,172 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from medcl.config import load_config
+from medcl.methods.base import build_method
+from medcl.train.api import pretrain, seed_everything
+from medcl.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    backbone_state_dict,
+    build_pretrained_backbone,
+    load_checkpoint,
+)
+from medcl.train.trainer import Trainer, TrainingDiverged, lr_factor
+from uscl_fixtures import tiny_overrides, write_frame_sets
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+@pytest.fixture(scope="module")
+def frames_dir(tmp_path_factory) -> Path:
+    return write_frame_sets(tmp_path_factory.mktemp("frames"), n_videos=12)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    assert lr_factor(0, 4, 20) == pytest.approx(0.25)
+    assert lr_factor(3, 4, 20) == pytest.approx(1.0)
+    assert lr_factor(4, 4, 20) == pytest.approx(1.0)
+    assert lr_factor(12, 4, 20) == pytest.approx(0.5)
+    assert lr_factor(20, 4, 20, min_ratio=0.1) == pytest.approx(0.1)
+    values = [lr_factor(s, 4, 20) for s in range(4, 21)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_run_folder_and_checkpoint_format(frames_dir, tmp_path):
+    run = pretrain(PROJECT / "configs/uscl.yaml", tiny_overrides(frames_dir, tmp_path / "run"))
+    assert (run / "config.yaml").is_file()
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert {"step", "epoch", "lr", "loss", "loss_con", "loss_sup"} <= set(records[0])
+    ckpt = load_checkpoint(run / "checkpoints" / "final.pt")
+    assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["method"] == "uscl" and ckpt["step"] == 6
+    assert ckpt["backbone"] == {"name": "resnet18", "kwargs": {"in_channels": 1}, "prefix": "backbone."}
+    assert ckpt["metadata"]["classes"] == ["covid", "pneumonia", "regular"]
+    assert ckpt["config"]["uscl"]["temperature"] == 0.5
+    backbone = build_pretrained_backbone(ckpt)
+    state = backbone_state_dict(ckpt)
+    assert not any(k.startswith("backbone.") for k in state)
+    assert torch.equal(backbone.state_dict()["conv1.weight"], ckpt["model"]["backbone.conv1.weight"])
+    # the resolved config reloads to the same run
+    again = load_config(run / "config.yaml")
+    assert again.to_dict() == load_config(PROJECT / "configs/uscl.yaml", tiny_overrides(frames_dir, tmp_path / "run")).to_dict()
+    # an existing run is never overwritten silently
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain(PROJECT / "configs/uscl.yaml", tiny_overrides(frames_dir, tmp_path / "run"))
+
+
+def test_load_checkpoint_rejects_other_files(tmp_path):
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="other.pt"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_short_pretrain_lowers_the_loss(frames_dir, tmp_path):
+    run = pretrain(PROJECT / "configs/uscl.yaml", tiny_overrides(
+        frames_dir, tmp_path / "run", **{"optim.max_steps": 40, "optim.lr": 1e-3, "optim.batch_size": 6,
+                                         "optim.warmup_epochs": 0, "train.checkpoint_every": 100}))
+    values = [loss for _, loss in losses(run)]
+    first, last = sum(values[:8]) / 8, sum(values[-8:]) / 8
+    assert last < first - 0.1, (first, last)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_exactly(frames_dir, tmp_path):
+    overrides = tiny_overrides(frames_dir, tmp_path / "x", **{"optim.max_steps": 7, "train.checkpoint_every": 3})
+    full = pretrain(PROJECT / "configs/uscl.yaml", overrides, out=tmp_path / "full")
+
+    # The same run, killed while computing step 6: the last checkpoint is at step 3, metrics reach step 5.
+    cfg = load_config(PROJECT / "configs/uscl.yaml", overrides + [f"out={tmp_path / 'killed'}"])
+    seed_everything(cfg.train.seed)
+    method, loader = build_method(cfg)
+    seed_everything(cfg.train.seed)
+    trainer = Trainer(method, loader, cfg, cfg.out)
+    original = trainer._train_step
+
+    def dying_step(batch, epoch):
+        if trainer.step == 5:
+            raise _Interrupt
+        return original(batch, epoch)
+
+    trainer._train_step = dying_step
+    with pytest.raises(_Interrupt):
+        trainer.fit()
+    assert [s for s, _ in losses(cfg.out)] == [1, 2, 3, 4, 5]
+    assert load_checkpoint(cfg.out / "checkpoints" / "last.pt")["step"] == 3
+
+    resumed = pretrain(cfg, resume=True)
+    assert [s for s, _ in losses(resumed)] == list(range(1, 8))
+    expected, got = losses(full), losses(resumed)
+    for (s1, a), (s2, b) in zip(expected, got):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-6, abs=1e-7), (s1, a, b)
+    final_a = load_checkpoint(full / "checkpoints" / "final.pt")["model"]
+    final_b = load_checkpoint(resumed / "checkpoints" / "final.pt")["model"]
+    for key in final_a:
+        torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_a_changed_config(frames_dir, tmp_path):
+    overrides = tiny_overrides(frames_dir, tmp_path / "run", **{"optim.max_steps": 2})
+    pretrain(PROJECT / "configs/uscl.yaml", overrides)
+    with pytest.raises(ValueError, match="uscl.temperature"):
+        pretrain(PROJECT / "configs/uscl.yaml", overrides + ["uscl.temperature=0.1"], resume=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        pretrain(PROJECT / "configs/uscl.yaml", overrides, out=tmp_path / "empty", resume=True)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(frames_dir, tmp_path):
+    cfg = load_config(PROJECT / "configs/uscl.yaml", tiny_overrides(frames_dir, tmp_path / "run"))
+    seed_everything(0)
+    method, loader = build_method(cfg)
+    original = method.training_step
+    calls = {"n": 0}
+
+    def poisoned(batch):
+        calls["n"] += 1
+        out = original(batch)
+        if calls["n"] == 4:
+            out["loss"] = out["loss"] * math.nan
+        return out
+
+    method.training_step = poisoned
+    trainer = Trainer(method, loader, cfg, cfg.out)
+    with pytest.raises(TrainingDiverged, match=r"step 4.*last\.pt \(step 2\)"):
+        trainer.fit()
+    assert load_checkpoint(cfg.out / "checkpoints" / "last.pt")["step"] == 2
+    assert not (cfg.out / "checkpoints" / "final.pt").exists()
+
+
+@pytest.mark.parametrize("preset", ["simclr", "supervised"])
+def test_other_methods_train(frames_dir, tmp_path, preset):
+    run = pretrain(PROJECT / f"configs/{preset}.yaml", tiny_overrides(frames_dir, tmp_path / preset, **{"optim.max_steps": 2}))
+    ckpt = load_checkpoint(run / "checkpoints" / "final.pt")
+    assert ckpt["method"] == preset and ckpt["step"] == 2
+    assert all(math.isfinite(loss) for _, loss in losses(run))
+
+
+def test_cli_pretrain_and_resume(frames_dir, tmp_path, capsys):
+    from medcl.cli import main
+
+    args = ["pretrain", "--config", str(PROJECT / "configs/uscl.yaml"), *tiny_overrides(frames_dir, tmp_path / "run")]
+    args = [a for a in args if not a.startswith("optim.max_steps")] + ["optim.max_steps=2"]
+    assert main(args) == 0
+    assert main(args) == 2  # existing run without --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main([a if a != "optim.max_steps=2" else "optim.max_steps=4" for a in args] + ["--resume"]) == 0
+    assert [s for s, _ in losses(tmp_path / "run")] == [1, 2, 3, 4]
+    assert main(["pretrain", "--config", str(PROJECT / "configs/uscl.yaml"), "out=x", "uscl.tau=1"]) == 2
+    err = capsys.readouterr().err
+    assert "uscl.tau=1: unknown key" in err and "data.manifest" in err
