@@ -639,7 +639,8 @@ def results_markdown(results: dict) -> str:
 
 
 def finetune(data: str | Path, inits: list[str | InitSpec] = ("scratch",), config: FinetuneConfig | None = None,
-             out: str | Path | None = None, log=print, compare_metrics=("accuracy", "macro_f1")) -> dict:
+             out: str | Path | None = None, log=print, compare_metrics=("accuracy", "macro_f1"),
+             n_boot: int = 2000) -> dict:
     """Cross-validate every initialisation on the SAME folds; with several inits, also write a
     paired comparison (``comparison.json`` / ``.md``) against the first one.
 
@@ -652,12 +653,12 @@ def finetune(data: str | Path, inits: list[str | InitSpec] = ("scratch",), confi
     log(f"{len(frame_data.video_ids)} videos, {len(frame_data.frames)} frames, classes {frame_data.classes}; "
         f"{config.folds} folds x {config.repeats} repeats, protocol {config.protocol}")
     return _run_all(frame_data, folds, unique_inits(list(inits)), config, out, {"data": str(data)}, log,
-                    compare_metrics)
+                    compare_metrics, n_boot)
 
 
 def evaluate_fixed(train: str | Path, test: str | Path, inits: list[str | InitSpec] = ("scratch",),
                    config: FinetuneConfig | None = None, out: str | Path | None = None, log=print,
-                   allow_overlap: bool = False, compare_metrics=("accuracy", "macro_f1")) -> dict:
+                   allow_overlap: bool = False, compare_metrics=("accuracy", "macro_f1"), n_boot: int = 2000) -> dict:
     """Train on the ``train`` manifest (validation carved from it, by patient), test once on the
     separate ``test`` manifest. ``config.repeats`` repeats use different validation parts / seeds.
     Refuses videos or patients present in both (leakage) unless ``allow_overlap``."""
@@ -678,11 +679,11 @@ def evaluate_fixed(train: str | Path, test: str | Path, inits: list[str | InitSp
     log(f"train: {n_train} videos; test: {len(test_videos)} videos; classes {joined.classes}; "
         f"{config.repeats} repeat(s), protocol {config.protocol}")
     return _run_all(joined, folds, unique_inits(list(inits)), config, out,
-                    {"train": str(train), "test": str(test)}, log, compare_metrics)
+                    {"train": str(train), "test": str(test)}, log, compare_metrics, n_boot)
 
 
 def _run_all(data: FrameData, folds: list[Fold], inits: list[InitSpec], config: FinetuneConfig,
-             out: str | Path | None, extra: dict, log, compare_metrics) -> dict:
+             out: str | Path | None, extra: dict, log, compare_metrics, n_boot: int = 2000) -> dict:
     from medcl.evaluate.compare import compare_results, write_comparison
 
     runs: dict[str, RunResult] = {}
@@ -694,7 +695,7 @@ def _run_all(data: FrameData, folds: list[Fold], inits: list[InitSpec], config: 
     comparison = None
     if len(inits) > 1:
         comparison = compare_results([r.predictions for r in runs.values()], list(runs),
-                                     metrics=compare_metrics, seed=config.seed)
+                                     metrics=compare_metrics, n_boot=n_boot, seed=config.seed)
         if out is not None:
             write_comparison(comparison, Path(out))
     return {"runs": {k: v.results for k, v in runs.items()}, "comparison": comparison}

@@ -14,6 +14,7 @@ brightness does not flicker between frames).
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,15 @@ def read_dicom(path: str | Path, fps: float = 3.0, *, default_fps: float = 30.0)
     from pydicom.errors import InvalidDicomError
 
     path = Path(path)
+    with warnings.catch_warnings():  # damaged files make pydicom warn; the DecodeError says it
+        warnings.simplefilter("ignore")
+        return _read_dicom(path, fps, default_fps)
+
+
+def _read_dicom(path: Path, fps: float, default_fps: float) -> DecodedClip:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     try:
         ds = pydicom.dcmread(str(path))
     except InvalidDicomError as exc:

@@ -7,9 +7,10 @@ probe motion). The detector therefore
 1. computes, on a reduced copy of the kept frames, the per-pixel temporal standard deviation
    (motion) and mean (brightness);
 2. takes the largest connected region of moving pixels (after closing small gaps and filling
-   holes) -- text and rulers do not move, so they fall out;
+   holes), with any other moving region at least 15% of its size -- text and rulers do not
+   move, so they fall out;
 3. grows it by the bright regions that touch it (the static near field under the transducer,
-   a dark but lit corner of the fan), after an opening that removes thin text strokes;
+   a lit but still corner of the fan), after an opening that removes thin text strokes;
 4. falls back to the largest bright region (after the same opening) when there is too little
    motion to trust: one-frame clips, stills, frozen loops.
 
@@ -47,12 +48,15 @@ class CropBox:
         return self.y1 - self.y0
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray | None:
+def _largest_component(mask: np.ndarray, keep_fraction: float = 1.0) -> np.ndarray | None:
+    """The largest connected region, plus any other at least ``keep_fraction`` of its size (a fan
+    split in two by a dark band stays whole; a small moving UI element does not join)."""
     labels, n = ndimage.label(mask)
     if n == 0:
         return None
     sizes = np.bincount(labels.ravel())[1:]
-    return labels == (int(np.argmax(sizes)) + 1)
+    keep = np.flatnonzero(sizes >= keep_fraction * sizes.max()) + 1
+    return np.isin(labels, keep)
 
 
 def detect_sector(frames: Sequence[np.ndarray] | np.ndarray, *, margin: int = 2) -> CropBox:
@@ -63,7 +67,7 @@ def detect_sector(frames: Sequence[np.ndarray] | np.ndarray, *, margin: int = 2)
     step = max(1, int(np.ceil(max(height, width) / _ANALYSIS_SIDE)))
     pick = np.linspace(0, len(frames) - 1, min(len(frames), _MAX_ANALYSIS_FRAMES)).round().astype(int)
     small = np.stack([np.asarray(frames[i])[::step, ::step] for i in np.unique(pick)]).astype(np.float32)
-    mean = ndimage.uniform_filter(small.mean(0), 3)
+    mean = small.mean(0)  # not smoothed: blurring would fatten text strokes past the opening
     # thresholds relative to the background's own level (exactly 0 for clean exports, a few grey
     # levels for analogue captures), not to the image's brightness: dark moving parts of the fan
     # (acoustic shadows, effusions) must stay inside the box
@@ -75,11 +79,14 @@ def detect_sector(frames: Sequence[np.ndarray] | np.ndarray, *, margin: int = 2)
     region: np.ndarray | None = None
     if small.shape[0] >= 3:
         motion = ndimage.uniform_filter(small.std(0), 3)
-        moving = motion > max(1.5, 3.0 * float(np.percentile(motion, 5)))
+        # moving: above the background's noise, and above what compression noise does to bright
+        # static text (a few grey levels on 200) -- speckle varies by 10-50% of its brightness, slow
+        # scans and lit near fields still by a few percent
+        moving = (motion > max(1.5, 3.0 * float(np.percentile(motion, 5)))) & (motion > 0.015 * mean)
         moving = ndimage.binary_opening(moving, structure=np.ones((3, 3), bool))
         moving = ndimage.binary_closing(moving, structure=np.ones((5, 5), bool), iterations=2)
         moving = ndimage.binary_fill_holes(moving)
-        core = _largest_component(moving)
+        core = _largest_component(moving, keep_fraction=0.15)
         if core is not None and core.mean() > 0.03:
             labels, _ = ndimage.label(opened | core)
             touching = np.unique(labels[core])

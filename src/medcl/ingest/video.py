@@ -152,6 +152,7 @@ def decode_video(path: str | Path, fps: float = 3.0, *, threads: int = 0, keep_p
 
     path = Path(path)
     av.logging.set_level(av.logging.ERROR)
+    av.logging.set_skip_repeated(False)  # the same message for the next damaged file must not be swallowed
     with av.logging.Capture(local=False) as logs:
         try:
             container = av.open(str(path), metadata_errors="ignore")

@@ -31,7 +31,7 @@ from medcl.losses.pixel_contrast import PixelContrastLoss
 from medcl.losses.reconstruction import ReconstructionLoss
 from medcl.methods.base import Method
 from medcl.models.unetr import Projector, UNETREncoder, build_decoder, encoder_kwargs
-from medcl.sampling.pixels import gather_tokens, labels_to_grid, sample_pixels
+from medcl.sampling.pixels import PixelSample, gather_tokens, labels_to_grid, sample_pixels
 
 
 class MixCL(Method):
@@ -58,40 +58,45 @@ class MixCL(Method):
         self.label_pooling, self.cross_view_only = label_pooling, cross_view_only
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        v1, v1b, v2 = batch["view1"], batch["view1b"], batch["view2"]
-        n = v1.shape[0]
-        needs_p2 = self.use_label or self.use_recon
-        x = torch.cat([v1, v1b, v2] if needs_p2 else [v1, v1b])
-        last, hidden = self.backbone(x)  # one pass for all views
-        z = [proj(self.backbone.to_grid(h)) for proj, h in zip(self.projectors, hidden)]
-
-        l_id = self.identity_loss([zl[:n] for zl in z], [zl[n:2 * n] for zl in z])
+        n = batch["view1"].shape[0]
+        x, last, hidden, z = self.encode(batch)
+        l_id = self.identity_loss([zl[:n] for zl in z], [zl[n:2 * n] for zl in z])  # V1 vs V1', all layers
         total, out = l_id, {"loss_id": l_id.detach()}
         if self.use_label:
-            l_label = self.label_consistency(z[self.label_layer][:n], z[self.label_layer][2 * n:], batch)
+            z1, z2 = z[self.label_layer][:n], z[self.label_layer][2 * n:]  # layer 2: P1 and P2
+            l_label = self.label_consistency(z1, z2, batch, self.sample(batch, tuple(z1.shape[2:])))
             total = total + self.alpha * l_label
             out["loss_label"] = l_label.detach()
         if self.use_recon:
-            restored = self.decoder(x, last, hidden)
-            l_recon = self.recon_loss(restored, torch.cat([batch["patch1"], batch["patch1"], batch["patch2"]]))
+            l_recon = self.recon_loss(self.decoder(x, last, hidden), self.recon_target(batch))
             total = total + self.beta * l_recon
             out["loss_recon"] = l_recon.detach()
         return {"loss": total, **out}
 
-    def label_consistency(self, z1: Tensor, z2: Tensor, batch: dict[str, Any]) -> Tensor:
-        """L_label on boundary-weighted pixel samples of Z1 (from P1) and Z2 (from P2)."""
-        grid = tuple(z1.shape[2:])
-        feats, labels, annotated, view = [], [], [], []
-        for k, zk in ((1, z1), (2, z2)):
-            with torch.no_grad():
-                grid_labels = labels_to_grid(batch[f"label{k}"], grid, self.label_pooling)
-                picked = sample_pixels(grid_labels, self.pixel_budget, self.mu, self.eps)
-            feats.append(gather_tokens(zk, picked))
-            labels.append(picked.label)
-            annotated.append(batch[f"annotated{k}"][picked.sample])
-            view.append(torch.full_like(picked.label, k))
-        pairs_across = torch.cat(view) if self.cross_view_only else None  # only Z1-Z2 pairs
-        return self.label_loss(torch.cat(feats), torch.cat(labels), torch.cat(annotated), pairs_across)
+    def encode(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+        """One encoder pass over V1, V1' (and V2): input, last layer, hidden states, projections."""
+        views = [batch["view1"], batch["view1b"]] + ([batch["view2"]] if self.use_label or self.use_recon else [])
+        x = torch.cat(views)
+        last, hidden = self.backbone(x)
+        z = [proj(self.backbone.to_grid(h)) for proj, h in zip(self.projectors, hidden)]
+        return x, last, hidden, z
+
+    def recon_target(self, batch: dict[str, Any]) -> Tensor:
+        return torch.cat([batch["patch1"], batch["patch1"], batch["patch2"]])
+
+    @torch.no_grad()
+    def sample(self, batch: dict[str, Any], grid: tuple[int, ...]) -> list[PixelSample]:
+        """Boundary-weighted pixel samples of S1 and S2 on the token grid (r per class and patch)."""
+        return [sample_pixels(labels_to_grid(batch[key], grid, self.label_pooling), self.pixel_budget, self.mu, self.eps)
+                for key in ("label1", "label2")]
+
+    def label_consistency(self, z1: Tensor, z2: Tensor, batch: dict[str, Any], samples: list[PixelSample]) -> Tensor:
+        """L_label between the sampled pixels of Z1 (from P1) and Z2 (from P2)."""
+        feats = torch.cat([gather_tokens(z, s) for z, s in zip((z1, z2), samples)])
+        labels = torch.cat([s.label for s in samples])
+        annotated = torch.cat([batch[f"annotated{k}"][s.sample] for k, s in zip((1, 2), samples)])
+        view = torch.cat([torch.full_like(s.label, k) for k, s in enumerate(samples)])
+        return self.label_loss(feats, labels, annotated, view if self.cross_view_only else None)
 
 
 class DatasetEntry(Section):

@@ -85,6 +85,12 @@ class UNETREncoder(ViT):
         self.patch_size = patch_size
         self.img_size = tuple(size)
         self.grid_size = tuple(s // patch_size for s in size)
+        # MONAI's TransformerBlock always creates norm_cross_attn, unused without cross-attention:
+        # frozen so that DistributedDataParallel does not wait for its gradients (the keys stay,
+        # so state dicts still match MONAI's ViT/UNETR)
+        for block in self.blocks:
+            if not getattr(block, "with_cross_attention", False) and hasattr(block, "norm_cross_attn"):
+                block.norm_cross_attn.requires_grad_(False)
 
     def forward(self, x: torch.Tensor):  # noqa: D102 (ViT.forward, with a clear shape error)
         if tuple(x.shape[2:]) != self.img_size:

@@ -68,14 +68,15 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def img_tag(png: bytes, alt: str, max_width: int | None = None) -> str:
-    style = f' style="max-width:min(100%, {max_width}px)"' if max_width else ""
+def img_tag(png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{esc(alt)}"{style}>'
+    return f'<img src="data:image/png;base64,{data}" alt="{esc(alt)}">'
 
 
 def figure(png: bytes, caption: str, max_width: int | None = None) -> str:
-    return f'<figure>{img_tag(png, caption, max_width)}<figcaption>{esc(caption)}</figcaption></figure>'
+    # the width cap sits on the figure: a flex item sizes itself from it, not from the image
+    style = f' style="max-width:{max_width}px"' if max_width else ""
+    return f'<figure{style}>{img_tag(png, caption)}<figcaption>{esc(caption)}</figcaption></figure>'
 
 
 def note(text: str) -> str:
@@ -256,7 +257,7 @@ def section_training(ctx: ReportContext) -> Section:
     if finetune:
         parts.append("<h3>Fine-tuning: per fold</h3><div class='grid'>")
         for run in finetune:
-            parts.append(figure(plots.finetune_curves(run.curves, run.name), f"{run.name}: one line per repeat/fold", 620))
+            parts.append(figure(plots.finetune_curves(run.curves, run.name), f"{run.name}: one line per repeat/fold", 580))
         parts.append("</div>")
     if not parts:
         section.note = "No metrics.jsonl or curves.jsonl in any run."
@@ -498,7 +499,7 @@ def section_embedding(ctx: ReportContext) -> Section:
         _, features = _inputs_and_features(ctx, run, network, frames)
         coords, method = embed_2d(features, ctx.seed)
         parts.append(figure(plots.embedding_plot(coords, frames.labels, frames.videos, f"{run.name}: {method}"),
-                            f"{run.name}: {len(frames.frames)} frames of {len(set(frames.videos))} videos; {source}", 640))
+                            f"{run.name}: {len(frames.frames)} frames of {len(set(frames.videos))} videos; {source}", 580))
     body = note("Frames of one video cluster together for any backbone; what matters is whether classes separate "
                 "across videos.") + f"<div class='grid'>{''.join(parts)}</div>"
     if skipped:

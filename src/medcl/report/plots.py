@@ -81,7 +81,7 @@ def finetune_curves(rows: list[dict], title: str) -> bytes:
     keys = [k for k in ("train_loss", "val_metric") if any(isinstance(r.get(k), (int, float)) for r in rows)]
     if not keys:
         keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k not in ("repeat", "fold", "epoch")})[:2]
-    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4.6 * max(1, len(keys)), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.6 * max(1, len(keys)), 2.9), squeeze=False)
     cmap = plt.get_cmap("tab10") if len(groups) <= 10 else plt.get_cmap("viridis")
     for ax, key in zip(axes.flat, keys):
         for i, ((repeat, fold), group) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
@@ -133,7 +133,7 @@ def _category_colours(values: Sequence[str], cmap_name: str) -> tuple[list, list
 
 def embedding_plot(coords: np.ndarray, labels: Sequence[str], videos: Sequence[str], title: str) -> bytes:
     """Two panels: points coloured by class (legend) and by video (one colour per video)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
     colours, classes = _category_colours([l or "(unlabeled)" for l in labels], "tab10")
     for cls in classes:
         idx = [i for i, l in enumerate(labels) if (l or "(unlabeled)") == cls]

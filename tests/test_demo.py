@@ -1,0 +1,31 @@
+"""End-to-end: `medcl demo --tiny` runs every stage on synthetic data and writes its outputs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from medcl.cli import main
+
+
+@pytest.mark.slow
+def test_tiny_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--tiny", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "Paired comparison" in printed and "uscl vs scratch" in printed
+    assert (out / "ingested" / "manifest.csv").is_file()
+    assert (out / "pretrain" / "uscl" / "checkpoints" / "final.pt").is_file()
+    for name in ("scratch", "uscl"):
+        results = json.loads((out / "finetune" / name / "results.json").read_text())
+        assert len(results["folds"]) == 3 and results["init"]["name"] == name
+    comparison = json.loads((out / "finetune" / "comparison.json").read_text())
+    assert comparison["runs"] == ["scratch", "uscl"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["timings"]) >= {"synthesize_s", "ingest_s", "pretrain_s", "finetune_s", "total_s"}
+    if importlib.util.find_spec("medcl.report.html") is not None:
+        assert (out / "report.html").is_file()
+    # a second run into the same folder refuses instead of mixing outputs
+    assert main(["demo", "--tiny", "--out", str(out), "--no-report"]) == 2

@@ -1,0 +1,204 @@
+"""Backbone export (safetensors + model card) and loading: round trip, plain MONAI, bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medcl.data.manifest import VideoRecord, write_manifest
+from medcl.export import BACKBONE_FILE, BackboneLoadError, CheckpointError, export_backbone, load_backbone, save_backbone
+from medcl.models.backbones import resnet18_backbone
+
+
+def _manifest(root: Path) -> Path:
+    (root / "frames").mkdir(parents=True)
+    records = []
+    for i, label in enumerate(["covid", "covid", "regular", ""]):
+        np.save(root / "frames" / f"v{i}.npy", np.zeros((3 + i, 16, 16), dtype=np.uint8))
+        records.append(VideoRecord(f"v{i}", f"v{i}.mp4", label, f"p{i // 2}", 30.0, 30, 3 + i, 16, 16))
+    write_manifest(root / "manifest.csv", records)
+    return root
+
+
+def _run(root: Path, in_channels: int = 1, results: bool = True) -> Path:
+    """A pretraining run folder with a contract checkpoint around a real resnet18_backbone."""
+    manifest = _manifest(root / "ingested")
+    run = root / "run"
+    config = {"method": "uscl", "data": {"manifest": str(manifest), "size": 64}, "optim": {"lr": 3e-4}}
+    torch.manual_seed(0)
+    backbone = resnet18_backbone(in_channels=in_channels)
+    with torch.no_grad():  # non-default BatchNorm statistics, so a lost buffer would show
+        for module in backbone.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    model = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    model["projector.0.weight"] = torch.randn(8, 512)
+    ckpt = {"format": "medcl-checkpoint-v1", "method": "uscl", "config": config, "model": model, "optimizer": {},
+            "scheduler": {}, "step": 7, "epoch": 1, "rng": {},
+            "backbone": {"name": "resnet18", "kwargs": {"in_channels": in_channels, "spatial_dims": 2}, "prefix": "backbone."}}
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, run / "checkpoints" / "final.pt")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    if results:
+        (run / "results.json").write_text(json.dumps({"summary": {"video": {"accuracy": {"mean": 0.9, "std": 0.02, "n": 5}}}}))
+    return run
+
+
+@pytest.fixture()
+def exported(tmp_path) -> tuple[Path, Path]:
+    run = _run(tmp_path)
+    out = tmp_path / "export"
+    export_backbone(run / "checkpoints" / "final.pt", out)
+    return run, out
+
+
+def test_round_trip_gives_identical_outputs(exported):
+    from medcl.train.checkpoint import build_pretrained_backbone, load_checkpoint
+
+    run, out = exported
+    reference = build_pretrained_backbone(load_checkpoint(run / "checkpoints" / "final.pt")).eval()
+    x = torch.rand(3, 1, 64, 64)
+    for source in (out, out / BACKBONE_FILE, str(out)):
+        loaded = load_backbone(source)
+        assert not loaded.training
+        with torch.no_grad():
+            assert torch.equal(loaded(x), reference(x))
+    for key, value in reference.state_dict().items():
+        assert torch.equal(load_backbone(out).state_dict()[key], value), key
+
+
+def test_keys_match_plain_monai_resnet_exactly(exported):
+    from monai.networks.nets import ResNet
+    from safetensors.torch import load_file
+
+    _, out = exported
+    plain = ResNet(block="basic", layers=[2, 2, 2, 2], block_inplanes=[64, 128, 256, 512], spatial_dims=2,
+                   n_input_channels=1, conv1_t_stride=2, feed_forward=False)
+    state = load_file(str(out / BACKBONE_FILE))
+    assert set(state) == set(plain.state_dict())
+    plain.load_state_dict(state, strict=True)
+    x = torch.rand(2, 1, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(x), load_backbone(out)(x))
+
+
+def test_metadata_and_model_card(exported):
+    from safetensors import safe_open
+
+    run, out = exported
+    with safe_open(str(out / BACKBONE_FILE), framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["architecture"] == "resnet18"
+    assert json.loads(metadata["kwargs"]) == {"in_channels": 1, "spatial_dims": 2}
+    assert metadata["method"] == "uscl" and len(metadata["sha256"]) == 64
+    card = json.loads((out / "model_card.json").read_text())
+    assert card["method"] == "uscl" and card["architecture"] == "resnet18"
+    assert card["data"]["videos"] == 4 and card["data"]["frames"] == 3 + 4 + 5 + 6
+    assert card["data"]["classes"]["covid"] == {"videos": 2, "frames": 7}
+    assert card["data"]["classes"]["(unlabeled)"]["videos"] == 1
+    assert card["evaluation"]["summary"]["video"]["accuracy"]["mean"] == 0.9
+    assert card["config"]["optim"]["lr"] == 3e-4
+    assert card["n_parameters"] == sum(p.numel() for p in resnet18_backbone().parameters())
+    markdown = (out / "MODEL_CARD.md").read_text()
+    assert "conv1_t_stride=2, feed_forward=False" in markdown and "load_state_dict" in markdown
+    assert "| covid | 2 | 7 |" in markdown and "0.9" in markdown
+
+
+def test_export_from_run_folder_and_without_results(tmp_path):
+    run = _run(tmp_path, in_channels=3, results=False)
+    file = export_backbone(run, tmp_path / "out")  # a run folder: picks checkpoints/final.pt
+    card = json.loads((tmp_path / "out" / "model_card.json").read_text())
+    assert card["evaluation"] is None
+    assert "No results.json" in (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    net = load_backbone(file)
+    assert net(torch.rand(1, 3, 32, 32)).shape == (1, 512)
+
+
+def test_corrupted_bytes_fail_naming_the_file(exported):
+    _, out = exported
+    file = out / BACKBONE_FILE
+    data = bytearray(file.read_bytes())
+    data[-1000] ^= 0xFF  # one flipped byte inside the tensor data
+    file.write_bytes(bytes(data))
+    with pytest.raises(BackboneLoadError, match="sha256") as info:
+        load_backbone(out)
+    assert str(file) in str(info.value)
+    file.write_bytes(bytes(data[: len(data) // 2]))  # truncated
+    with pytest.raises(BackboneLoadError, match="not a readable safetensors file") as info:
+        load_backbone(file)
+    assert str(file) in str(info.value)
+    file.write_bytes(b"\x00" * 64)  # header garbage
+    with pytest.raises(BackboneLoadError, match="not a readable safetensors file"):
+        load_backbone(file)
+
+
+def test_wrong_architecture_fails_with_the_problem(tmp_path):
+    three_channel = resnet18_backbone(in_channels=3).state_dict()
+    bad_shapes = save_backbone(three_channel, tmp_path / "shapes.safetensors", "resnet18", {"in_channels": 1})
+    with pytest.raises(BackboneLoadError, match=r"shape mismatch.*conv1\.weight") as info:
+        load_backbone(bad_shapes)
+    assert "shapes.safetensors" in str(info.value)
+
+    state = resnet18_backbone().state_dict()
+    del state["layer4.1.conv2.weight"]
+    state["head.weight"] = torch.zeros(2)
+    missing = save_backbone(state, tmp_path / "missing.safetensors", "resnet18", {})
+    with pytest.raises(BackboneLoadError, match=r"missing key.*layer4\.1\.conv2\.weight.*unexpected key.*head\.weight"):
+        load_backbone(missing)
+
+    unknown = save_backbone(resnet18_backbone().state_dict(), tmp_path / "unknown.safetensors", "vgg99", {})
+    with pytest.raises(BackboneLoadError, match=r"unknown\.safetensors.*unknown backbone architecture 'vgg99'"):
+        load_backbone(unknown)
+
+    bad_kwargs = save_backbone(resnet18_backbone().state_dict(), tmp_path / "kwargs.safetensors", "resnet18", {"depth": 50})
+    with pytest.raises(BackboneLoadError, match=r"kwargs\.safetensors.*cannot build 'resnet18'"):
+        load_backbone(bad_kwargs)
+
+
+def test_plain_safetensors_without_medcl_metadata_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in resnet18_backbone().state_dict().items()}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(BackboneLoadError, match=r"plain\.safetensors.*'format'"):
+        load_backbone(tmp_path / "plain.safetensors")
+    with pytest.raises(BackboneLoadError, match="backbone file not found"):
+        load_backbone(tmp_path / "nothing_here")
+
+
+def test_registry_plugs_in_a_builder(tmp_path):
+    from medcl.export import register_backbone_builder
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, width: int = 4):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, width, 3)
+
+        def forward(self, x):
+            return self.conv(x).mean(dim=(2, 3))
+
+    register_backbone_builder("tiny_test_net", Tiny)
+    net = Tiny(width=6)
+    file = save_backbone(net, tmp_path / "tiny.safetensors", "tiny_test_net", {"width": 6})
+    loaded = load_backbone(file)
+    x = torch.rand(1, 1, 8, 8)
+    assert torch.equal(loaded(x), net(x))
+
+
+def test_lazy_top_level_loader_and_cli(exported, tmp_path):
+    import medcl
+    from medcl.cli import main
+
+    run, out = exported
+    assert medcl.load_backbone is load_backbone
+    assert main(["export", str(run / "checkpoints" / "final.pt"), "-o", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / BACKBONE_FILE).is_file() and (tmp_path / "cli" / "MODEL_CARD.md").is_file()
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    assert main(["export", str(tmp_path / "bad.pt"), "-o", str(tmp_path / "cli2")]) == 2
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        export_backbone(tmp_path, tmp_path / "cli3")

@@ -1,0 +1,88 @@
+"""`medcl pretrain` with method mixcl: presets validate, tiny runs train from the CLI, the exported
+encoder loads into a segmentation UNETR."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from medcl.cli import main
+from medcl.config import ConfigError, load_config
+from medcl.models.unetr import unetr_from_checkpoint
+from medcl.train.checkpoint import backbone_state_dict, load_checkpoint
+from conftest import PROJECT_ROOT, shared_subdir
+
+TINY = ["mixcl.hidden_size=32", "mixcl.mlp_dim=64", "mixcl.num_layers=2", "mixcl.num_heads=2",
+        "mixcl.feature_size=4", "mixcl.pixel_budget=4", "train.progress=false", "train.tensorboard=false"]
+
+
+def test_presets_validate_with_paper_defaults():
+    for name, dims in [("mixcl-2d.yaml", 2), ("mixcl-3d.yaml", 3)]:
+        cfg = load_config(PROJECT_ROOT / "configs" / name)
+        p = cfg.params
+        assert cfg.method == "mixcl" and p.spatial_dims == dims
+        assert (cfg.optim.name, cfg.optim.lr) == ("adamw", 1e-4)
+        assert (p.alpha, p.beta, p.temperature, p.mu, p.eps, p.label_layer) == (0.01, 0.01, 0.1, 8.0, 0.05, 2)
+    with pytest.raises(ConfigError, match="mixcl.temperature"):
+        load_config(PROJECT_ROOT / "configs" / "mixcl-2d.yaml", ["mixcl.temperature=0"])
+    with pytest.raises(ConfigError, match="mixcl.not_a_key"):
+        load_config(PROJECT_ROOT / "configs" / "mixcl-2d.yaml", ["mixcl.not_a_key=1"])
+
+
+def _synthetic_folder(root: Path, name: str, value: int, n: int = 4) -> Path:
+    rng = np.random.default_rng(value)
+    for sub in ("images", "masks"):
+        (root / name / sub).mkdir(parents=True)
+    for i in range(n):
+        img = (rng.random((40, 36)) * 60 + value).astype(np.uint8)
+        mask = np.zeros((40, 36), np.uint8)
+        mask[5 + i:20 + i, 8:24] = 255
+        Image.fromarray(img).save(root / name / "images" / f"{i}.png")
+        Image.fromarray(mask).save(root / name / "masks" / f"{i}.png")
+    return root / name
+
+
+def test_cli_pretrain_2d_synthetic_pool(tmp_path):
+    a = _synthetic_folder(tmp_path, "a", 20)
+    b = _synthetic_folder(tmp_path, "b", 150)
+    config = tmp_path / "mixcl.yaml"
+    preset = yaml.safe_load((PROJECT_ROOT / "configs" / "mixcl-2d.yaml").read_text())
+    preset["mixcl"]["datasets"] = [{"adapter": "image_folder", "root": str(a), "name": "a", "classes": {1: "lesion"}},
+                                   {"adapter": "image_folder", "root": str(b), "name": "b", "classes": {1: "organ"}}]
+    config.write_text(yaml.safe_dump(preset))
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--config", str(config), f"out={out}", "mixcl.patch_size=32", "mixcl.vit_patch=8",
+               "optim.batch_size=2", "optim.max_steps=2", *TINY])
+    assert rc == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r[k]) for r in records for k in ("loss", "loss_id", "loss_label", "loss_recon"))
+    ckpt = load_checkpoint(out / "checkpoints" / "final.pt")
+    assert ckpt["backbone"]["name"] == "unetr_encoder" and ckpt["method"] == "mixcl"
+    assert ckpt["metadata"]["class_names"] == ["background", "a/lesion", "b/organ"]
+    weights = backbone_state_dict(ckpt)
+    seg = unetr_from_checkpoint(ckpt, out_channels=3)
+    torch.testing.assert_close(seg.encoder.state_dict()["blocks.1.attn.qkv.weight"], weights["blocks.1.attn.qkv.weight"])
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,extra", [
+    ("mixcl-2d.yaml", ["mixcl.patch_size=64", "optim.batch_size=2"]),
+    ("mixcl-3d.yaml", ["mixcl.patch_size=32", "mixcl.elastic_prob=0", "mixcl.cache=2", "optim.batch_size=2"]),
+])
+def test_cli_pretrain_real_pools_one_step(tmp_path, monkeypatch, preset, extra):
+    shared = shared_subdir("us-seg" if "2d" in preset else "openkbp")
+    monkeypatch.chdir(PROJECT_ROOT)  # preset roots are relative to the project root
+    assert shared.is_dir()
+    out = tmp_path / "run"
+    rc = main(["pretrain", "--config", f"configs/{preset}", f"out={out}", "optim.max_steps=1", *TINY, *extra])
+    assert rc == 0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 1 and np.isfinite(record["loss"])
