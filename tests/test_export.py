@@ -69,8 +69,9 @@ def test_round_trip_gives_identical_outputs(exported):
         assert not loaded.training
         with torch.no_grad():
             assert torch.equal(loaded(x), reference(x))
+    loaded_state = load_backbone(out).state_dict()
     for key, value in reference.state_dict().items():
-        assert torch.equal(load_backbone(out).state_dict()[key], value), key
+        assert torch.equal(loaded_state[key], value), key
 
 
 def test_keys_match_plain_monai_resnet_exactly(exported):
@@ -202,3 +203,32 @@ def test_lazy_top_level_loader_and_cli(exported, tmp_path):
     assert main(["export", str(tmp_path / "bad.pt"), "-o", str(tmp_path / "cli2")]) == 2
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         export_backbone(tmp_path, tmp_path / "cli3")
+
+
+def test_unetr_encoder_export_loads_in_medcl_and_plain_monai_vit(tmp_path):
+    from monai.networks.nets import ViT
+
+    from medcl.models.unetr import build_encoder, encoder_kwargs
+
+    torch.manual_seed(0)
+    encoder = build_encoder(spatial_dims=2, img_size=32, in_channels=1, patch_size=8, hidden_size=32, mlp_dim=64,
+                            num_layers=2, num_heads=2)
+    kwargs = encoder_kwargs(encoder)
+    model = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    ckpt = {"format": "medcl-checkpoint-v1", "method": "mixcl", "config": {"method": "mixcl"}, "model": model,
+            "optimizer": {}, "scheduler": {}, "step": 3, "epoch": 0, "rng": {},
+            "backbone": {"name": "unetr_encoder", "kwargs": kwargs, "prefix": "encoder."}}
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, tmp_path / "run" / "checkpoints" / "last.pt")
+    file = export_backbone(tmp_path / "run", tmp_path / "out")
+    loaded = load_backbone(file)
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], encoder.eval()(x)[0])
+    from safetensors.torch import load_file
+
+    plain = ViT(in_channels=1, img_size=(32, 32), patch_size=8, hidden_size=32, mlp_dim=64, num_layers=2, num_heads=2,
+                proj_type="conv", classification=False, spatial_dims=2)
+    plain.load_state_dict(load_file(str(file)), strict=True)
+    markdown = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert "ViT(in_channels=1, img_size=(32, 32), patch_size=8" in markdown

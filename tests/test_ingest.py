@@ -430,3 +430,54 @@ def test_cli_exit_status(tmp_path):
     assert "zero.avi" in (tmp_path / "out" / "errors.csv").read_text()
     bad_column = run("--metadata", str(src / "missing.csv"))
     assert bad_column.returncode == 1 and "missing.csv" in bad_column.stderr
+
+
+def test_dicom_jpeg_baseline_ybr_422(tmp_path):
+    """The usual ultrasound cine export: JPEG-compressed YBR_FULL_422 frames."""
+    import io
+
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, UltrasoundMultiFrameImageStorage, generate_uid
+
+    encoded, luma = [], []
+    for i in range(6):
+        rgb = np.zeros((32, 48, 3), np.uint8)
+        rgb[..., 0], rgb[..., 1], rgb[..., 2] = 40 * i, 100, 30
+        luma.append(0.299 * 40 * i + 0.587 * 100 + 0.114 * 30)
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).save(buffer, format="JPEG", quality=95)
+        encoded.append(buffer.getvalue())
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds = FileDataset(str(tmp_path / "j.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.NumberOfFrames, ds.Rows, ds.Columns, ds.SamplesPerPixel = 6, 32, 48, 3
+    ds.PhotometricInterpretation, ds.PlanarConfiguration = "YBR_FULL_422", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.FrameTime = "500"  # 2 fps, 3 s
+    ds.PixelData = encapsulate(encoded)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.save_as(str(tmp_path / "j.dcm"), enforce_file_format=True)
+    clip = read_dicom(tmp_path / "j.dcm", fps=3)
+    assert len(clip.frames) == 9 and clip.duration_s == pytest.approx(3.0)
+    shown = [math.floor(k * 2 / 3 + 1e-6) for k in range(9)]
+    for frame, index in zip(clip.frames, shown):
+        assert abs(float(frame.mean()) - luma[index]) < 3
+
+
+def test_symlinked_files_and_folders(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    write_video(real / "a.mp4", ultrasound_clip(10), 10)
+    src = tmp_path / "src"
+    (src / "linked_dir").parent.mkdir(parents=True)
+    (src / "linked_dir").symlink_to(real, target_is_directory=True)
+    (src / "b.mp4").symlink_to(real / "a.mp4")
+    (src / "meta.csv").write_text("file,label\nlinked_dir/a.mp4,x\nb.mp4,y\n")
+    summary = ingest_videos(src, tmp_path / "out", size=16, metadata=src / "meta.csv", progress=False)
+    assert summary.exit_code == 0 and summary.n_ingested == 2
+    assert {r.source: r.label for r in read_manifest(tmp_path / "out")} == {"b.mp4": "y", "linked_dir/a.mp4": "x"}

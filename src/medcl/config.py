@@ -5,7 +5,7 @@ command-line overrides ``key.sub=value``::
 
     method: uscl            # selects the method and the method section below
     out: runs/uscl          # run folder
-    data:     {manifest, size, in_channels, label_fraction, label_seed, cache}
+    data:     {manifest, size, in_channels, label_fraction, label_seed}
     sampling: {pairing: video|frame, mixup: paper|shared_lambda|none, alpha, beta}
     augment:  {enabled, crop_scale, crop_ratio, flip_p, rotate_degrees, brightness, contrast}
     model:    {backbone, proj_hidden, proj_dim}
@@ -65,7 +65,6 @@ class DataConfig(Section):
     in_channels: int = Field(1, ge=1)  # grayscale frames are repeated when > 1
     label_fraction: float = Field(0.01, gt=0.0, le=1.0)  # fraction of labeled videos kept, per class
     label_seed: int = 0
-    cache: bool = True  # keep frame arrays in memory after first use
 
     @field_validator("manifest")
     @classmethod

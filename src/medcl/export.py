@@ -51,28 +51,29 @@ def register_backbone_builder(name: str, builder: Callable[..., nn.Module]) -> N
     _BUILDERS[name] = builder
 
 
+# architectures whose module is imported only when a file needs it ("module:function")
+_LAZY_BUILDERS: dict[str, str] = {"unetr_encoder": "medcl.models.unetr:build_encoder"}
+
+
 def backbone_builder(name: str) -> Callable[..., nn.Module]:
-    """The builder for an architecture name (registry first, then medcl's model modules)."""
+    """The builder for an architecture name: the registry, then lazy entries, then medcl.models.backbones."""
     if name in _BUILDERS:
         return _BUILDERS[name]
+    if name in _LAZY_BUILDERS:
+        import importlib
+
+        module_name, _, attr = _LAZY_BUILDERS[name].partition(":")
+        try:
+            builder = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise BackboneLoadError(f"architecture {name!r} needs {_LAZY_BUILDERS[name]}, which is unavailable: {exc}") from exc
+        _BUILDERS[name] = builder
+        return builder
     from medcl.models import backbones
 
     if name in backbones.BACKBONES:
         return backbones.BACKBONES[name]
-    if name.startswith("unetr"):
-        try:
-            from medcl.models import unetr  # noqa: F401  (may register itself in BACKBONES)
-        except ImportError as exc:
-            raise BackboneLoadError(f"architecture {name!r} needs medcl.models.unetr, which failed to import: {exc}") from exc
-        if name in _BUILDERS:
-            return _BUILDERS[name]
-        if name in backbones.BACKBONES:
-            return backbones.BACKBONES[name]
-        for attr in (name, f"build_{name}", f"{name}_backbone"):
-            builder = getattr(unetr, attr, None)
-            if callable(builder):
-                return builder
-    known = sorted(set(_BUILDERS) | set(backbones.BACKBONES) | {"unetr_encoder"})
+    known = sorted(set(_BUILDERS) | set(_LAZY_BUILDERS) | set(backbones.BACKBONES))
     raise BackboneLoadError(f"unknown backbone architecture {name!r}; known: {known}")
 
 
@@ -333,16 +334,33 @@ def _evaluation_results(run_dir: Path | None) -> dict[str, Any] | None:
     return {"source": str(results), "summary": _plain(summary)}
 
 
-PLAIN_MONAI_SNIPPETS = {
-    "resnet18": '''from monai.networks.nets import ResNet
+def plain_monai_snippet(architecture: str, kwargs: Mapping[str, Any]) -> str | None:
+    """Python that loads the exported weights into the plain MONAI network (no medcl needed)."""
+    if architecture == "resnet18":
+        dims, channels = kwargs.get("spatial_dims", 2), kwargs.get("in_channels", 1)
+        return f"""from monai.networks.nets import ResNet
 from safetensors.torch import load_file
 
 net = ResNet(block="basic", layers=[2, 2, 2, 2], block_inplanes=[64, 128, 256, 512],
-             spatial_dims={spatial_dims}, n_input_channels={in_channels}, conv1_t_stride=2, feed_forward=False)
+             spatial_dims={dims}, n_input_channels={channels}, conv1_t_stride=2, feed_forward=False)
 net.load_state_dict(load_file("backbone.safetensors"))  # strict: every key matches
 net.eval()
-features = net(image)  # image: float [batch, {in_channels}, H, W] -> features [batch, 512]''',
-}
+features = net(image)  # image: float [batch, {channels}, H, W] -> features [batch, 512]"""
+    if architecture == "unetr_encoder":
+        k = {"spatial_dims": 3, "img_size": 96, "in_channels": 1, "patch_size": 16, "hidden_size": 768,
+             "mlp_dim": 3072, "num_layers": 12, "num_heads": 12, "qkv_bias": False, **dict(kwargs)}
+        size = k["img_size"] if isinstance(k["img_size"], (list, tuple)) else [k["img_size"]] * k["spatial_dims"]
+        return f"""from monai.networks.nets import ViT
+from safetensors.torch import load_file
+
+net = ViT(in_channels={k['in_channels']}, img_size={tuple(size)}, patch_size={k['patch_size']},
+          hidden_size={k['hidden_size']}, mlp_dim={k['mlp_dim']}, num_layers={k['num_layers']},
+          num_heads={k['num_heads']}, proj_type="conv", classification=False,
+          spatial_dims={k['spatial_dims']}, qkv_bias={k['qkv_bias']})
+net.load_state_dict(load_file("backbone.safetensors"))  # strict: every key matches
+net.eval()
+last, hidden_states = net(image)  # tokens [batch, n_patches, {k['hidden_size']}]: last layer and every layer"""
+    return None
 
 
 def build_model_card(
@@ -421,16 +439,17 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
         lines.append("No results.json in the run folder: evaluate with `medcl finetune` and see its report.")
     lines += ["", "## Loading", "", "With medcl:", "", "```python", "import medcl",
               'net = medcl.load_backbone("path/to/export_dir")  # or the .safetensors file', "```", ""]
-    snippet = PLAIN_MONAI_SNIPPETS.get(card["architecture"])
+    snippet = plain_monai_snippet(card["architecture"], kwargs)
     if snippet is not None:
         lines += [
             "With plain MONAI (no medcl; the keys match the MONAI network's state dict exactly):",
             "",
             "```python",
-            snippet.format(spatial_dims=kwargs.get("spatial_dims", 2), in_channels=kwargs.get("in_channels", 1)),
+            snippet,
             "```",
             "",
-            "Inputs: grayscale frames scaled to [0, 1], as medcl's training uses them.",
+            "Inputs: grayscale images scaled to [0, 1] (medcl's classification fine-tuning then standardises "
+            "with mean 0.5, std 0.25).",
         ]
     else:
         lines += ["With safetensors: `safetensors.torch.load_file(\"backbone.safetensors\")` gives the state dict; "

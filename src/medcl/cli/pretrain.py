@@ -9,6 +9,7 @@ Multi-GPU: ``torchrun --nproc_per_node=G -m medcl pretrain ...`` (optim.batch_si
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -45,5 +46,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # data problems found while building (batch larger than the data set, ...)
         print(f"medcl pretrain: error: {exc}", file=sys.stderr)
         return 2
-    print(f"pretraining finished: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"pretraining finished: {run_dir} (backbone in {run_dir / 'checkpoints' / 'final.pt'})")
     return 0

@@ -139,11 +139,22 @@ def _read_metadata(path: Path) -> dict[str, dict[str, str]]:
         return {row["file"].replace("\\", "/"): row for row in reader}
 
 
+def _metadata_row(metadata: dict[str, dict[str, str]], source: str) -> dict[str, str] | None:
+    """The row whose ``file`` is the record's source path; else the one row with its file name."""
+    source = source.replace("\\", "/")
+    if source in metadata:
+        return metadata[source]
+    name = source.rsplit("/", 1)[-1]
+    rows = [row for file, row in metadata.items() if file.rsplit("/", 1)[-1] == name]
+    return rows[0] if len(rows) == 1 else None
+
+
 def select_records(records: list[VideoRecord], config: FinetuneConfig, where_from: str = "") -> list[VideoRecord]:
     """Apply the label map, class filter, video-id list, source filter and metadata filter.
 
     Unlabeled videos are always dropped. ``where`` (e.g. ``{"probe": "convex"}``) is matched
-    against the metadata CSV row whose ``file`` equals the record's ``source``.
+    against the metadata CSV row whose ``file`` equals the record's ``source`` (or, failing that,
+    the only row with the same file name).
     """
     out = []
     allowed_ids = None
@@ -166,7 +177,7 @@ def select_records(records: list[VideoRecord], config: FinetuneConfig, where_fro
         if config.source_contains and config.source_contains not in record.source:
             continue
         if metadata is not None and config.where:
-            row = metadata.get(record.source.replace("\\", "/"))
+            row = _metadata_row(metadata, record.source)
             if row is None:
                 continue
             missing = [k for k in config.where if k not in row]

@@ -465,6 +465,8 @@ def fmt(ms: dict, digits: int = 3) -> str:
     """'0.812 +- 0.021' from a {mean, std, n} dict."""
     if ms.get("n", 0) == 0 or math.isnan(ms["mean"]):
         return "n/a"
+    if ms["n"] == 1:
+        return f"{ms['mean']:.{digits}f} (1 fold)"
     return f"{ms['mean']:.{digits}f} +- {ms['std']:.{digits}f}"
 
 
@@ -502,8 +504,13 @@ def run_segmentation(
     cfg: SegmentConfig,
     out_dir: str | Path | None,
     log: Callable[[str], None] | None = print,
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> dict:
-    """Run the full protocol on ``task``; write the run folder when ``out_dir`` is given."""
+    """Run the full protocol on ``task``; write the run folder when ``out_dir`` is given.
+
+    ``cache``: a dict to keep loaded (image, labels) arrays in; pass the same dict to several
+    runs on the same task and size (e.g. scratch vs pretrained) to decode the data once.
+    """
     log = log or (lambda s: None)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -523,12 +530,13 @@ def run_segmentation(
     if task.spatial_dims == 2 and size is None:
         raise ValueError("2D segmentation needs config 'size' (e.g. [64, 64])")
     t_load = time.time()
-    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    cache = {} if cache is None else cache
 
     def get(case: SegCase) -> tuple[np.ndarray, np.ndarray]:
-        if case.case_id not in cache:
-            cache[case.case_id] = load_case(case, task, size)
-        return cache[case.case_id]
+        key = f"{task.name}|{size}|{case.case_id}"
+        if key not in cache:
+            cache[key] = load_case(case, task, size)
+        return cache[key]
 
     cases = task.cases
     patients = [c.patient_id for c in cases]
@@ -566,7 +574,7 @@ def run_segmentation(
             log(
                 f"[segment {init}] fold {fold} fraction {fraction:g}: {len(chosen)} train cases"
                 f" ({n_train_patients} patients), {len(val_idx)} val, {len(test_idx)} test"
-                f" (data ready {time.time() - t_load:.0f}s)"
+                f" ({time.time() - t_load:.0f}s elapsed)"
             )
 
             def on_eval(row: dict, fold=fold, fraction=fraction) -> None:

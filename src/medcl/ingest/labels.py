@@ -96,7 +96,7 @@ class LabelSource:
     label_map: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.src_root = Path(self.src_root).resolve()
+        self.src_root = Path(os.path.abspath(self.src_root))  # abspath, not resolve: keep symlinks
         self._label_re = _compile(self.label_pattern, "label", "--label-pattern")
         self._patient_re = _compile(self.patient_pattern, "patient", "--patient-pattern")
         self._rows: dict[str, dict[str, str]] = {}
@@ -118,7 +118,7 @@ class LabelSource:
                 if self.patient_column != "patient_id":
                     _require_column(self.metadata, header, self.patient_column, "--patient-column")
                 self.patient_column = None
-            self._meta_root = self.metadata.resolve().parent
+            self._meta_root = Path(os.path.abspath(self.metadata)).parent
             self.n_rows = len(rows)
             for index, row in enumerate(rows):
                 row["__row__"] = str(index)
@@ -145,7 +145,7 @@ class LabelSource:
             }
 
     def _row_for(self, path: Path) -> dict[str, str] | None:
-        path = Path(path).resolve()
+        path = Path(os.path.abspath(path))
         candidates = []
         try:
             candidates.append(path.relative_to(self.src_root).as_posix())
@@ -160,9 +160,9 @@ class LabelSource:
 
     def lookup(self, path: str | Path) -> tuple[str, str, bool]:
         """``(label, patient_id, found_in_metadata)`` for a file; empty strings when unknown."""
-        path = Path(path)
+        path = Path(os.path.abspath(path))
         try:
-            relative = path.resolve().relative_to(self.src_root).as_posix()
+            relative = path.relative_to(self.src_root).as_posix()
         except ValueError:
             relative = path.name
         row = self._row_for(path) if self.metadata is not None else None

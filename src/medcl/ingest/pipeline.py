@@ -220,7 +220,7 @@ def ingest_videos(
     tasks: list[dict[str, Any]] = []
     threads = 0 if workers == 1 else max(1, (os.cpu_count() or 2) // workers)
     for path in sources:
-        relative = path.resolve().relative_to(root.resolve()).as_posix()
+        relative = path.relative_to(root).as_posix()  # not resolved: symlinked files stay where they are listed
         label, patient, _ = labels.lookup(path)
         if relative in done:
             record = done[relative]

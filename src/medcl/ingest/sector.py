@@ -118,7 +118,8 @@ def crop_square(frame: np.ndarray, box: CropBox, size: int) -> np.ndarray:
     h, w = crop.shape
     scale = size / max(h, w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    resized = np.asarray(Image.fromarray(crop).resize((new_w, new_h), Image.Resampling.BILINEAR))
+    # reducing_gap: a fast integer box reduction first, then antialiased bilinear for the rest
+    resized = np.asarray(Image.fromarray(crop).resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=2.0))
     out = np.zeros((size, size), np.uint8)
     top, left = (size - new_h) // 2, (size - new_w) // 2
     out[top : top + new_h, left : left + new_w] = resized

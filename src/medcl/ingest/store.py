@@ -52,8 +52,14 @@ def find_sources(src: Path, exclude: Path | None = None) -> tuple[list[Path], in
     exclude = exclude.resolve() if exclude is not None else None
     found: list[Path] = []
     skipped = 0
-    for root, dirs, files in os.walk(src):
+    visited: set[Path] = set()
+    for root, dirs, files in os.walk(src, followlinks=True):  # symlinked sub-folders are common
         root_path = Path(root)
+        real = root_path.resolve()
+        if real in visited:  # a symlink loop
+            dirs[:] = []
+            continue
+        visited.add(real)
         dirs[:] = sorted(
             d for d in dirs if not d.startswith(".") and (exclude is None or (root_path / d).resolve() != exclude)
         )
@@ -89,14 +95,13 @@ def frames_relpath(video_id: str) -> str:
 
 
 def save_frames_atomic(path: Path, frames: np.ndarray) -> None:
-    """Write ``frames`` as .npy to a temporary name, flush it to disk, then rename into place."""
+    """Write ``frames`` as .npy to a temporary name, then rename into place (safe against a killed
+    process; no fsync, so not against a power cut -- a rerun with --overwrite redoes everything)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as handle:
             np.save(handle, np.ascontiguousarray(frames), allow_pickle=False)
-            handle.flush()
-            os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

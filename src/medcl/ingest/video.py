@@ -111,6 +111,25 @@ def _ffmpeg_reason(exc: BaseException, logs: list | None = None) -> str:
     return text
 
 
+# studio-range luma (16..235) to full range (0..255), the same mapping swscale applies for "gray"
+_LIMITED_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+_PLANAR_YUV_8BIT = frozenset(
+    "yuv420p yuv422p yuv444p yuv410p yuv411p yuv440p yuvj420p yuvj422p yuvj444p yuvj440p yuva420p nv12 nv21".split()
+)
+
+
+def frame_to_gray(frame: Any) -> np.ndarray:
+    """Grayscale uint8 copy of a decoded frame. For 8-bit YUV the luma plane *is* the grayscale
+    image: copy it (and expand studio range) instead of a full swscale conversion."""
+    name = frame.format.name
+    if name in _PLANAR_YUV_8BIT:
+        plane = frame.planes[0]
+        luma = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
+        full_range = name.startswith("yuvj") or frame.color_range == 2  # 2: AVCOL_RANGE_JPEG
+        return luma.copy() if full_range else _LIMITED_TO_FULL[luma]
+    return frame.to_ndarray(format="gray")
+
+
 def _rotate(gray: np.ndarray, rotation: int) -> np.ndarray:
     """Apply the display matrix rotation (counter-clockwise degrees, as PyAV reports it)."""
     quarter = int(round(rotation / 90.0)) % 4
@@ -118,7 +137,7 @@ def _rotate(gray: np.ndarray, rotation: int) -> np.ndarray:
 
 
 def _check_complete(
-    stream: Any, time_base: Fraction, decoded_s: float, end_time: float, n_decoded: int, declared_frames: int, interval: float
+    stream: Any, time_base: float, decoded_s: float, end_time: float, n_decoded: int, declared_frames: int, interval: float
 ) -> None:
     """Raise for a stream that stops well before the end its container declares (a truncated file).
 
@@ -172,7 +191,7 @@ def decode_video(path: str | Path, fps: float = 3.0, *, threads: int = 0, keep_p
         stream.thread_type = "AUTO"
         if threads:
             stream.codec_context.thread_count = threads
-        time_base = stream.time_base or Fraction(1, 90000)
+        time_base = float(stream.time_base or Fraction(1, 90000))  # float: Fraction maths per frame is slow
         nominal_rate = stream.average_rate or stream.base_rate or stream.guessed_rate
         nominal_interval = float(1 / nominal_rate) if nominal_rate else 1 / 25
         declared_frames = int(stream.frames or 0)
@@ -187,7 +206,7 @@ def decode_video(path: str | Path, fps: float = 3.0, *, threads: int = 0, keep_p
             for frame in frames:
                 if frame is not last_obj:  # a slow source repeats a frame: convert it once
                     last_obj = frame
-                    last_array = _rotate(frame.to_ndarray(format="gray"), frame.rotation)
+                    last_array = _rotate(frame_to_gray(frame), frame.rotation)
                 kept.append(last_array)  # type: ignore[arg-type]
 
         n_decoded = 0
@@ -198,13 +217,13 @@ def decode_video(path: str | Path, fps: float = 3.0, *, threads: int = 0, keep_p
         with av.logging.Capture(local=False) as logs:
             try:
                 for frame in container.decode(stream):
-                    time = float(frame.pts * time_base) if frame.pts is not None else None
+                    time = frame.pts * time_base if frame.pts is not None else None
                     if time is None or (prev_time is not None and time <= prev_time):
                         # no or non-increasing timestamp: continue at the nominal rate
                         time = (prev_time + nominal_interval) if prev_time is not None else 0.0
                     if prev_time is not None:
                         intervals.append(time - prev_time)
-                    duration = float(frame.duration * time_base) if frame.duration else 0.0
+                    duration = frame.duration * time_base if frame.duration else 0.0
                     last_duration = duration
                     keep(sampler.push(time, frame))
                     prev_time = time

@@ -34,5 +34,5 @@ class MaskedCrossEntropy(nn.Module):
         if bool((targets[known] >= logits.shape[1]).any()) or bool((targets[known] < 0).any()):
             raise ValueError(f"targets must be -1 or in [0, {logits.shape[1]}), got {targets.unique().tolist()}")
         if not bool(known.any()):
-            return logits.float().sum() * 0.0
+            return logits.float().sum() * 0.0 + 0.0  # + 0.0: log 0.0, not -0.0
         return F.cross_entropy(logits[known].float(), targets[known], label_smoothing=self.label_smoothing)

@@ -41,7 +41,7 @@ class MixCL(Method):
                  lambda_offdiag: float = 5e-3, temperature: float = 0.1, alpha: float = 0.01, beta: float = 0.01,
                  use_label: bool = True, use_recon: bool = True, label_layer: int = 2, pixel_budget: int = 32,
                  mu: float = 8.0, eps: float = 0.05, label_pooling: str = "majority",
-                 cross_view_only: bool = False) -> None:
+                 label_min_fraction: float = 0.25, cross_view_only: bool = False) -> None:
         super().__init__()
         if not 1 <= label_layer <= encoder.num_layers:
             raise ValueError(f"label_layer must be in [1, {encoder.num_layers}], got {label_layer}")
@@ -55,7 +55,7 @@ class MixCL(Method):
         self.recon_loss = ReconstructionLoss()
         self.alpha, self.beta, self.use_label, self.use_recon = alpha, beta, use_label, use_recon
         self.label_layer, self.pixel_budget, self.mu, self.eps = label_layer - 1, pixel_budget, mu, eps
-        self.label_pooling, self.cross_view_only = label_pooling, cross_view_only
+        self.label_pooling, self.label_min_fraction, self.cross_view_only = label_pooling, label_min_fraction, cross_view_only
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         n = batch["view1"].shape[0]
@@ -87,8 +87,8 @@ class MixCL(Method):
     @torch.no_grad()
     def sample(self, batch: dict[str, Any], grid: tuple[int, ...]) -> list[PixelSample]:
         """Boundary-weighted pixel samples of S1 and S2 on the token grid (r per class and patch)."""
-        return [sample_pixels(labels_to_grid(batch[key], grid, self.label_pooling), self.pixel_budget, self.mu, self.eps)
-                for key in ("label1", "label2")]
+        grids = [labels_to_grid(batch[key], grid, self.label_pooling, self.label_min_fraction) for key in ("label1", "label2")]
+        return [sample_pixels(g, self.pixel_budget, self.mu, self.eps) for g in grids]
 
     def label_consistency(self, z1: Tensor, z2: Tensor, batch: dict[str, Any], samples: list[PixelSample]) -> Tensor:
         """L_label between the sampled pixels of Z1 (from P1) and Z2 (from P2)."""
@@ -142,7 +142,8 @@ class MixCLConfig(MethodConfig):
     pixel_budget: int = Field(32, ge=1)  # r: pixels per class and patch
     mu: float = Field(8.0, gt=0.0)
     eps: float = Field(0.05, ge=0.0)
-    label_pooling: Literal["majority", "nearest"] = "majority"  # labels -> token grid
+    label_pooling: Literal["majority", "nearest", "foreground"] = "majority"  # labels -> token grid
+    label_min_fraction: float = Field(0.25, gt=0.0, le=1.0)  # "foreground" pooling threshold
     label_pairs: Literal["all", "cross"] = "all"  # all sampled pixel pairs, or only P1-P2 pairs
 
     @field_validator("spacing")
@@ -167,6 +168,7 @@ def build_method(p: MixCLConfig, in_channels: int = 1) -> MixCL:
                  lambda_offdiag=p.lambda_offdiag, temperature=p.temperature, alpha=p.alpha, beta=p.beta,
                  use_label=p.use_label, use_recon=p.use_recon, label_layer=p.label_layer,
                  pixel_budget=p.pixel_budget, mu=p.mu, eps=p.eps, label_pooling=p.label_pooling,
+                 label_min_fraction=p.label_min_fraction,
                  cross_view_only=p.label_pairs == "cross")
 
 

@@ -64,7 +64,7 @@ class USCL(Method):
         else:
             loss_con = self.contrast(z[:n], z[n:])
         if self.classifier is None:
-            loss_sup = features.sum() * 0.0
+            loss_sup = features.sum() * 0.0 + 0.0
         else:
             loss_sup = self.supervised(self.classifier(features), torch.cat([labels, labels]))
         loss = loss_con + self.lambda_sup * loss_sup

@@ -37,10 +37,13 @@ from torch import nn
 from medcl.report import plots
 from medcl.report.runs import Run, load_run, numeric_series, unique_names
 
-# Inputs as medcl's fine-tuning feeds them (medcl.evaluate.classify.to_input): x / 255, then
-# standardised with mean 0.5 and std 0.25.
+# Inputs as each run's code fed its backbone: pretraining (medcl.sampling.augment) uses x / 255 in
+# [0, 1]; classification fine-tuning (medcl.evaluate.classify.to_input) then standardises with
+# mean 0.5 and std 0.25.
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
 DEFAULT_SIZE = 112
+GRADCAM_MIN_SIZE = 128  # layer4 (stride 32) then has at least a 4x4 grid: smaller inputs give 1x1/2x2 maps
+PROTOTYPE_FRAMES_PER_CLASS = 20
 
 
 @dataclass
@@ -191,17 +194,22 @@ def _backbone_cached(ctx: ReportContext, run: Run) -> tuple[nn.Module | None, st
     return ctx._backbones[key]
 
 
-def _standardise(images: torch.Tensor) -> torch.Tensor:
-    return (images - PIXEL_MEAN) / PIXEL_STD
+def is_classification_finetune(run: Run) -> bool:
+    return isinstance((run.config or {}).get("init"), dict) and "protocol" in (run.config or {})
+
+
+def model_inputs(run: Run, images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images -> what this run's backbone saw in training."""
+    return (images - PIXEL_MEAN) / PIXEL_STD if is_classification_finetune(run) else images
 
 
 def _inputs_and_features(ctx: ReportContext, run: Run, network: nn.Module, frames: SampleFrames) -> tuple[torch.Tensor, np.ndarray]:
-    """Standardised model inputs [n, 1, S, S] of the sample frames and their features (cached per run)."""
+    """Model inputs [n, 1, S, S] of the sample frames and their features (cached per run)."""
     from medcl.report.gradcam import backbone_features, frames_to_tensor
 
     key = str(run.path)
     if key not in ctx._features:
-        images = _standardise(frames_to_tensor(frames.frames, run_input_size(run)))
+        images = model_inputs(run, frames_to_tensor(frames.frames, run_input_size(run)))
         ctx._features[key] = (images, backbone_features(network, images))
     return ctx._features[key]
 
@@ -406,13 +414,16 @@ def _runs_with_backbones(ctx: ReportContext) -> tuple[list[tuple[Run, nn.Module,
         network, source = _backbone_cached(ctx, run)
         if network is None:
             skipped.append(f"{run.name}: {source}")
+        elif not hasattr(network, "layer4"):
+            skipped.append(f"{run.name}: {type(network).__name__} backbone; Grad-CAM and frame embeddings cover "
+                           "the 2D ResNet-18 (classification) backbones")
         else:
             usable.append((run, network, source))
     return usable, skipped
 
 
 def section_gradcam(ctx: ReportContext) -> Section:
-    from medcl.report.gradcam import PrototypeClassifier, frames_to_tensor, gradcam_maps, target_layer_name
+    from medcl.report.gradcam import PrototypeClassifier, backbone_features, frames_to_tensor, gradcam_maps
 
     section = Section("gradcam", "Grad-CAM (last convolutional stage)")
     frames, why = _frames_or_note(ctx)
@@ -433,26 +444,32 @@ def section_gradcam(ctx: ReportContext) -> Section:
                 by_video.setdefault(video, []).append(i)
         chosen = rng.permutation(sorted(by_video))[: ctx.gradcam_per_class]
         picks += [by_video[v][len(by_video[v]) // 2] for v in chosen]
-    display_size = max(run_input_size(run) for run, _, _ in usable) if usable else DEFAULT_SIZE
+    # prototypes: up to PROTOTYPE_FRAMES_PER_CLASS sample frames of each class, spread over its videos
+    proto_idx: list[int] = []
+    for cls in frames.classes:
+        members = [j for j, l in enumerate(frames.labels) if l == cls]
+        spread = np.unique(np.linspace(0, len(members) - 1, min(len(members), PROTOTYPE_FRAMES_PER_CLASS)).round().astype(int))
+        proto_idx += [members[k] for k in spread]
+    proto_labels = [frames.labels[i] for i in proto_idx]
+    native = max(max(f.shape) for f in frames.frames)
+    cam_sizes = {run.name: max(run_input_size(run), GRADCAM_MIN_SIZE) for run, _, _ in usable}
+    display_size = max([min(native, 224), *cam_sizes.values()])
     display = frames_to_tensor([frames.frames[i] for i in picks], display_size)[:, 0].numpy()
     maps: dict[str, list[np.ndarray]] = {}
     sources = []
     for run, network, source in usable:
-        layer = target_layer_name(nn.ModuleDict({"backbone": network}))
-        if layer is None:
-            skipped.append(f"{run.name}: {type(network).__name__} has no layer4 stage")
-            continue
-        size = run_input_size(run)
-        images, features = _inputs_and_features(ctx, run, network, frames)
-        model = PrototypeClassifier.from_features(network, features, frames.labels, frames.classes)
+        size, cam_size = run_input_size(run), cam_sizes[run.name]
+        images = model_inputs(run, frames_to_tensor([frames.frames[i] for i in proto_idx + picks], cam_size))
+        features = backbone_features(network, images[: len(proto_idx)])
+        model = PrototypeClassifier.from_features(network, features, proto_labels, frames.classes)
         class_idx = [frames.classes.index(frames.labels[i]) for i in picks]
-        run_maps = gradcam_maps(model, images[picks], class_idx, "backbone.layer4")
+        run_maps = gradcam_maps(model, images[len(proto_idx):], class_idx, "backbone.layer4")
         resized = torch.nn.functional.interpolate(torch.as_tensor(run_maps)[:, None], size=(display_size, display_size),
                                                   mode="bilinear", align_corners=False)[:, 0].numpy()
         maps[run.name] = list(resized)
-        grid = -(-images.shape[-1] // 32)  # layer4 stride is 32
-        sources.append(f"{run.name}: {source}, input {size} px (layer4 grid {grid}x{grid}"
-                       f"{': too coarse for a spatial map' if grid < 2 else ''})")
+        grid = -(-cam_size // 32)  # layer4 has stride 32
+        scaled = f", frames resized from the training size {size} px so that layer4 has a {grid}x{grid} grid" if cam_size != size else ""
+        sources.append(f"{run.name}: {source}; Grad-CAM input {cam_size} px (layer4 grid {grid}x{grid}){scaled}")
     if not maps:
         section.note = "No run has a ResNet backbone to explain. " + " ".join(skipped)
         return section

@@ -164,7 +164,7 @@ def gradcam_grid(images: Sequence[np.ndarray], row_titles: Sequence[str], maps: 
             axes[r, c].imshow(image, cmap="gray", vmin=0.0, vmax=1.0)
             # opacity follows the map: low-attention regions leave the frame visible
             heat = plt.get_cmap("jet")(np.clip(run_maps[r], 0.0, 1.0))
-            heat[..., 3] = 0.15 + 0.5 * np.clip(run_maps[r], 0.0, 1.0)
+            heat[..., 3] = 0.6 * np.clip(run_maps[r], 0.0, 1.0)
             axes[r, c].imshow(heat)
         for ax in axes[r]:
             ax.set_xticks([])

@@ -205,7 +205,7 @@ def frame_set_loader(
     from medcl.data.splits import label_targets, select_labeled_videos
     from medcl.train.loader import IndexBatchLoader
 
-    sets = FrameSets(config.data.manifest, cache=config.data.cache)
+    sets = FrameSets(config.data.manifest, cache=False)  # frames are packed into one tensor below, once
     classes = sets.classes
     keep = select_labeled_videos(sets.labels, config.data.label_fraction, config.data.label_seed)
     targets = label_targets(sets.labels, classes, keep)

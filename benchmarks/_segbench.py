@@ -1,0 +1,143 @@
+"""Shared pieces of benchmarks/mixcl_2d.py and mixcl_3d.py: pretrain MixCL variants through the
+public API, fine-tune them and scratch with ``medcl.evaluate.segment``, write the markdown report."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MEDCL_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        model = platform.processor() or model
+    import monai
+
+    return (f"{os.cpu_count()} cores ({model}), torch {torch.__version__} ({torch.get_num_threads()} threads),"
+            f" MONAI {monai.__version__}, Python {platform.python_version()}, {platform.system()}")
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def pretrain_mixcl(config: str | Path, overrides: Sequence[str], out: Path, datasets: list[dict] | None = None,
+                   reuse: bool = False) -> dict[str, Any]:
+    """Run ``medcl.train.api.pretrain``; returns checkpoint path, seconds and the mean of the
+    last 20 logged loss terms."""
+    from medcl.config import Config, load_config
+    from medcl.train.api import pretrain
+
+    ckpt = out / "checkpoints" / "final.pt"
+    t0 = time.time()
+    if not (reuse and ckpt.is_file()):
+        cfg = load_config(config, list(overrides) + [f"out={out}"])
+        if datasets is not None:
+            d = cfg.to_dict()
+            d["mixcl"]["datasets"] = datasets
+            cfg = Config.from_dict(d)
+        pretrain(cfg, out=out)
+    seconds = time.time() - t0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    tail = rows[-20:]
+    keys = [k for k in tail[0] if k.startswith("loss")] if tail else []
+    return {"checkpoint": str(ckpt), "seconds": seconds, "steps": rows[-1]["step"] if rows else 0,
+            "last_losses": {k: sum(r[k] for r in tail) / len(tail) for k in keys}}
+
+
+_DATA_CACHE: dict = {}  # decoded images shared by the fine-tunes of one benchmark run
+
+
+def finetune(task, cfg_values: Mapping[str, Any], checkpoint: str | None, out: Path) -> dict:
+    from medcl.evaluate.segment import SegmentConfig, run_segmentation
+
+    t0 = time.time()
+    cfg = SegmentConfig(**{**cfg_values, "checkpoint": checkpoint})
+    results = run_segmentation(task, cfg, out, cache=_DATA_CACHE)
+    results["seconds"] = time.time() - t0
+    return results
+
+
+def per_class_table(results_by_init: Mapping[str, dict]) -> str:
+    from medcl.evaluate.segment import fmt
+
+    first = next(iter(results_by_init.values()))
+    classes = first["task"]["classes"]
+    header = ["label fraction", "init"] + classes + ["mean"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for frac in first["summary"]:
+        for name, res in results_by_init.items():
+            s = res["summary"].get(frac)
+            if s is None:
+                continue
+            lines.append("| " + " | ".join([f"{float(frac) * 100:g}%", name]
+                                           + [fmt(s["test_per_class"][c]) for c in classes]
+                                           + [fmt(s["test_mean_dice"])]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def restrict(results: dict, fraction: float) -> dict:
+    """The same results with only one label fraction's runs and summary."""
+    key = f"{fraction:g}"
+    return {**results, "runs": [r for r in results["runs"] if f"{r['fraction']:g}" == key],
+            "summary": {key: results["summary"][key]}}
+
+
+def paired_sentences(results_by_init: Mapping[str, dict], baseline: str, other: str) -> list[str]:
+    """Plain statements of the paired per-fold differences (for the discussion)."""
+    out = []
+    base = {(r["fold"], f"{r['fraction']:g}"): r["test"]["mean_dice"] for r in results_by_init[baseline]["runs"]}
+    for frac in results_by_init[other]["summary"]:
+        diffs = [r["test"]["mean_dice"] - base[(r["fold"], frac)] for r in results_by_init[other]["runs"]
+                 if f"{r['fraction']:g}" == frac and (r["fold"], frac) in base]
+        if diffs:
+            mean = sum(diffs) / len(diffs)
+            better = sum(d > 0 for d in diffs)
+            out.append(f"at {float(frac) * 100:g}% labels {other} - {baseline} = {mean:+.3f} Dice on average,"
+                       f" {other} better on {better}/{len(diffs)} folds")
+    return out
+
+
+def write_report(path: Path, title: str, intro: str, settings: Mapping[str, Any], pretrain_rows: Mapping[str, dict],
+                 main: Mapping[str, dict], ablation: Mapping[str, dict] | None, discussion: str, started: float) -> None:
+    from medcl.evaluate.segment import comparison_markdown
+
+    lines = [f"# {title}", "", intro, "",
+             f"- command: `{command_line()}`",
+             f"- machine: {machine()}",
+             f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+             f"- wall time: {(time.time() - started) / 60:.1f} min", "",
+             "## Settings", "", "```json", json.dumps(settings, indent=2, default=str), "```", "",
+             "## Pretraining", "",
+             "| variant | steps | minutes | mean of the last 20 logged losses |", "|---|---|---|---|"]
+    for name, row in pretrain_rows.items():
+        losses = ", ".join(f"{k} {v:.4g}" for k, v in row["last_losses"].items())
+        lines.append(f"| {name} | {row['steps']} | {row['seconds'] / 60:.1f} | {losses} |")
+    lines += ["", "## Fine-tuning: test Dice on held-out patient folds (mean +- std over folds)", "",
+              comparison_markdown(main), "", "Per class:", "", per_class_table(main)]
+    if ablation:
+        lines += ["## Ablation (same folds, one label fraction)", "", comparison_markdown(ablation)]
+    lines += ["", "Fine-tuning minutes per initialisation: "
+              + ", ".join(f"{n} {r['seconds'] / 60:.1f}" for n, r in {**main, **(ablation or {})}.items()), "",
+              "## Discussion", "", discussion, ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    print(f"wrote {path}")
