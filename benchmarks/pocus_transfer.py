@@ -17,7 +17,8 @@
    run folder under benchmarks/work/pocus_transfer/ (ignored by git).
 
 Budget (full): 64 px inputs everywhere (the paper uses 224 px; 12x less compute per image),
-COVID-BLUES at 3 frames/s, 25 pretraining epochs of batch 32 videos per method, fine-tuning at most
+COVID-BLUES at 3 frames/s, 25 epochs (of videos) of batch 32 pairs per method, the same number of
+steps for every method (frame-level pairing included), fine-tuning at most
 15 epochs per fold on at most 10 frames per training video. Nothing is tuned on the test folds.
 """
 
@@ -123,6 +124,16 @@ def deep_update(base: dict, extra: dict) -> dict:
 def pretrain_all(blues: Path, work: Path, s: Settings, log) -> dict[str, Path]:
     from medcl.train.api import pretrain
 
+    from medcl.data.manifest import read_manifest
+
+    # Same number of optimisation steps (= same images seen) for every variant: an "epoch" of
+    # frame-level pairing walks over every frame, one of video-level pairing over every video.
+    records = [r for r in read_manifest(blues) if r.n_frames > 0]
+    video_steps = len(records) // s.pretrain_batch
+    frame_steps = sum(r.n_frames for r in records) // s.pretrain_batch
+    total_steps = max(1, s.pretrain_epochs * video_steps)
+    warmup_steps = s.warmup_epochs * video_steps
+    log(f"pretraining: {total_steps} steps of {s.pretrain_batch} pairs per variant ({s.pretrain_epochs} video epochs)")
     runs = {}
     for name, label, variant in pretrain_variants(s):
         out = work / "pretrain" / name
@@ -133,7 +144,9 @@ def pretrain_all(blues: Path, work: Path, s: Settings, log) -> dict[str, Path]:
             continue
         config = deep_update({
             "data": {"manifest": str(blues), "size": s.size},
-            "optim": {"epochs": s.pretrain_epochs, "batch_size": s.pretrain_batch, "warmup_epochs": s.warmup_epochs},
+            "optim": {"epochs": s.pretrain_epochs, "batch_size": s.pretrain_batch, "max_steps": total_steps,
+                      "warmup_epochs": warmup_steps / (frame_steps if variant["sampling"]["pairing"] == "frame"
+                                                       else video_steps)},
             "train": {"seed": s.seed, "device": "auto", "progress": False, "tensorboard": False},
             "out": str(out),
         }, variant)

@@ -1,7 +1,6 @@
 """Two gloo processes on CPU reproduce the single-process loss and gradients on the same global batch."""
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -42,7 +41,8 @@ def step(model, loss_name, x1, x2, labels, gather):
 LOSSES = ("ntxent", "supcon")
 
 
-def worker(rank: int, init_file: str, out_dir: str) -> None:
+def worker(rank: int, init_file: str, out_dir: str, pretrain_args: tuple[str, list[str]]) -> None:
+    """Both checks in one pair of processes (spawning is the slow part on a loaded 2-core machine)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -54,18 +54,34 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
             dist.all_reduce(loss)
             grads = {n: p.grad for n, p in model.module.named_parameters()}
             torch.save({"loss": loss / WORLD, "grads": grads}, Path(out_dir) / f"{loss_name}-rank{rank}.pt")
+        # the whole pretraining path under torch.distributed, as torchrun would run it
+        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD)})
+        from medcl.train.api import pretrain
+
+        pretrain(*pretrain_args)
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_equal_one(tmp_path):
-    mp.spawn(worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    from uscl_fixtures import tiny_overrides, write_frame_sets
+
+    tmp = tmp_path_factory.mktemp("dist")
+    data = write_frame_sets(tmp / "data", n_videos=8)
+    overrides = tiny_overrides(data, tmp / "run", **{"optim.max_steps": 2, "train.checkpoint_every": 1})
+    config = str(Path(__file__).resolve().parents[1] / "configs/uscl.yaml")
+    mp.spawn(worker, args=(str(tmp / "init"), str(tmp), (config, overrides)), nprocs=WORLD, join=True)
+    return tmp
+
+
+def test_two_processes_equal_one(two_process_run):
     for loss_name in LOSSES:
         model = make_model()
         x1, x2, labels = make_batch()
         expected_loss = step(model, loss_name, x1, x2, labels, gather=False)
         for rank in range(WORLD):
-            got = torch.load(tmp_path / f"{loss_name}-rank{rank}.pt", weights_only=True)
+            got = torch.load(two_process_run / f"{loss_name}-rank{rank}.pt", weights_only=True)
             torch.testing.assert_close(got["loss"], expected_loss, rtol=1e-5, atol=1e-5)
             for name, param in model.named_parameters():
                 torch.testing.assert_close(got["grads"][name], param.grad, rtol=1e-5, atol=1e-5)
@@ -76,35 +92,11 @@ def test_two_processes_equal_one(tmp_path):
         assert not torch.allclose(sum(local) / WORLD, expected_loss, rtol=1e-3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pretrain_worker(rank: int, port: int, overrides: list[str], config: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    from medcl.train.api import pretrain
-
-    try:
-        pretrain(config, overrides)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.slow
-def test_distributed_pretrain_writes_one_run(tmp_path):
-    from uscl_fixtures import tiny_overrides, write_frame_sets
-
-    data = write_frame_sets(tmp_path / "data", n_videos=8)
-    overrides = tiny_overrides(data, tmp_path / "run", **{"optim.max_steps": 2, "train.checkpoint_every": 1})
-    config = str(Path(__file__).resolve().parents[1] / "configs/uscl.yaml")
-    mp.spawn(pretrain_worker, args=(_free_port(), overrides, config), nprocs=WORLD, join=True)
+def test_distributed_pretrain_writes_one_run(two_process_run):
     from medcl.train.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "final.pt")
+    run = two_process_run / "run"
+    ckpt = load_checkpoint(run / "checkpoints" / "final.pt")
     assert ckpt["world_size"] == WORLD and len(ckpt["loader_per_rank"]) == WORLD and ckpt["step"] == 2
     assert ckpt["loader_per_rank"][0] != ckpt["loader_per_rank"][1]  # each rank has its own sampling stream
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2

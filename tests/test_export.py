@@ -103,20 +103,30 @@ def test_metadata_and_model_card(exported):
     assert card["data"]["videos"] == 4 and card["data"]["frames"] == 3 + 4 + 5 + 6
     assert card["data"]["classes"]["covid"] == {"videos": 2, "frames": 7}
     assert card["data"]["classes"]["(unlabeled)"]["videos"] == 1
-    assert card["evaluation"]["summary"]["video"]["accuracy"]["mean"] == 0.9
+    assert card["evaluation"][0]["summary"]["video"]["accuracy"]["mean"] == 0.9
     assert card["config"]["optim"]["lr"] == 3e-4
     assert card["n_parameters"] == sum(p.numel() for p in resnet18_backbone().parameters())
     markdown = (out / "MODEL_CARD.md").read_text()
     assert "conv1_t_stride=2, feed_forward=False" in markdown and "load_state_dict" in markdown
-    assert "| covid | 2 | 7 |" in markdown and "0.9" in markdown
+    assert "| covid | 2 | 7 |" in markdown and "| video / accuracy | 0.900 ± 0.020 |" in markdown
 
 
 def test_export_from_run_folder_and_without_results(tmp_path):
     run = _run(tmp_path, in_channels=3, results=False)
     file = export_backbone(run, tmp_path / "out")  # a run folder: picks checkpoints/final.pt
     card = json.loads((tmp_path / "out" / "model_card.json").read_text())
-    assert card["evaluation"] is None
+    assert card["evaluation"] == []
     assert "No results.json" in (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    finetune = tmp_path / "ft"
+    finetune.mkdir()
+    (finetune / "results.json").write_text(json.dumps({"format": "medcl-classification-v1", "protocol": "last_stage",
+                                                        "summary": {"frame": {"macro_f1": {"mean": 0.5, "std": 0.1}}}}))
+    export_backbone(run, tmp_path / "out2", [finetune])
+    card = json.loads((tmp_path / "out2" / "model_card.json").read_text())
+    assert card["evaluation"][0]["protocol"] == "last_stage"
+    assert "| frame / macro f1 | 0.500 ± 0.100 |" in (tmp_path / "out2" / "MODEL_CARD.md").read_text()
+    with pytest.raises(CheckpointError, match="no results.json"):
+        export_backbone(run, tmp_path / "out3", [tmp_path])
     net = load_backbone(file)
     assert net(torch.rand(1, 3, 32, 32)).shape == (1, 512)
 

@@ -481,3 +481,27 @@ def test_symlinked_files_and_folders(tmp_path):
     summary = ingest_videos(src, tmp_path / "out", size=16, metadata=src / "meta.csv", progress=False)
     assert summary.exit_code == 0 and summary.n_ingested == 2
     assert {r.source: r.label for r in read_manifest(tmp_path / "out")} == {"b.mp4": "y", "linked_dir/a.mp4": "x"}
+
+
+def test_variable_frame_rate_mp4_uses_timestamps(tmp_path):
+    pts_ms = [0, 40, 80, 500, 540, 1500, 1540]
+    frames = index_frames(len(pts_ms))
+    path = tmp_path / "vfr.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.time_base = Fraction(1, 1000)
+        stream.codec_context.time_base = Fraction(1, 1000)
+        stream.options = {"crf": "10", "preset": "ultrafast", "bf": "0"}
+        for frame, pts in zip(frames, pts_ms):
+            vf = av.VideoFrame.from_ndarray(frame, format="gray").reformat(format="yuv420p")
+            vf.pts, vf.time_base = pts, Fraction(1, 1000)
+            for packet in stream.encode(vf):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    clip = decode_video(path, fps=3)
+    # targets 0, 1/3, 2/3, 1, 4/3 s (the clip ends at 1.54 s + the last frame's duration)
+    assert [frame_index(f) for f in clip.frames][:5] == [0, 2, 4, 4, 4]
+    assert 1.54 < clip.duration_s < 1.6 + 1e-6
+    assert len(clip.frames) == expected_frame_count(clip.duration_s, 3)

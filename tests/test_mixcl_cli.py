@@ -15,7 +15,7 @@ from PIL import Image
 from medcl.cli import main
 from medcl.config import ConfigError, load_config
 from medcl.models.unetr import unetr_from_checkpoint
-from medcl.train.checkpoint import backbone_state_dict, load_checkpoint
+from medcl.train.checkpoint import backbone_state_dict, build_pretrained_backbone, load_checkpoint
 from conftest import PROJECT_ROOT, shared_subdir
 
 TINY = ["mixcl.hidden_size=32", "mixcl.mlp_dim=64", "mixcl.num_layers=2", "mixcl.num_heads=2",
@@ -67,6 +67,8 @@ def test_cli_pretrain_2d_synthetic_pool(tmp_path):
     assert ckpt["backbone"]["name"] == "unetr_encoder" and ckpt["method"] == "mixcl"
     assert ckpt["metadata"]["class_names"] == ["background", "a/lesion", "b/organ"]
     weights = backbone_state_dict(ckpt)
+    backbone = build_pretrained_backbone(ckpt)  # the shared loader knows "unetr_encoder"
+    torch.testing.assert_close(backbone.state_dict()["norm.weight"], weights["norm.weight"])
     seg = unetr_from_checkpoint(ckpt, out_channels=3)
     torch.testing.assert_close(seg.encoder.state_dict()["blocks.1.attn.qkv.weight"], weights["blocks.1.attn.qkv.weight"])
 

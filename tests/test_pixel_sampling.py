@@ -67,9 +67,12 @@ def test_sampler_empirical_distribution_matches_w_on_a_disk(replacement):
     flat_fg = np.flatnonzero(fg.reshape(-1))
     pos_of = {int(p): k for k, p in enumerate(flat_fg)}
     draws = []
-    for _ in range(400 if replacement else 4000):
-        s = sample_pixels(t, budget=10 if replacement else 1, generator=g, replacement=replacement)
-        draws += [pos_of[int(i)] for i, lab in zip(s.index, s.label) if lab == 1]
+    copies = 200  # one call samples 200 independent copies of the disk
+    per_image = labels.size
+    for _ in range(2 if replacement else 20):
+        s = sample_pixels(t.expand(copies, -1, -1), budget=10 if replacement else 1, generator=g, replacement=replacement)
+        draws += [pos_of[int(i) % per_image] for i, lab in zip(s.index, s.label) if lab == 1]
+    assert len(draws) == 4000
     counts = np.bincount(bins[np.array(draws)], minlength=7)
     n = counts.sum()
     chi2 = (((counts - n * expected_p) ** 2) / (n * expected_p)).sum()
@@ -109,6 +112,15 @@ def test_labels_to_grid_majority_nearest_ties_ignore():
     assert grid.tolist() == [[[1, 2], [IGNORE_INDEX, 0]]]
     near = labels_to_grid(lab, (2, 2), mode="nearest")
     assert near.tolist() == [[[0, 0], [IGNORE_INDEX, 0]]]  # centre pixel (1, 1) of each block
+    # "foreground": a class covering >= min_fraction of a token wins over a background majority
+    small = torch.zeros(1, 4, 4, dtype=torch.long)
+    small[0, 0, 0] = 3  # 1/4 of the top-left token
+    small[0, 0, 2:4] = torch.tensor([1, 2])  # two classes at 1/4 each: the larger id
+    small[0, 2, 2] = 1
+    small[0, 3, 3] = IGNORE_INDEX  # 1 of 3 labelled pixels
+    assert labels_to_grid(small, (2, 2), "foreground", 0.25).tolist() == [[[3, 2], [0, 1]]]
+    assert labels_to_grid(small, (2, 2), "foreground", 0.4).tolist() == [[[0, 0], [0, 0]]]
+    assert labels_to_grid(small, (2, 2), "majority").tolist() == [[[0, 0], [0, 0]]]
     lab3 = torch.zeros(1, 4, 4, 4, dtype=torch.long)
     lab3[0, :2, :2, :2] = 5
     assert labels_to_grid(lab3, (2, 2, 2))[0, 0, 0, 0] == 5

@@ -191,7 +191,7 @@ def test_report_has_every_section_with_decodable_images(runs, tmp_path):
     from medcl.report import write_report
 
     out = write_report([runs["uscl"], runs["simclr"], runs["finetune"], runs["scratch"], runs["segment"]],
-                       tmp_path / "report.html", max_embedding_frames=24)
+                       tmp_path / "report.html", max_embedding_frames=24, gradcam_min_size=64)
     text = out.read_text()
     parsed = _parse(out)
     assert parsed.section_ids == EVERY_SECTION
@@ -233,7 +233,8 @@ def test_report_survives_a_corrupt_checkpoint(runs, tmp_path):
     (broken / "checkpoints").mkdir(parents=True)
     (broken / "checkpoints" / "final.pt").write_bytes(b"not a checkpoint")
     (broken / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n')
-    out = write_report([runs["uscl"], broken], tmp_path / "r.html", manifest=runs["manifest"], max_embedding_frames=12)
+    out = write_report([runs["uscl"], broken], tmp_path / "r.html", manifest=runs["manifest"], max_embedding_frames=12,
+                       gradcam_min_size=32)
     text = out.read_text()
     assert "broken: backbone could not be loaded" in text
     assert "final.pt" in text
@@ -308,3 +309,35 @@ def test_overlay_roundtrip_and_validation(tmp_path):
     assert [o.name for o in run.overlays] == ["ok"]
     assert run.overlays[0].class_names == ["background", "liver"]
     assert any("torn.npz" in n for n in run.notes)
+
+
+def test_unetr_run_is_listed_but_not_explained(runs, tmp_path):
+    """A MixCL (UNETR encoder) checkpoint: curves are shown, Grad-CAM/embedding skip it by name."""
+    from medcl.models.unetr import build_encoder, encoder_kwargs
+    from medcl.report import write_report
+
+    encoder = build_encoder(spatial_dims=2, img_size=32, in_channels=1, patch_size=8, hidden_size=32, mlp_dim=64,
+                            num_layers=2, num_heads=2)
+    run = tmp_path / "mixcl"
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"format": "medcl-checkpoint-v1", "method": "mixcl", "config": {}, "step": 1, "epoch": 0, "rng": {},
+                "model": {f"encoder.{k}": v for k, v in encoder.state_dict().items()}, "optimizer": {}, "scheduler": {},
+                "backbone": {"name": "unetr_encoder", "kwargs": encoder_kwargs(encoder), "prefix": "encoder."}},
+               run / "checkpoints" / "last.pt")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "loss_id": 1.5}\n{"step": 2, "loss": 1.0, "loss_id": 0.7}\n')
+    out = write_report([runs["uscl"], run], tmp_path / "r.html", max_embedding_frames=12, gradcam_min_size=32)
+    text = out.read_text()
+    assert "mixcl: UNETREncoder backbone" in text
+    assert "This section failed" not in text
+    _decode_images(_parse(out).images)
+
+
+def test_environment_file_is_shown(tmp_path):
+    from medcl.report import write_report
+    from medcl.report.environment import write_environment
+
+    run = tmp_path / "run"
+    env = json.loads(write_environment(run).read_text())
+    assert env["torch"] == torch.__version__ and "python" in env and "cpu" in env
+    text = write_report([run], tmp_path / "r.html").read_text()
+    assert torch.__version__ in text and "Environment not recorded" not in text

@@ -288,6 +288,7 @@ def test_cli_compares_initialisations(tmp_path, capsys):
     from medcl.evaluate.segment_cli import add_arguments, run_cli
 
     manifest = write_2d_manifest(tmp_path / "data", n_patients=6, size=24)
+    test_manifest = write_2d_manifest(tmp_path / "other", n_patients=2, size=24, seed=1)
     ckpt = tmp_path / "mixcl" / "checkpoints" / "final.pt"
     ckpt.parent.mkdir(parents=True)
     _fake_pretrained_checkpoint(ckpt, 2, (32, 32), **{k: v for k, v in TINY_MODEL.items() if k != "feature_size"})
@@ -300,12 +301,14 @@ def test_cli_compares_initialisations(tmp_path, capsys):
     args = parser.parse_args([
         str(manifest), "--out", str(tmp_path / "cli"), "--config", str(cfg_path), "--folds", "3",
         "--fractions", "0.5,1", "--run-folds", "1,2", "--iterations", "2", "--size", "32,32",
-        "--init", "scratch", "--init", str(ckpt),
+        "--init", "scratch", "--init", str(ckpt), "--test-manifest", str(test_manifest),
     ])
     assert args.task == "segment"
     assert run_cli(args) == 0
     for name in ("scratch", "mixcl"):
         assert (tmp_path / "cli" / name / "results.md").is_file()
+    saved = json.loads((tmp_path / "cli" / "mixcl" / "results.json").read_text())
+    assert all(r["external_test"]["n_cases"] == 4 for r in saved["runs"])  # 2 patients x 2 images
     table = (tmp_path / "cli" / "comparison.md").read_text()
     assert "mixcl - scratch (paired)" in table and "| 50% |" in table and "/2 folds better" in table
     assert "test mean Dice" in capsys.readouterr().out
@@ -339,3 +342,24 @@ def test_openkbp_task_keeps_only_fully_contoured_patients(shared_data):
     lacking = next(p["patient"] for p in index if "Larynx" not in p["contoured"])
     with pytest.raises(ValueError, match="no contour"):
         openkbp_task(root, ["Larynx"], patients=[lacking])
+
+
+def test_openkbp_source_organ_and_patient_subsets(shared_data):
+    """Pretraining sources cut from OpenKBP (benchmarks/mixcl_3d.py): other organs are unknown."""
+    from medcl.data.pool import SegmentationPool
+    from medcl.data.volumes import openkbp_source
+    from medcl.sampling.pixels import IGNORE_INDEX
+
+    root = shared_data / "openkbp"
+    source = openkbp_source(root, name="glands", patients=["pt_1", "pt_10"], organs=["Mandible", "LeftParotid"])
+    assert [i.case_id for i in source.items] == ["pt_1", "pt_10"]
+    assert source.items[0].annotated == ("LeftParotid", "Mandible")  # pt_1 has both
+    assert source.items[1].annotated == ("LeftParotid",)  # pt_10: no mandible contour
+    sample = SegmentationPool([source]).load(0)
+    names = SegmentationPool([source]).class_names
+    raw = np.asarray(nib.load(root / "pt_1" / "labels.nii.gz").dataobj)
+    label = sample["label"]
+    assert (label[raw == 7] == names.index("glands/Mandible")).all()
+    assert (label[raw == 1] == IGNORE_INDEX).all()  # brainstem: contoured, but not in this source's subset
+    with pytest.raises(ValueError, match="organs"):
+        openkbp_source(root, organs=["Liver"])

@@ -73,11 +73,11 @@ def test_load_checkpoint_rejects_other_files(tmp_path):
 
 def test_short_pretrain_lowers_the_loss(frames_dir, tmp_path):
     run = pretrain(PROJECT / "configs/uscl.yaml", tiny_overrides(
-        frames_dir, tmp_path / "run", **{"optim.max_steps": 40, "optim.lr": 1e-3, "optim.batch_size": 6,
-                                         "optim.warmup_epochs": 0, "train.checkpoint_every": 100}))
+        frames_dir, tmp_path / "run", **{"optim.max_steps": 20, "optim.lr": 1e-3, "optim.warmup_epochs": 0,
+                                         "train.checkpoint_every": 100}))
     values = [loss for _, loss in losses(run)]
-    first, last = sum(values[:8]) / 8, sum(values[-8:]) / 8
-    assert last < first - 0.1, (first, last)
+    first, last = sum(values[:4]) / 4, sum(values[-4:]) / 4
+    assert last < first - 0.15, (first, last)  # seeds 0-2 drop by about 0.4
 
 
 class _Interrupt(Exception):

@@ -186,6 +186,7 @@ def save_backbone(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
+    tmp.chmod(0o644)  # safetensors creates the file owner-only; weights are meant to be shared
     tmp.replace(path)
     return path
 
@@ -320,18 +321,24 @@ def manifest_summary(manifest: str | Path) -> dict[str, Any]:
     }
 
 
-def _evaluation_results(run_dir: Path | None) -> dict[str, Any] | None:
-    if run_dir is None:
-        return None
-    results = run_dir / "results.json"
+def evaluation_entry(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a fine-tuning run folder's results.json (None when there is none)."""
+    results = Path(run_dir) / "results.json"
     if not results.is_file():
         return None
     try:
         data = json.loads(results.read_text())
     except json.JSONDecodeError:
-        return {"error": f"{results} is not valid JSON"}
-    summary = data.get("summary", data) if isinstance(data, dict) else data
-    return {"source": str(results), "summary": _plain(summary)}
+        return {"source": str(results), "error": "not valid JSON"}
+    if not isinstance(data, dict):
+        return {"source": str(results), "error": "not a JSON object"}
+    return {
+        "source": str(results),
+        "format": data.get("format"),
+        "init": _plain(data.get("init")),
+        "protocol": data.get("protocol"),
+        "summary": _plain(data.get("summary", {})),
+    }
 
 
 def plain_monai_snippet(architecture: str, kwargs: Mapping[str, Any]) -> str | None:
@@ -364,7 +371,12 @@ last, hidden_states = net(image)  # tokens [batch, n_patches, {k['hidden_size']}
 
 
 def build_model_card(
-    ckpt: Mapping[str, Any], checkpoint_path: Path, run_dir: Path | None, n_parameters: int, sha256: str
+    ckpt: Mapping[str, Any],
+    checkpoint_path: Path,
+    run_dir: Path | None,
+    n_parameters: int,
+    sha256: str,
+    evaluation_runs: list[Path] = (),
 ) -> dict[str, Any]:
     config = _plain(ckpt.get("config") or {})
     spec = ckpt["backbone"]
@@ -392,7 +404,7 @@ def build_model_card(
         "epoch": ckpt.get("epoch"),
         "data": data,
         "config": config,
-        "evaluation": _evaluation_results(run_dir),
+        "evaluation": [e for e in [evaluation_entry(d) for d in ([run_dir] if run_dir else []) + list(evaluation_runs)] if e],
         "exported": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "environment": {
             "python": platform.python_version(),
@@ -432,11 +444,23 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
     else:
         lines.append(f"Manifest `{data.get('manifest')}`: {data.get('error') or data.get('note')}")
     lines += ["", "## Evaluation", ""]
-    evaluation = card.get("evaluation")
-    if evaluation and "summary" in evaluation:
-        lines += [f"From `{evaluation['source']}`:", "", "```json", json.dumps(evaluation["summary"], indent=2), "```"]
-    else:
-        lines.append("No results.json in the run folder: evaluate with `medcl finetune` and see its report.")
+    evaluations = card.get("evaluation") or []
+    for entry in evaluations:
+        from medcl.report.runs import flatten_summary
+
+        title = f"`{entry['source']}`"
+        if entry.get("protocol"):
+            title += f" (protocol {entry['protocol']})"
+        lines += [f"From {title}, mean ± std over test folds:", ""]
+        cells = flatten_summary(entry.get("summary") or {})
+        cells = {k: v for k, v in cells.items() if "per_class" not in k}
+        if cells:
+            lines += ["| metric | value |", "|---|---|"] + [f"| {k.replace('_', ' ')} | {v} |" for k, v in cells.items()] + [""]
+        else:
+            lines += [f"({entry.get('error', 'no summary')})", ""]
+    if not evaluations:
+        lines.append("No results.json in the run folder: evaluate with `medcl finetune` (then export with "
+                     "`--results FINETUNE_RUN` to include its results here).")
     lines += ["", "## Loading", "", "With medcl:", "", "```python", "import medcl",
               'net = medcl.load_backbone("path/to/export_dir")  # or the .safetensors file', "```", ""]
     snippet = plain_monai_snippet(card["architecture"], kwargs)
@@ -458,8 +482,15 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def export_backbone(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Export a checkpoint's (or run folder's) backbone to ``out_dir``; returns the safetensors path."""
+def export_backbone(checkpoint: str | Path, out_dir: str | Path, evaluation_runs: list[str | Path] = ()) -> Path:
+    """Export a checkpoint's (or run folder's) backbone to ``out_dir``; returns the safetensors path.
+
+    The model card includes the ``results.json`` summary of the checkpoint's run folder and of each
+    fine-tuning run folder in ``evaluation_runs`` (e.g. ``medcl finetune`` runs started from it).
+    """
+    missing = [str(d) for d in evaluation_runs if not (Path(d) / "results.json").is_file()]
+    if missing:
+        raise CheckpointError(f"no results.json in evaluation run folder(s) {missing}")
     checkpoint_path = resolve_checkpoint(checkpoint)
     network, ckpt = backbone_from_checkpoint(checkpoint_path)
     spec = ckpt["backbone"]
@@ -477,7 +508,8 @@ def export_backbone(checkpoint: str | Path, out_dir: str | Path) -> Path:
         extra_metadata={"method": str(ckpt.get("method")), "step": str(ckpt.get("step")), "medcl_version": __version__},
     )
     n_parameters = sum(p.numel() for p in network.parameters())
-    card = build_model_card(ckpt, checkpoint_path, run_dir, n_parameters, tensor_digest({k: v for k, v in state.items()}))
+    card = build_model_card(ckpt, checkpoint_path, run_dir, n_parameters, tensor_digest(state),
+                            [Path(d) for d in evaluation_runs])
     (out_dir / MODEL_CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
     (out_dir / MODEL_CARD_MD).write_text(model_card_markdown(card))
     return file

@@ -18,6 +18,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("checkpoint", help="a medcl checkpoint (.pt) or a pretraining run folder")
     parser.add_argument("-o", "--out", required=True, help="output folder")
+    parser.add_argument("--results", action="append", default=[], metavar="FINETUNE_RUN",
+                        help="a fine-tuning run folder (with results.json) to include in the model card; repeatable")
     parser.set_defaults(func=run)
     return parser
 
@@ -26,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from medcl.export import BackboneLoadError, CheckpointError, export_backbone, load_backbone
 
     try:
-        file = export_backbone(args.checkpoint, args.out)
+        file = export_backbone(args.checkpoint, args.out, args.results)
         load_backbone(file)  # proves the export loads before we report success
     except (CheckpointError, BackboneLoadError) as exc:
         print(f"medcl export: error: {exc}", file=sys.stderr)

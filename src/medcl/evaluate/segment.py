@@ -305,7 +305,7 @@ def evaluate_cases(
     first ``keep`` cases."""
     model.eval()
     scores, kept = [], []
-    batch = 8 if roi_size is None or len(images) == 0 or images[0].ndim == 3 else 1
+    batch = 8 if not images or images[0].ndim == 3 else 1  # 2D images [1, H, W] batch; volumes one by one
     for start in range(0, len(images), batch):
         x = torch.from_numpy(np.stack(images[start : start + batch]))
         y = torch.from_numpy(np.stack(labels[start : start + batch]))

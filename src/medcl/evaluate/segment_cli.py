@@ -56,6 +56,8 @@ def add_arguments(parser: argparse.ArgumentParser, task_default: str = "segment"
                        help="what DATA is (default: detect)")
     group.add_argument("--organs", default=None, help="OpenKBP organs to segment, e.g. Larynx,Esophagus")
     group.add_argument("--test-patients", default=None, help="OpenKBP patients held out as a separate test set")
+    group.add_argument("--test-manifest", default=None,
+                       help="CSV manifest (image, mask, patient_id) of a separate test set, scored by every fold's model")
     group.add_argument("--fractions", default=None, help="label fractions of the training patients (default 0.05,0.15,0.5,1)")
     group.add_argument("--run-folds", default=None, help="only these 1-based folds, e.g. 1,2")
     group.add_argument("--iterations", type=int, default=None, help="fine-tuning iterations (default 2000)")
@@ -127,6 +129,16 @@ def parse_init(spec: str) -> tuple[str, str | None]:
     return p.stem, spec
 
 
+def attach_test_manifest(task, path: str | Path) -> None:
+    """Use every row of a CSV manifest as ``task``'s separate test set (same classes)."""
+    from medcl.data.seg_manifest import read_seg_csv
+
+    test = read_seg_csv(path, classes=task.classes, label_map=task.label_map)
+    if test.spatial_dims != task.spatial_dims:
+        raise ValueError(f"{path}: {test.spatial_dims}D test images for a {task.spatial_dims}D task")
+    task.test_cases = test.cases + test.test_cases
+
+
 def run_cli(args: argparse.Namespace) -> int:
     """Entry point for ``medcl finetune DATA --task segment``."""
     from pydantic import ValidationError
@@ -147,6 +159,8 @@ def run_cli(args: argparse.Namespace) -> int:
             args.seg_source, args.data, organs=_csv_list(args.organs),
             test_patients=_csv_list(args.test_patients) or (), classes=_csv_list(getattr(args, "classes", None)),
         )
+        if getattr(args, "test_manifest", None):
+            attach_test_manifest(task, args.test_manifest)
         configs = [SegmentConfig(**{**values, "checkpoint": path}) for _, path in inits]
     except (ValueError, FileNotFoundError, ValidationError) as exc:
         raise SystemExit(f"medcl finetune --task segment: {exc}") from None

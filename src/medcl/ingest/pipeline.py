@@ -133,6 +133,10 @@ def process_file(task: dict[str, Any]) -> dict[str, Any]:
             if key not in converted:
                 converted[key] = crop_square(frame, box, size)
             out_frames[i] = converted[key]
+        if clip.studio_range:
+            from medcl.ingest.video import expand_studio_range
+
+            out_frames = expand_studio_range(out_frames)
         store.save_frames_atomic(Path(task["frames_path"]), out_frames)
     except DecodeError as exc:
         return {"ok": False, "reason": str(exc)}
@@ -249,6 +253,8 @@ def ingest_videos(
     store.write_records(out, records)  # drops rows of videos that are gone or being redone
     store.write_errors(out, [])
 
+    last_write = [time.monotonic()]
+
     def finish(task: dict[str, Any], result: dict[str, Any]) -> None:
         if result["ok"]:
             x0, y0, x1, y1 = result["crop"]
@@ -270,7 +276,11 @@ def ingest_videos(
             )
             summary.n_ingested += 1
             summary.n_frames += result["n_frames"]
-            store.write_records(out, records)
+            # rewriting the whole manifest after every video is quadratic: at most once a second
+            # (a crash loses at most that second's manifest rows; their videos are simply redone)
+            if time.monotonic() - last_write[0] > 1.0:
+                store.write_records(out, records)
+                last_write[0] = time.monotonic()
         else:
             summary.failed.append((task["relative"], result["reason"]))
             store.write_errors(out, summary.failed)
@@ -305,6 +315,7 @@ def ingest_videos(
                     raise
     finally:
         bar.close()
+        store.write_records(out, records)  # also after an interruption: keep what finished
     summary.n_unlabeled = sum(1 for r in records.values() if not r.label)
     summary.seconds = time.perf_counter() - start
     return summary

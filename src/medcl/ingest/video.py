@@ -33,6 +33,10 @@ VIDEO_EXTENSIONS = frozenset(
 )
 
 
+# a longer gap between two frames' timestamps is a broken clock, not a real pause in the clip
+_MAX_GAP_S = 10.0
+
+
 class DecodeError(Exception):
     """A file that could not be turned into frames; the message is the readable reason."""
 
@@ -46,6 +50,7 @@ class DecodedClip:
     n_source_frames: int
     duration_s: float
     extra: dict[str, Any] = field(default_factory=dict)
+    studio_range: bool = False  # frames hold studio-range luma (16..235): expand after resizing
 
     @property
     def source_fps(self) -> float:
@@ -118,16 +123,25 @@ _PLANAR_YUV_8BIT = frozenset(
 )
 
 
-def frame_to_gray(frame: Any) -> np.ndarray:
-    """Grayscale uint8 copy of a decoded frame. For 8-bit YUV the luma plane *is* the grayscale
-    image: copy it (and expand studio range) instead of a full swscale conversion."""
+def expand_studio_range(gray: np.ndarray) -> np.ndarray:
+    """Map studio-range luma (16..235) to full range (0..255)."""
+    return _LIMITED_TO_FULL[gray]
+
+
+def frame_to_gray(frame: Any) -> tuple[np.ndarray, bool]:
+    """Grayscale uint8 copy of a decoded frame, and whether it is still studio range (16..235).
+
+    For 8-bit YUV the luma plane *is* the grayscale image: it is copied instead of a full swscale
+    conversion, and the range expansion is left to the caller, who applies it to the small
+    resized frames instead of the full-resolution ones (:func:`expand_studio_range`).
+    """
     name = frame.format.name
     if name in _PLANAR_YUV_8BIT:
         plane = frame.planes[0]
         luma = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
         full_range = name.startswith("yuvj") or frame.color_range == 2  # 2: AVCOL_RANGE_JPEG
-        return luma.copy() if full_range else _LIMITED_TO_FULL[luma]
-    return frame.to_ndarray(format="gray")
+        return luma.copy(), not full_range
+    return frame.to_ndarray(format="gray"), False
 
 
 def _rotate(gray: np.ndarray, rotation: int) -> np.ndarray:
@@ -201,28 +215,31 @@ def decode_video(path: str | Path, fps: float = 3.0, *, threads: int = 0, keep_p
         last_obj: Any = None
         last_array: np.ndarray | None = None
 
+        studio_range = False
+
         def keep(frames: list[Any]) -> None:
-            nonlocal last_obj, last_array
+            nonlocal last_obj, last_array, studio_range
             for frame in frames:
                 if frame is not last_obj:  # a slow source repeats a frame: convert it once
                     last_obj = frame
-                    last_array = _rotate(frame_to_gray(frame), frame.rotation)
+                    gray, studio_range = frame_to_gray(frame)
+                    last_array = _rotate(gray, frame.rotation)
                 kept.append(last_array)  # type: ignore[arg-type]
 
         n_decoded = 0
         prev_time: float | None = None
         last_duration = 0.0
-        intervals: list[float] = []
         error: str | None = None
         with av.logging.Capture(local=False) as logs:
             try:
                 for frame in container.decode(stream):
                     time = frame.pts * time_base if frame.pts is not None else None
-                    if time is None or (prev_time is not None and time <= prev_time):
-                        # no or non-increasing timestamp: continue at the nominal rate
+                    if time is None or (
+                        prev_time is not None and (time <= prev_time or time - prev_time > _MAX_GAP_S)
+                    ):
+                        # no, non-increasing or wildly jumping timestamp (a broken or wrapped clock,
+                        # not a real pause): continue at the nominal rate
                         time = (prev_time + nominal_interval) if prev_time is not None else 0.0
-                    if prev_time is not None:
-                        intervals.append(time - prev_time)
                     duration = frame.duration * time_base if frame.duration else 0.0
                     last_duration = duration
                     keep(sampler.push(time, frame))
@@ -236,9 +253,9 @@ def decode_video(path: str | Path, fps: float = 3.0, *, threads: int = 0, keep_p
             raise DecodeError(error or f"no frames could be decoded ({stream.codec_context.name} stream)")
         if error and not keep_partial:
             raise DecodeError(error)
-        if last_duration <= 0:
-            last_duration = float(np.median(intervals)) if intervals else nominal_interval
         assert prev_time is not None and sampler.t0 is not None
+        if last_duration <= 0:  # no per-frame duration: the clip's average frame interval
+            last_duration = (prev_time - sampler.t0) / (n_decoded - 1) if n_decoded > 1 else nominal_interval
         end_time = prev_time + last_duration
         if not keep_partial:
             _check_complete(stream, time_base, end_time - sampler.t0, end_time, n_decoded, declared_frames, last_duration)
@@ -249,6 +266,7 @@ def decode_video(path: str | Path, fps: float = 3.0, *, threads: int = 0, keep_p
             n_source_frames=n_decoded,
             duration_s=end_time - sampler.t0,
             extra={"codec": stream.codec_context.name, "container": container.format.name},
+            studio_range=studio_range,
         )
 
 

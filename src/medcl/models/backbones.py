@@ -30,7 +30,14 @@ def resnet18_backbone(in_channels: int = 1, spatial_dims: int = 2) -> ResNet:
     )
 
 
-BACKBONES = {"resnet18": resnet18_backbone}
+def unetr_encoder_backbone(**kwargs) -> nn.Module:
+    """The ViT encoder of UNETR exported by MixCL (see medcl.models.unetr.UNETREncoder)."""
+    from medcl.models.unetr import UNETREncoder
+
+    return UNETREncoder(**kwargs)
+
+
+BACKBONES = {"resnet18": resnet18_backbone, "unetr_encoder": unetr_encoder_backbone}
 
 
 def build_backbone(name: str = "resnet18", **kwargs) -> nn.Module:

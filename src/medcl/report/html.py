@@ -22,8 +22,6 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import json
-import platform
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +33,7 @@ import torch
 from torch import nn
 
 from medcl.report import plots
-from medcl.report.runs import Run, load_run, numeric_series, unique_names
+from medcl.report.runs import Run, flatten_summary, load_run, numeric_series, stat_cell, unique_names
 
 # Inputs as each run's code fed its backbone: pretraining (medcl.sampling.augment) uses x / 255 in
 # [0, 1]; classification fine-tuning (medcl.evaluate.classify.to_input) then standardises with
@@ -62,6 +60,7 @@ class ReportContext:
     gradcam_per_class: int = 2
     seed: int = 0
     log: Callable[[str], None] = print
+    gradcam_min_size: int = GRADCAM_MIN_SIZE
     _frames: Any = None
     _backbones: dict[str, tuple[nn.Module | None, str]] = field(default_factory=dict)
     _features: dict[str, tuple[torch.Tensor, np.ndarray]] = field(default_factory=dict)
@@ -265,40 +264,12 @@ def section_training(ctx: ReportContext) -> Section:
     if finetune:
         parts.append("<h3>Fine-tuning: per fold</h3><div class='grid'>")
         for run in finetune:
-            parts.append(figure(plots.finetune_curves(run.curves, run.name), f"{run.name}: one line per repeat/fold", 580))
+            parts.append(figure(plots.finetune_curves(run.curves, run.name), f"{run.name}: one line per repeat / fold (r = repeat, f = fold, f... = label fraction)", 580))
         parts.append("</div>")
     if not parts:
         section.note = "No metrics.jsonl or curves.jsonl in any run."
     section.body = "".join(parts)
     return section
-
-
-def _stat_cell(value: Any) -> str | None:
-    if isinstance(value, dict) and "mean" in value:
-        if value.get("mean") is None or (isinstance(value["mean"], float) and np.isnan(value["mean"])):
-            return "n/a"
-        std = value.get("std")
-        return f"{value['mean']:.3f} ± {std:.3f}" if isinstance(std, (int, float)) else f"{value['mean']:.3f}"
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-    return None
-
-
-def _flatten_summary(summary: Any, prefix: str = "") -> dict[str, str]:
-    """{"metric/sub": "mean ± std"} for every leaf statistic of a results summary."""
-    out: dict[str, str] = {}
-    if not isinstance(summary, dict):
-        return out
-    for key, value in summary.items():
-        path = f"{prefix}{key}"
-        cell = _stat_cell(value)
-        if cell is not None:
-            out[path] = cell
-        elif isinstance(value, dict):
-            out.update(_flatten_summary(value, f"{path} / "))
-    return out
 
 
 def section_results(ctx: ReportContext) -> Section:
@@ -311,9 +282,9 @@ def section_results(ctx: ReportContext) -> Section:
     groups: dict[tuple[bool, str], dict[str, dict[str, str]]] = {}
     for run in runs:
         summary = run.results["summary"]
-        nested = all(isinstance(v, dict) and _stat_cell(v) is None for v in summary.values())
+        nested = all(isinstance(v, dict) and stat_cell(v) is None for v in summary.values())
         for group, content in (summary.items() if nested else [("summary", summary)]):
-            groups.setdefault((run.is_segmentation, str(group)), {})[run.name] = _flatten_summary(content)
+            groups.setdefault((run.is_segmentation, str(group)), {})[run.name] = flatten_summary(content)
     parts = [note("Mean ± standard deviation over test folds (and repeats), as written by the fine-tuning run.")]
     for (segmentation, group), per_run in groups.items():
         columns: list[str] = []
@@ -452,7 +423,7 @@ def section_gradcam(ctx: ReportContext) -> Section:
         proto_idx += [members[k] for k in spread]
     proto_labels = [frames.labels[i] for i in proto_idx]
     native = max(max(f.shape) for f in frames.frames)
-    cam_sizes = {run.name: max(run_input_size(run), GRADCAM_MIN_SIZE) for run, _, _ in usable}
+    cam_sizes = {run.name: max(run_input_size(run), ctx.gradcam_min_size) for run, _, _ in usable}
     display_size = max([min(native, 224), *cam_sizes.values()])
     display = frames_to_tensor([frames.frames[i] for i in picks], display_size)[:, 0].numpy()
     maps: dict[str, list[np.ndarray]] = {}
@@ -545,23 +516,10 @@ def section_segmentation(ctx: ReportContext) -> Section:
     return section
 
 
-def report_environment() -> dict[str, str]:
-    import monai
+def report_environment() -> dict[str, Any]:
+    from medcl.report.environment import collect_environment
 
-    from medcl import __version__
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,
-            "medcl": __version__, "machine": f"{platform.platform()} ({platform.machine()}, {_cpu_model()})"}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return collect_environment()
 
 
 def section_config(ctx: ReportContext) -> Section:
@@ -642,6 +600,7 @@ def write_report(
     max_embedding_frames: int = 300,
     gradcam_per_class: int = 2,
     seed: int = 0,
+    gradcam_min_size: int = GRADCAM_MIN_SIZE,
     log: Callable[[str], None] = lambda message: None,
 ) -> Path:
     """Write one self-contained HTML report comparing ``run_dirs`` side by side; returns its path.
@@ -649,6 +608,8 @@ def write_report(
     >>> write_report(["runs/scratch", "runs/simclr", "runs/uscl"], "report.html", manifest="ingested/")  # doctest: +SKIP
 
     Sections whose inputs are absent are skipped with a note; a section that fails shows its error.
+    Grad-CAM runs at ``max(training input size, gradcam_min_size)`` pixels so that layer4 (stride
+    32) has a spatial grid worth looking at.
     """
     if not run_dirs:
         raise ValueError("write_report needs at least one run folder")
@@ -658,7 +619,7 @@ def write_report(
     if manifest is not None and not Path(manifest).exists():
         raise FileNotFoundError(f"manifest not found: {manifest}")
     ctx = ReportContext(runs, Path(manifest) if manifest is not None else None, max_embedding_frames,
-                        gradcam_per_class, seed, log)
+                        gradcam_per_class, seed, log, gradcam_min_size)
     sections = []
     for build in SECTIONS:
         try:
@@ -676,8 +637,3 @@ def write_report(
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out_path)
     return out_path
-
-
-def environment_json() -> str:
-    """What a run can write as ``environment.json`` so its report shows where it ran."""
-    return json.dumps(report_environment(), indent=2)

@@ -73,28 +73,38 @@ def training_curves(series_per_run: dict[str, dict[str, tuple[list[float], list[
     return figure_png(fig)
 
 
+GROUP_KEYS = ("repeat", "fold", "fraction")
+X_KEYS = ("epoch", "iteration", "step")
+
+
 def finetune_curves(rows: list[dict], title: str) -> bytes:
-    """Train loss and validation metric per epoch, one line per (repeat, fold)."""
+    """Train loss and validation metric(s) vs epoch (or iteration), one line per repeat/fold/fraction."""
+    x_key = next((k for k in X_KEYS if any(isinstance(r.get(k), (int, float)) for r in rows)), None)
+    if x_key is None:
+        raise ValueError("curves have no epoch, iteration or step column")
+    group_keys = [k for k in GROUP_KEYS if len({str(r.get(k)) for r in rows}) > 1]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row.get("repeat", 0), row.get("fold", 0)), []).append(row)
-    keys = [k for k in ("train_loss", "val_metric") if any(isinstance(r.get(k), (int, float)) for r in rows)]
-    if not keys:
-        keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k not in ("repeat", "fold", "epoch")})[:2]
+        groups.setdefault(tuple(row.get(k) for k in group_keys), []).append(row)
+    numeric = [k for k in dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+               if k not in (x_key, *GROUP_KEYS, *X_KEYS, "lr", "seconds", "time")]
+    keys = [k for k in numeric if k == "train_loss"] + [k for k in numeric if k.startswith("val")]
+    keys = keys or numeric[:2]
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.6 * max(1, len(keys)), 2.9), squeeze=False)
     cmap = plt.get_cmap("tab10") if len(groups) <= 10 else plt.get_cmap("viridis")
     for ax, key in zip(axes.flat, keys):
-        for i, ((repeat, fold), group) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
+        for i, (group, members) in enumerate(sorted(groups.items(), key=lambda kv: str(kv[0]))):
             colour = cmap(i) if len(groups) <= 10 else cmap(i / max(1, len(groups) - 1))
-            pts = [(r["epoch"], r[key]) for r in group if isinstance(r.get("epoch"), (int, float)) and isinstance(r.get(key), (int, float))]
+            pts = [(r[x_key], r[key]) for r in members if isinstance(r.get(x_key), (int, float)) and isinstance(r.get(key), (int, float))
+                   and math.isfinite(r[key])]
             if pts:
                 xs, ys = zip(*sorted(pts))
-                ax.plot(xs, ys, color=colour, linewidth=1.2, marker="." if len(xs) < 30 else None,
-                        label=f"r{repeat} f{fold}")
+                label = " ".join(f"{k[0]}{v:g}" if isinstance(v, (int, float)) else f"{k[0]}{v}" for k, v in zip(group_keys, group))
+                ax.plot(xs, ys, color=colour, linewidth=1.2, marker="." if len(xs) < 30 else None, label=label or None)
         ax.set_title(key.replace("_", " "), fontsize=11)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(x_key)
         ax.grid(alpha=0.3)
-    if len(groups) <= 10:
+    if group_keys and len(groups) <= 10:
         axes.flat[0].legend(fontsize=7, ncol=2)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()

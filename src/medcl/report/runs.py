@@ -220,3 +220,31 @@ def numeric_series(rows: list[dict[str, Any]], x_key: str) -> dict[str, tuple[li
             xs.append(float(x))
             ys.append(float(value))
     return series
+
+
+def stat_cell(value: Any) -> str | None:
+    if isinstance(value, dict) and "mean" in value:
+        if value.get("mean") is None or (isinstance(value["mean"], float) and np.isnan(value["mean"])):
+            return "n/a"
+        std = value.get("std")
+        return f"{value['mean']:.3f} ± {std:.3f}" if isinstance(std, (int, float)) else f"{value['mean']:.3f}"
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+    return None
+
+
+def flatten_summary(summary: Any, prefix: str = "") -> dict[str, str]:
+    """{"metric/sub": "mean ± std"} for every leaf statistic of a results summary."""
+    out: dict[str, str] = {}
+    if not isinstance(summary, dict):
+        return out
+    for key, value in summary.items():
+        path = f"{prefix}{key}"
+        cell = stat_cell(value)
+        if cell is not None:
+            out[path] = cell
+        elif isinstance(value, dict):
+            out.update(flatten_summary(value, f"{path} / "))
+    return out

@@ -145,39 +145,43 @@ def sample_pixels(
 
     Probability proportional to :func:`sampling_weights`. Without replacement (default) a class
     with at most ``budget`` positions contributes all of them; otherwise positions are drawn by
-    Gumbel top-k, i.e. successive draws proportional to W without replacement.
+    Gumbel top-k, i.e. successive draws proportional to W without replacement (all classes of all
+    samples at once). With replacement: ``budget`` independent draws per class.
     Background (label 0) is a class here too: its pixels are the negatives of the contrast.
     """
     if budget < 1:
         raise ValueError(f"budget must be >= 1, got {budget}")
     batch = labels.shape[0]
-    flat = labels.reshape(batch, -1)
+    flat = labels.reshape(batch, -1).cpu().long()
     per_sample = flat.shape[1]
-    weights = torch.from_numpy(np.stack([sampling_weights(lab, mu, eps).reshape(-1) for lab in labels.cpu().numpy()]))
-    indices, classes, rows = [], [], []
-    for b in range(batch):
-        lab = flat[b].cpu()
-        for value in torch.unique(lab).tolist():
-            if value == IGNORE_INDEX:
-                continue
-            where = torch.nonzero(lab == value).squeeze(1)
-            w = weights[b, where]
-            if replacement:
-                pick = where[torch.multinomial(w, budget, replacement=True, generator=generator)]
-            elif where.numel() <= budget:
-                pick = where
-            else:
-                u = torch.rand(where.numel(), generator=generator, dtype=torch.float64).clamp_min(1e-300)
-                keys = torch.log(w) - torch.log(-torch.log(u))
-                pick = where[keys.topk(budget).indices]
-            indices.append(pick + b * per_sample)
-            classes.append(torch.full((pick.numel(),), value, dtype=torch.long))
-            rows.append(torch.full((pick.numel(),), b, dtype=torch.long))
-    if not indices:
-        empty = torch.zeros(0, dtype=torch.long)
+    weights = torch.from_numpy(np.stack([sampling_weights(lab, mu, eps).reshape(-1) for lab in flat.view(labels.shape).numpy()]))
+    valid = flat != IGNORE_INDEX
+    position = torch.nonzero(valid.reshape(-1)).squeeze(1)  # flat index into [B * N]
+    if position.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=labels.device)
         return PixelSample(empty, empty.clone(), empty.clone())
+    label = flat.reshape(-1)[position]
+    sample = position // per_sample
+    n_values = int(label.max()) + 1
+    group = sample * n_values + label  # one group per (sample, class)
+    w = weights.reshape(-1)[position]
+    if replacement:
+        picks = []
+        for g in torch.unique(group).tolist():
+            members = torch.nonzero(group == g).squeeze(1)
+            picks.append(members[torch.multinomial(w[members], budget, replacement=True, generator=generator)])
+        chosen = torch.cat(picks)
+    else:
+        u = torch.rand(position.numel(), generator=generator, dtype=torch.float64).clamp_min(1e-300)
+        keys = torch.log(w) - torch.log(-torch.log(u))  # Gumbel keys: top-k = weighted draws w/o replacement
+        order = torch.argsort(keys, descending=True)
+        order = order[torch.argsort(group[order], stable=True)]  # by group, best key first
+        sorted_group = group[order]
+        first = torch.searchsorted(sorted_group, sorted_group, right=False)
+        rank = torch.arange(order.numel()) - first
+        chosen = order[rank < budget]
     device = labels.device
-    return PixelSample(torch.cat(indices).to(device), torch.cat(classes).to(device), torch.cat(rows).to(device))
+    return PixelSample(position[chosen].to(device), label[chosen].to(device), sample[chosen].to(device))
 
 
 def gather_tokens(features: torch.Tensor, sample: PixelSample) -> torch.Tensor:
