@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         pass
     lines = [
         "# Feature cache: plain vs cached fine-tuning epochs", "",
-        f"Command: `python benchmarks/feature_cache.py {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip() + "",
+        f"Command: `python benchmarks/feature_cache.py {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip(), "",
         f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC. Machine: {os.cpu_count()} cores, {cpu}, "
         f"torch {torch.__version__}, {args.threads} threads; load average at the end {load[0]:.1f} "
         "(the machine was shared: absolute times vary with load, the ratio is measured in the same run).", "",

@@ -69,24 +69,27 @@ def write_frames(root: Path, n_videos: int, n_frames: int, size: int = 224, seed
     return root
 
 
-def bare_loop(size: int, images: int, steps: int, warmup: int) -> float:
-    """Images per second of forward + backward + Adam on an in-memory batch."""
+def bare_loop(size: int, images: int, steps: int, warmup: int) -> tuple[float, float]:
+    """(images per second of forward + backward + Adam on an in-memory batch, forward s/step)."""
     torch.manual_seed(0)
     model = resnet18_backbone(in_channels=1)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=1e-4)
     x = torch.rand(images, 1, size, size)
+    forward = []
     for i in range(warmup + steps):
         if i == warmup:
             start = time.perf_counter()
+        t0 = time.perf_counter()
         loss = model(x).pow(2).mean()
+        forward.append(time.perf_counter() - t0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return steps * images / (time.perf_counter() - start)
+    return steps * images / (time.perf_counter() - start), statistics.median(forward[warmup:])
 
 
-def real_path(manifest: Path, work: Path, size: int, batch: int, steps: int, warmup: int) -> tuple[float, float]:
-    """(images per second of Trainer.fit in steady state, seconds of batch building per step)."""
+def real_path(manifest: Path, work: Path, size: int, batch: int, steps: int, warmup: int) -> tuple[float, float, float]:
+    """(images per second of Trainer.fit in steady state, batch building s/step, forward + losses s/step)."""
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(ROOT / "configs/uscl.yaml", [
@@ -106,6 +109,16 @@ def real_path(manifest: Path, work: Path, size: int, batch: int, steps: int, war
         return result
 
     loader.make_batch = timed_make_batch
+    forward_times: list[float] = []
+    training_step = method.training_step
+
+    def timed_training_step(b):
+        t0 = time.perf_counter()
+        result = training_step(b)
+        forward_times.append(time.perf_counter() - t0)
+        return result
+
+    method.training_step = timed_training_step
     trainer = Trainer(method, loader, cfg, out)
     stamps: list[float] = []
     step = trainer._train_step
@@ -119,7 +132,7 @@ def real_path(manifest: Path, work: Path, size: int, batch: int, steps: int, war
     trainer.fit()  # the final checkpoint is written after the last stamp
     images = 2 * batch
     rate = steps * images / (stamps[warmup + steps - 1] - stamps[warmup - 1])
-    return rate, statistics.median(build_times[warmup:])
+    return rate, statistics.median(build_times[warmup:]), statistics.median(forward_times[warmup:])
 
 
 def main() -> int:
@@ -138,16 +151,20 @@ def main() -> int:
     manifest = write_frames(work / "frames", args.videos, n_frames=12)
     command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
     load_before = load_average()
-    bare, real, build = [], [], []
+    bare, real, build, fwd_real, fwd_bare = [], [], [], [], []
     for r in range(args.rounds):
-        bare.append(bare_loop(args.size, 2 * args.batch, args.steps, args.warmup))
-        rate, build_s = real_path(manifest, work, args.size, args.batch, args.steps, args.warmup)
+        rate, fwd = bare_loop(args.size, 2 * args.batch, args.steps, args.warmup)
+        bare.append(rate)
+        fwd_bare.append(fwd)
+        rate, build_s, fwd = real_path(manifest, work, args.size, args.batch, args.steps, args.warmup)
         real.append(rate)
         build.append(build_s)
+        fwd_real.append(fwd)
         print(f"round {r + 1}: bare {bare[-1]:.1f} img/s, real {real[-1]:.1f} img/s, batch building {build_s * 1000:.0f} ms/step",
               flush=True)
     load_after = load_average()
     bare_m, real_m, build_m = statistics.median(bare), statistics.median(real), statistics.median(build)
+    fwd_real_m, fwd_bare_m = statistics.median(fwd_real), statistics.median(fwd_bare)
     ratio = real_m / bare_m
     step_s = 2 * args.batch / real_m
     bare_step_s = 2 * args.batch / bare_m
@@ -173,11 +190,15 @@ def main() -> int:
         f"**Ratio real / bare: {ratio:.3f}** (goal >= 0.9). Per round: "
         + ", ".join(f"{r / b:.3f}" for r, b in zip(real, bare)) + ".",
         "",
-        "Profile of the real step (median): pair generation + augmentation (3-4 frames per video through one "
-        f"batched `grid_sample`, then Beta mixing) {build_m * 1000:.0f} ms = {100 * build_m / step_s:.1f}% of the step; "
-        f"the rest ({100 * (1 - build_m / step_s):.1f}%) is the model step (one forward of the 2N views, heads, losses, "
-        "backward, Adam), which the bare loop does in "
-        f"{100 * bare_step_s / step_s:.1f}% of the real step time.",
+        "Profile (median seconds per step):",
+        "",
+        "| part | bare | real |",
+        "|---|---|---|",
+        f"| batch building: pair generation + augmentation + mixing | - | {build_m:.3f} ({100 * build_m / step_s:.1f}%) |",
+        f"| forward (+ heads and losses in the real path) | {fwd_bare_m:.3f} | {fwd_real_m:.3f} ({100 * fwd_real_m / step_s:.1f}%) |",
+        f"| backward + Adam (+ schedule, logging, bookkeeping) | {bare_step_s - fwd_bare_m:.3f} | "
+        f"{step_s - build_m - fwd_real_m:.3f} ({100 * (step_s - build_m - fwd_real_m) / step_s:.1f}%) |",
+        f"| whole step | {bare_step_s:.3f} | {step_s:.3f} |",
         "",
         "Design choices behind the number: both views go through the backbone in ONE forward pass (the public USCL "
         "loop makes four passes per step); batches are built in the training process (loader workers gain nothing "

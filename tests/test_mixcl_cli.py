@@ -88,3 +88,42 @@ def test_cli_pretrain_real_pools_one_step(tmp_path, monkeypatch, preset, extra):
     assert rc == 0
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 1 and np.isfinite(record["loss"])
+
+
+def test_interrupted_run_resumes_to_the_same_losses(tmp_path, monkeypatch):
+    """Shared trainer + MixCL views/sampling: a crash after the step-2 checkpoint, then --resume,
+    reproduces the uninterrupted run's step-3 and step-4 losses."""
+    from medcl.data.mixcl_views import MixCLViewMaker
+    from medcl.train.api import pretrain
+
+    a = _synthetic_folder(tmp_path, "a", 20)
+    b = _synthetic_folder(tmp_path, "b", 150)
+    preset = yaml.safe_load((PROJECT_ROOT / "configs" / "mixcl-2d.yaml").read_text())
+    preset["mixcl"]["datasets"] = [{"adapter": "image_folder", "root": str(a), "name": "a"},
+                                   {"adapter": "image_folder", "root": str(b), "name": "b"}]
+    preset["mixcl"]["intensity_prob"] = 0.8
+    args = ["mixcl.patch_size=32", "mixcl.vit_patch=8", "optim.batch_size=2", "optim.max_steps=4",
+            "train.checkpoint_every=2", *TINY]
+    full = pretrain(preset, args, out=tmp_path / "full")
+
+    calls = {"n": 0}
+    original = MixCLViewMaker.make_batch
+
+    def crashing(self, indices, rng):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated crash while building batch 3")
+        return original(self, indices, rng)
+
+    monkeypatch.setattr(MixCLViewMaker, "make_batch", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(preset, args, out=tmp_path / "resumed")
+    monkeypatch.setattr(MixCLViewMaker, "make_batch", original)
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["step"] == 2
+    pretrain(preset, args, out=tmp_path / "resumed", resume=True)
+
+    def losses(run):
+        return [(r["step"], r["loss"], r["loss_label"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    assert losses(tmp_path / "resumed") == losses(full)
+    assert [s for s, _, _ in losses(full)] == [1, 2, 3, 4]

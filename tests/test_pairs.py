@@ -172,3 +172,11 @@ def test_label_fraction_is_stratified_and_seeded():
     assert set(targets[~mask].tolist()) == {-1} and set(targets[mask].tolist()) == {0, 1, 2}
     with pytest.raises(ValueError, match="fraction"):
         select_labeled_videos(labels, 0.0)
+
+
+def test_large_frames_are_shrunk_once_to_what_the_crops_need():
+    params = AugmentParams(crop_scale=(0.64, 1.0))
+    gen = PairGenerator([np.full((2, 64, 64), 200, np.uint8)], np.full(1, -1), size=16, augment=params)
+    assert gen.frames.shape == (2, 20, 20)  # ceil(16 / sqrt(0.64)): the smallest crop still has 16 pixels
+    assert int(gen.frames.min()) == int(gen.frames.max()) == 200
+    assert generator([2], size=8).frames.shape == (2, 8, 8)

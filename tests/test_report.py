@@ -119,6 +119,10 @@ def make_segment_run(root: Path) -> Path:
     summary = {"1": {"n_folds": 1, "test_mean_dice": {"mean": 0.71, "std": 0.0, "n": 1},
                      "test_per_class": {"lesion": {"mean": 0.71, "std": 0.0, "n": 1}}}}
     (root / "results.json").write_text(json.dumps({"format": "medcl-segment-results-v1", "summary": summary}))
+    with (root / "curves.jsonl").open("w") as handle:  # as medcl.evaluate.segment logs validation
+        for it in (10, 20, 30):
+            handle.write(json.dumps({"fold": 1, "fraction": 1.0, "iteration": it, "train_loss": 1.0 / it,
+                                     "val_mean_dice": 0.02 * it, "lr": 1e-3, "seconds": 1.0}) + "\n")
     return root
 
 
@@ -201,8 +205,8 @@ def test_report_has_every_section_with_decodable_images(runs, tmp_path):
     assert "This section failed" not in text
     assert parsed.links == []  # self-contained: no stylesheet or script links
     images = _decode_images(parsed.images)
-    # curves (1 pretrain + 2 fine-tune), 2x2 confusion, 1 Grad-CAM grid, 4 embeddings, 2 overlays
-    assert len(images) == 3 + 4 + 1 + 4 + 2
+    # curves (1 pretrain + 2 fine-tune + 1 segmentation), 2x2 confusion, 1 Grad-CAM grid, 4 embeddings, 2 overlays
+    assert len(images) == 4 + 4 + 1 + 4 + 2
     assert all(min(im.size) > 50 for im in images)
     for name in ("uscl", "simclr", "ft_uscl", "ft_scratch", "segment"):
         assert name in text

@@ -363,3 +363,18 @@ def test_openkbp_source_organ_and_patient_subsets(shared_data):
     assert (label[raw == 1] == IGNORE_INDEX).all()  # brainstem: contoured, but not in this source's subset
     with pytest.raises(ValueError, match="organs"):
         openkbp_source(root, organs=["Liver"])
+
+
+def test_medcl_finetune_task_segment(tmp_path):
+    """The real command: `medcl finetune DATA --task segment` dispatches to the segmentation protocol."""
+    from medcl.cli import main
+
+    manifest = write_2d_manifest(tmp_path / "data", n_patients=5, size=24)
+    out = tmp_path / "run"
+    model = ["--model", "patch_size=4", "--model", "hidden_size=16", "--model", "mlp_dim=32", "--model", "num_layers=2",
+             "--model", "num_heads=2", "--model", "feature_size=4"]
+    assert main(["finetune", str(manifest), "--task", "segment", "--out", str(out), "--size", "24,24", "--folds", "3",
+                 "--run-folds", "2", "--fractions", "1", "--iterations", "2", "--batch-size", "2", *model]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["init"] == "scratch" and [r["fold"] for r in results["runs"]] == [2]
+    assert results["model"]["hidden_size"] == 16

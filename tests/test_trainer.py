@@ -106,6 +106,8 @@ def test_resume_continues_exactly(frames_dir, tmp_path):
         trainer.fit()
     assert [s for s, _ in losses(cfg.out)] == [1, 2, 3, 4, 5]
     assert load_checkpoint(cfg.out / "checkpoints" / "last.pt")["step"] == 3
+    with (cfg.out / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 6, "lo')  # a line cut short by the kill
 
     resumed = pretrain(cfg, resume=True)
     assert [s for s, _ in losses(resumed)] == list(range(1, 8))
@@ -170,3 +172,38 @@ def test_cli_pretrain_and_resume(frames_dir, tmp_path, capsys):
     assert main(["pretrain", "--config", str(PROJECT / "configs/uscl.yaml"), "out=x", "uscl.tau=1"]) == 2
     err = capsys.readouterr().err
     assert "uscl.tau=1: unknown key" in err and "data.manifest" in err
+
+
+def test_trainer_with_a_minimal_method_adamw_and_schedule(frames_dir, tmp_path):
+    """The trainer works with any Method that follows the base-class contract (MixCL relies on it)."""
+    from medcl.methods.base import Method
+    from medcl.train.loader import IndexBatchLoader
+
+    class Linear(Method):
+        name = "linear"
+
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Linear(4, 2)
+            self.backbone_spec = {"name": "linear", "kwargs": {}}
+
+        def training_step(self, batch):
+            loss = (self.backbone(batch["x"]) - 1).pow(2).mean()
+            return {"loss": loss, "norm": self.backbone.weight.norm().detach()}
+
+    def make_batch(items, rng):
+        return {"x": torch.from_numpy(rng.normal(size=(len(items), 4))).float()}
+
+    cfg = load_config(PROJECT / "configs/uscl.yaml", tiny_overrides(frames_dir, tmp_path / "run", **{
+        "optim.name": "adamw", "optim.max_steps": 10, "optim.warmup_epochs": 1, "optim.min_lr_ratio": 0.1,
+        "optim.lr": 0.01, "train.log_every": 2, "train.checkpoint_every": 4}))
+    loader = IndexBatchLoader(12, 4, make_batch, seed=0)
+    trainer = Trainer(Linear(), loader, cfg, cfg.out)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.warmup_steps == 3
+    trainer.fit()
+    records = [json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10]
+    for r in records:  # the logged lr is the one the update used
+        assert r["lr"] == pytest.approx(0.01 * lr_factor(r["step"] - 1, 3, 10, 0.1))
+    assert records[-1]["loss"] < records[0]["loss"] and "norm" in records[0]
+    assert load_checkpoint(cfg.out / "checkpoints" / "last.pt")["step"] == 10

@@ -107,11 +107,19 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", help="ingest output folder or its manifest.csv")
     add_config_arguments(parser)
+    # `--task segment`: UNETR + Dice on BUS-BRA / OpenKBP / a CSV manifest (medcl.evaluate.segment)
+    from medcl.evaluate.segment_cli import add_arguments as add_segment_arguments
+
+    add_segment_arguments(parser, task_default="classify")
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "task", "classify") == "segment":
+        from medcl.evaluate.segment_cli import run_cli
+
+        return run_cli(args)
     from medcl.evaluate.classify import finetune
 
     config = config_from_args(args)

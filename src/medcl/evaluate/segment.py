@@ -71,6 +71,7 @@ class SegmentConfig(BaseModel):
     val_fraction: float = 0.2
     max_val_cases: int | None = None
     pos_fraction: float = 0.5
+    dice_background: bool = False  # include the background channel in the Dice part of the loss
     sw_batch_size: int = 4
     sw_overlap: float = 0.25
     n_overlays: int = 2
@@ -365,7 +366,9 @@ def finetune_once(
     model = build_segmentation_model(task.spatial_dims, roi, 1, task.n_classes, **model_kwargs)
     if encoder_state is not None:
         load_encoder_into(model, encoder_state, cfg.checkpoint or "checkpoint")
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    # Dice over foreground classes only and over the whole batch: small organs in crops that miss
+    # them would otherwise be swamped by background Dice or give 0/0 per-sample terms
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=cfg.dice_background, batch=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, int(cfg.warmup_fraction * cfg.iterations))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.iterations, warmup))

@@ -68,7 +68,8 @@ class PixelBarlowTwinsLoss(nn.Module):
             a2, b2 = flatten_positions(a), flatten_positions(b)
             if a2.shape[0] < 2:
                 raise ValueError(f"layer {layer}: need at least 2 positions, got shape {tuple(a.shape)}")
-            # standardise in float32 even under autocast: the C x C sums are precision-sensitive
-            terms.append(self.barlow(a2.float(), b2.float()))
+            # float32 even under autocast: the C x C correlation sums are precision-sensitive
+            with torch.autocast(device_type=a2.device.type, enabled=False):
+                terms.append(self.barlow(a2.float(), b2.float()))
         total = torch.stack(terms).sum()
         return total if self.reduction == "sum" else total / len(terms)

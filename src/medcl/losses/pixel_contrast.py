@@ -90,8 +90,9 @@ class PixelContrastLoss(nn.Module):
         has_positive = positive.any(1)
         if not bool(has_positive.any()):
             return features.sum() * 0.0
-        z = F.normalize(features.float(), dim=1)
-        logits = z[has_positive] @ z.T / self.temperature
+        with torch.autocast(device_type=features.device.type, enabled=False):  # logits / 0.1 in float32
+            z = F.normalize(features.float(), dim=1)
+            logits = z[has_positive] @ z.T / self.temperature
         pos, valid = positive[has_positive], (positive | negative)[has_positive]
         neg_inf = torch.finfo(logits.dtype).min
         log_pos = torch.logsumexp(logits.masked_fill(~pos, neg_inf), dim=1)

@@ -197,9 +197,12 @@ def is_classification_finetune(run: Run) -> bool:
     return isinstance((run.config or {}).get("init"), dict) and "protocol" in (run.config or {})
 
 
-def model_inputs(run: Run, images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] images -> what this run's backbone saw in training."""
-    return (images - PIXEL_MEAN) / PIXEL_STD if is_classification_finetune(run) else images
+def model_inputs(run: Run, images: torch.Tensor, network: nn.Module) -> torch.Tensor:
+    """[0, 1] grayscale images [n, 1, S, S] -> what this run's backbone saw in training."""
+    images = (images - PIXEL_MEAN) / PIXEL_STD if is_classification_finetune(run) else images
+    conv = getattr(network, "conv1", None)
+    channels = int(getattr(conv, "in_channels", 1))
+    return images.expand(-1, channels, -1, -1) if channels > 1 else images  # grayscale replicated, as in training
 
 
 def _inputs_and_features(ctx: ReportContext, run: Run, network: nn.Module, frames: SampleFrames) -> tuple[torch.Tensor, np.ndarray]:
@@ -208,7 +211,7 @@ def _inputs_and_features(ctx: ReportContext, run: Run, network: nn.Module, frame
 
     key = str(run.path)
     if key not in ctx._features:
-        images = model_inputs(run, frames_to_tensor(frames.frames, run_input_size(run)))
+        images = model_inputs(run, frames_to_tensor(frames.frames, run_input_size(run)), network)
         ctx._features[key] = (images, backbone_features(network, images))
     return ctx._features[key]
 
@@ -264,7 +267,7 @@ def section_training(ctx: ReportContext) -> Section:
     if finetune:
         parts.append("<h3>Fine-tuning: per fold</h3><div class='grid'>")
         for run in finetune:
-            parts.append(figure(plots.finetune_curves(run.curves, run.name), f"{run.name}: one line per repeat / fold (r = repeat, f = fold, f... = label fraction)", 580))
+            parts.append(figure(plots.finetune_curves(run.curves, run.name), f"{run.name}: one line per repeat / fold / label fraction", 580))
         parts.append("</div>")
     if not parts:
         section.note = "No metrics.jsonl or curves.jsonl in any run."
@@ -383,7 +386,9 @@ def _runs_with_backbones(ctx: ReportContext) -> tuple[list[tuple[Run, nn.Module,
     usable, skipped = [], []
     for run in ctx.runs:
         network, source = _backbone_cached(ctx, run)
-        if network is None:
+        if network is None and run.is_segmentation:
+            skipped.append(f"{run.name}: segmentation run (its encoder is not a 2D classification backbone)")
+        elif network is None:
             skipped.append(f"{run.name}: {source}")
         elif not hasattr(network, "layer4"):
             skipped.append(f"{run.name}: {type(network).__name__} backbone; Grad-CAM and frame embeddings cover "
@@ -430,7 +435,7 @@ def section_gradcam(ctx: ReportContext) -> Section:
     sources = []
     for run, network, source in usable:
         size, cam_size = run_input_size(run), cam_sizes[run.name]
-        images = model_inputs(run, frames_to_tensor([frames.frames[i] for i in proto_idx + picks], cam_size))
+        images = model_inputs(run, frames_to_tensor([frames.frames[i] for i in proto_idx + picks], cam_size), network)
         features = backbone_features(network, images[: len(proto_idx)])
         model = PrototypeClassifier.from_features(network, features, proto_labels, frames.classes)
         class_idx = [frames.classes.index(frames.labels[i]) for i in picks]
@@ -505,7 +510,7 @@ def section_segmentation(ctx: ReportContext) -> Section:
         parts.append(f"<h3>{esc(run.name)}</h3><div class='grid'>")
         for overlay in run.overlays[:12]:
             parts.append(figure(plots.segmentation_overlay(overlay.image, overlay.pred, overlay.gt, overlay.name, overlay.class_names),
-                                f"{run.name}: {overlay.name}", 760))
+                                f"{run.name}: {overlay.name}", 580))
         parts.append("</div>")
         if len(run.overlays) > 12:
             parts.append(note(f"{len(run.overlays) - 12} more overlays in {run.path / 'overlays'} not shown."))

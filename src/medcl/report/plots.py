@@ -77,6 +77,12 @@ GROUP_KEYS = ("repeat", "fold", "fraction")
 X_KEYS = ("epoch", "iteration", "step")
 
 
+def _group_label(key: str, value) -> str:
+    if key == "fraction" and isinstance(value, (int, float)):
+        return f"{100 * value:g}% labels"
+    return f"{key} {value}"
+
+
 def finetune_curves(rows: list[dict], title: str) -> bytes:
     """Train loss and validation metric(s) vs epoch (or iteration), one line per repeat/fold/fraction."""
     x_key = next((k for k in X_KEYS if any(isinstance(r.get(k), (int, float)) for r in rows)), None)
@@ -99,7 +105,7 @@ def finetune_curves(rows: list[dict], title: str) -> bytes:
                    and math.isfinite(r[key])]
             if pts:
                 xs, ys = zip(*sorted(pts))
-                label = " ".join(f"{k[0]}{v:g}" if isinstance(v, (int, float)) else f"{k[0]}{v}" for k, v in zip(group_keys, group))
+                label = ", ".join(_group_label(k, v) for k, v in zip(group_keys, group))
                 ax.plot(xs, ys, color=colour, linewidth=1.2, marker="." if len(xs) < 30 else None, label=label or None)
         ax.set_title(key.replace("_", " "), fontsize=11)
         ax.set_xlabel(x_key)
@@ -200,7 +206,7 @@ def segmentation_overlay(image: np.ndarray, pred: np.ndarray, gt: np.ndarray, ti
     labels = sorted(set(np.unique(gt).tolist()) | set(np.unique(pred).tolist()) - {0})
     labels = [int(l) for l in labels if l != 0]
     cmap = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, 3, figsize=(9.6, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.9))
     for ax, (panel, mask) in zip(axes, (("image", None), ("ground truth", gt), ("prediction", pred))):
         ax.imshow(image, cmap="gray", vmin=0, vmax=1)
         if mask is not None:

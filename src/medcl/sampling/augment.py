@@ -5,7 +5,8 @@ image and applied with a single ``grid_sample`` that also resizes to the output 
 and contrast jitter follow. Parameters come from a ``numpy.random.Generator`` so that a run's
 augmentation stream can be checkpointed and resumed exactly.
 
-Output: float32 in [0, 1], shape [n, channels, size, size] (grayscale repeated when channels > 1).
+Output: float32 in [0, 1], shape [n, channels, size, size] (grayscale repeated when channels > 1),
+on the device of the input frames (the random parameters are drawn on the CPU either way).
 Regions rotated in from outside the frame are black, like the area around an ultrasound fan.
 """
 
@@ -73,12 +74,12 @@ def augment_frames(
     n = frames.shape[0]
     images = frames.unsqueeze(1)
     images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-    theta = random_affine(n, rng, params)
+    theta = random_affine(n, rng, params).to(images.device)
     grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if params.enabled and (params.brightness > 0 or params.contrast > 0):
-        contrast = torch.from_numpy(rng.uniform(1 - params.contrast, 1 + params.contrast, size=n).astype(np.float32))
-        brightness = torch.from_numpy(rng.uniform(1 - params.brightness, 1 + params.brightness, size=n).astype(np.float32))
+        contrast = torch.from_numpy(rng.uniform(1 - params.contrast, 1 + params.contrast, size=n).astype(np.float32)).to(out.device)
+        brightness = torch.from_numpy(rng.uniform(1 - params.brightness, 1 + params.brightness, size=n).astype(np.float32)).to(out.device)
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
         out = ((out - mean) * contrast.view(n, 1, 1, 1) + mean) * brightness.view(n, 1, 1, 1)
         out = out.clamp_(0.0, 1.0)

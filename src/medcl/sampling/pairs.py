@@ -24,12 +24,17 @@ representation learning", MICCAI 2021, Sec. 2.2:
 All frames of a video share the video's label, so the mixed label equals the video's label; the
 batch carries it as a hard class index (``-1`` = unlabeled).
 
+Frames stay in CPU memory; with ``device="cuda"`` only the chosen uint8 frames of a batch are copied
+to the GPU and augmented and mixed there (CPU augmentation would starve a GPU at 224 px).
+
 Batch layout (``make_batch``): ``{"view1", "view2": float [B, C, size, size] in [0, 1],
 "label": int64 [B] (-1 unlabeled), "video": int64 [B] (video index)}``.
 """
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -85,6 +90,7 @@ class PairGenerator:
         size: int = 224,
         channels: int = 1,
         augment: AugmentParams | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         if pairing not in ("video", "frame"):
             raise ValueError(f"pairing must be 'video' or 'frame', got {pairing!r}")
@@ -103,11 +109,15 @@ class PairGenerator:
         self.alpha, self.beta = float(alpha), float(beta)
         self.size, self.channels = size, channels
         self.augment = augment or AugmentParams()
+        self.device = torch.device(device)
         self.targets = torch.as_tensor(np.asarray(targets, dtype=np.int64))
         self.counts = np.array([f.shape[0] for f in frames], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
         self.frame_video = np.repeat(np.arange(len(frames)), self.counts)
-        self.frames = _pack(frames)  # uint8 [total_frames, H, W]
+        # Frames much larger than the model input are shrunk once (area filter, anti-aliased) to the
+        # smallest side at which even the smallest random crop still holds `size` source pixels.
+        min_scale = self.augment.crop_scale[0] if self.augment.enabled else 1.0
+        self.frames = _pack(frames, max_side=math.ceil(size / math.sqrt(min_scale)))  # uint8 [total, H, W]
 
     @property
     def n_items(self) -> int:
@@ -158,14 +168,15 @@ class PairGenerator:
         b = len(plan.video)
         mixed1, mixed2 = plan.view1_b >= 0, plan.view2_b >= 0
         index = np.concatenate([plan.view1_a, plan.view2_a, plan.view1_b[mixed1], plan.view2_b[mixed2]])
-        images = augment_frames(self.frames[torch.from_numpy(index)], self.size, rng, self.augment, self.channels)
-        view1, view2 = images[:b].clone(), images[b : 2 * b].clone()
+        chosen = self.frames[torch.from_numpy(index)].to(self.device, non_blocking=True)  # uint8: small transfer
+        images = augment_frames(chosen, self.size, rng, self.augment, self.channels)
+        view1, view2 = images[:b], images[b : 2 * b]  # views of a fresh tensor: mixing in place is safe
         extra = images[2 * b :]
         n1 = int(mixed1.sum())
         for view, mixed, weights, others in ((view1, mixed1, plan.view1_w, extra[:n1]), (view2, mixed2, plan.view2_w, extra[n1:])):
             if others.shape[0]:
-                rows = torch.from_numpy(np.flatnonzero(mixed))
-                w = torch.from_numpy(weights[mixed]).view(-1, 1, 1, 1)
+                rows = torch.from_numpy(np.flatnonzero(mixed)).to(view.device)
+                w = torch.from_numpy(weights[mixed]).to(view.device).view(-1, 1, 1, 1)
                 view[rows] = w * view[rows] + (1.0 - w) * others
         return view1, view2
 
@@ -176,11 +187,14 @@ class PairGenerator:
         return {"view1": view1, "view2": view2, "label": self.targets[video], "video": video}
 
 
-def _pack(frames: list[np.ndarray]) -> Tensor:
+def _pack(frames: list[np.ndarray], max_side: int | None = None) -> Tensor:
     shapes = Counter(f.shape[1:] for f in frames)
     common = shapes.most_common(1)[0][0]
     if len(shapes) > 1:
         warnings.warn(f"frame sets have {len(shapes)} frame sizes; resizing all to {common[0]}x{common[1]}", stacklevel=3)
+    if max_side is not None and max(common) > max_side:
+        factor = max_side / max(common)
+        common = (max(1, round(common[0] * factor)), max(1, round(common[1] * factor)))
     parts = []
     for f in frames:
         t = torch.from_numpy(np.ascontiguousarray(f))
@@ -204,7 +218,11 @@ def frame_set_loader(
     from medcl.data.frames import FrameSets
     from medcl.data.splits import label_targets, select_labeled_videos
     from medcl.train.loader import IndexBatchLoader
+    from medcl.train.trainer import resolve_device
 
+    device = resolve_device(config.train.device)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     sets = FrameSets(config.data.manifest, cache=False)  # frames are packed into one tensor below, once
     classes = sets.classes
     keep = select_labeled_videos(sets.labels, config.data.label_fraction, config.data.label_seed)
@@ -223,6 +241,7 @@ def frame_set_loader(
         size=config.data.size,
         channels=config.data.in_channels,
         augment=AugmentParams.from_config(config.augment),
+        device=device,
     )
     what = "videos" if config.sampling.pairing == "video" else "frames"
     loader = IndexBatchLoader(

@@ -174,8 +174,9 @@ def sample_pixels(
     else:
         u = torch.rand(position.numel(), generator=generator, dtype=torch.float64).clamp_min(1e-300)
         keys = torch.log(w) - torch.log(-torch.log(u))  # Gumbel keys: top-k = weighted draws w/o replacement
-        order = torch.argsort(keys, descending=True)
-        order = order[torch.argsort(group[order], stable=True)]  # by group, best key first
+        # one sort by (group ascending, key descending): keys squeezed into [0, 1) below the group id
+        span = (keys.max() - keys.min()).clamp_min(1e-12)
+        order = torch.argsort(group.double() + (keys.max() - keys) / (span * 1.0001))
         sorted_group = group[order]
         first = torch.searchsorted(sorted_group, sorted_group, right=False)
         rank = torch.arange(order.numel()) - first

@@ -150,6 +150,7 @@ class Trainer:
         )
         self.amp = bool(config.train.amp and self.device.type == "cuda")
         self.step = 0
+        self.saved_step: int | None = None  # step of the newest checkpoint on disk
         self._tb = None
 
     # ----------------------------------------------------------------- checkpoints
@@ -186,6 +187,7 @@ class Trainer:
         if self.is_main:
             for name in names:
                 save_checkpoint(self.ckpt_dir / name, ckpt)
+        self.saved_step = self.step
 
     def _restore(self) -> None:
         ckpt = load_checkpoint(self.last_path, map_location=self.device)
@@ -199,11 +201,11 @@ class Trainer:
         self.method.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.step = int(ckpt["step"])
+        self.step = self.saved_step = int(ckpt["step"])
         set_rng_state(ckpt["rng_per_rank"][self.rank])
         self.loader.load_state_dict(ckpt["loader_per_rank"][self.rank])
         if self.is_main and self.metrics_path.is_file():  # drop what was logged after this checkpoint
-            kept = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+            kept = [ln for ln in self.metrics_path.read_text().splitlines() if _logged_step(ln) <= self.step]
             self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
 
     # ----------------------------------------------------------------- logging
@@ -286,7 +288,7 @@ class Trainer:
             raise KeyError(f"{type(self.method).__name__}.training_step must return a 'loss' key, got {sorted(losses)}")
         values = self._reduce(losses)
         if not math.isfinite(values["loss"]):
-            last = f"{self.last_path} (step {load_checkpoint(self.last_path)['step']})" if self.last_path.is_file() else "none written yet"
+            last = f"{self.last_path} (step {self.saved_step})" if self.saved_step is not None else "none written yet"
             raise TrainingDiverged(
                 f"loss is {values['loss']} at step {self.step + 1} (epoch {epoch}); training stopped before applying it. "
                 f"Last good checkpoint: {last}. Lower optim.lr or check the data."
@@ -296,6 +298,14 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         return values
+
+
+def _logged_step(line: str) -> float:
+    """Step of a metrics.jsonl line; a line cut short by a kill counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...], prefix: str = "") -> list[str]:
