@@ -33,7 +33,7 @@ from medcl.methods.mixcl import build_method  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 SMALL_VIT = ["mixcl.hidden_size=192", "mixcl.mlp_dim=768", "mixcl.num_layers=6", "mixcl.num_heads=6",
-             "mixcl.vit_patch=16", "mixcl.feature_size=16"]
+             "mixcl.feature_size=16"]  # ViT patch, label pooling etc.: the presets' (2D: 16, 3D: 8)
 SETTINGS = {
     "2D 128 px": ("mixcl-2d.yaml", ["mixcl.patch_size=128", "optim.batch_size=8"]),
     "3D 64^3": ("mixcl-3d.yaml", ["mixcl.patch_size=64", "optim.batch_size=2", "mixcl.elastic_prob=0.5", "mixcl.cache=16"]),
@@ -145,7 +145,8 @@ def time_setting(label: str, preset: str, overrides: list[str], steps: int, tmp:
                 totals[k].append(t[k])
         print(f"{label} step {step}: " + ", ".join(f"{k} {t[k]:.3f}s" for k in PHASES) + f", loss {loss.item():.2f}", flush=True)
     info = {"data": "real" if real else "synthetic", "pool": pool.describe().splitlines()[0],
-            "batch": bs, "patch": p.patch_size, "tokens": int(np.prod(method.backbone.grid_size)),
+            "batch": bs, "patch": p.patch_size, "vit_patch": p.vit_patch, "pooling": p.label_pooling,
+            "tokens": int(np.prod(method.backbone.grid_size)),
             "params": sum(q.numel() for q in method.parameters()),
             "sampled": int(sum(s.index.numel() for s in samples))}
     return {k: float(np.mean(v)) for k, v in totals.items()}, info
@@ -174,7 +175,8 @@ def main() -> int:
         f"Machine: {os.cpu_count()} cores, {cpu_model()}, torch {torch.__version__}, {args.threads} torch threads  ",
         f"Load before: `{load_before}`  ",
         f"Load after: `{load_after}`  ",
-        f"Model: UNETR, ViT {' '.join(o.split('.')[1] for o in SMALL_VIT)}; mean of {args.steps} steps after 1 warm-up.",
+        f"Model: UNETR, ViT {' '.join(o.split('.')[1] for o in SMALL_VIT)} (ViT patch and the rest: the presets); "
+        f"mean of {args.steps} steps after 1 warm-up.",
         "", "| phase | " + " | ".join(results) + " |", "|---|" + "---:|" * len(results),
     ]
     for k in PHASES:
@@ -188,7 +190,7 @@ def main() -> int:
     lines += ["", "Settings:", ""]
     for label, (_, info) in results.items():
         lines.append(f"- {label}: {info['data']} data ({info['pool']}), batch {info['batch']}, patch {info['patch']}, "
-                     f"{info['tokens']} tokens per view, {info['params'] / 1e6:.2f} M parameters, "
+                     f"ViT patch {info['vit_patch']}, {info['tokens']} tokens per view, {info['pooling']} label pooling, {info['params'] / 1e6:.2f} M parameters, "
                      f"{info['sampled']} pixels sampled in the last step (P1 + P2)")
     lines += ["", "Phases: loader = building the batch (read/crop/augment P1, V1, V1', P2, V2); forward = encoder on "
               "the 3 views + all projectors + reconstruction decoder; sampling = labels to the token grid + "

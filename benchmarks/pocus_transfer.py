@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -44,6 +45,7 @@ CLASSES = ["covid", "pneumonia", "regular"]
 class Settings:
     size: int = 64
     blues_every: int = 1  # take every N-th COVID-BLUES video
+    pocus_every: int = 1  # take every N-th POCUS convex video (quick runs only)
     pretrain_epochs: int = 25
     pretrain_batch: int = 32
     warmup_epochs: float = 2.0
@@ -59,8 +61,8 @@ class Settings:
 
     @classmethod
     def quick(cls) -> Settings:
-        return cls(size=32, blues_every=12, pretrain_epochs=1, pretrain_batch=8, warmup_epochs=0.0,
-                   finetune_epochs_last_stage=2, finetune_epochs_full=1, max_train_frames_per_video=3,
+        return cls(size=32, blues_every=12, pocus_every=3, pretrain_epochs=1, pretrain_batch=8, warmup_epochs=0.0,
+                   finetune_epochs_last_stage=2, finetune_epochs_full=1, max_train_frames_per_video=2,
                    patience=2, n_boot=300)
 
 
@@ -93,9 +95,10 @@ def ingest_data(data: Path, work: Path, s: Settings, log) -> tuple[Path, Path]:
     pocus_meta = data / "pocus" / "metadata.csv"
     with pocus_meta.open(newline="") as handle:
         rows = [r for r in csv.DictReader(handle)
-                if r["kind"] == "video" and r["probe"] == "convex" and r["label"] in CLASSES]
-    pocus_src = link_subset([data / "pocus" / r["file"] for r in rows], data / "pocus", work / "src" / "pocus")
-    pocus_out = work / f"pocus-{s.size}"
+                if r["kind"] == "video" and r["probe"] == "convex" and r["label"] in CLASSES][::s.pocus_every]
+    pocus_src = link_subset([data / "pocus" / r["file"] for r in rows], data / "pocus",
+                            work / "src" / f"pocus-every{s.pocus_every}")
+    pocus_out = work / f"pocus-every{s.pocus_every}-{s.size}"
     t0 = time.perf_counter()
     summary = ingest_videos(pocus_src, pocus_out, fps=3.0, size=s.size, metadata=pocus_meta, progress=False)
     log(f"POCUS: {summary.n_ingested + summary.n_skipped} convex videos ({summary.n_frames} new frames), "
@@ -136,20 +139,22 @@ def pretrain_all(blues: Path, work: Path, s: Settings, log) -> dict[str, Path]:
     log(f"pretraining: {total_steps} steps of {s.pretrain_batch} pairs per variant ({s.pretrain_epochs} video epochs)")
     runs = {}
     for name, label, variant in pretrain_variants(s):
-        out = work / "pretrain" / name
-        final = out / "checkpoints" / "final.pt"
-        if final.is_file():
-            log(f"pretrain {name}: reusing {final}")
-            runs[name] = final
-            continue
         config = deep_update({
             "data": {"manifest": str(blues), "size": s.size},
             "optim": {"epochs": s.pretrain_epochs, "batch_size": s.pretrain_batch, "max_steps": total_steps,
                       "warmup_epochs": warmup_steps / (frame_steps if variant["sampling"]["pairing"] == "frame"
                                                        else video_steps)},
             "train": {"seed": s.seed, "device": "auto", "progress": False, "tensorboard": False},
-            "out": str(out),
         }, variant)
+        # the folder name carries a digest of the settings: a changed setting never reuses a stale run
+        digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+        out = work / "pretrain" / f"{name}-{digest}"
+        config["out"] = str(out)
+        final = out / "checkpoints" / "final.pt"
+        if final.is_file():
+            log(f"pretrain {name}: reusing {final}")
+            runs[name] = final
+            continue
         t0 = time.perf_counter()
         pretrain(config)
         log(f"pretrain {name} ({label}): {time.perf_counter() - t0:.0f} s")
@@ -257,7 +262,7 @@ def main(argv=None) -> int:
         f"torch {torch.__version__}, {args.threads} threads, device {base['device']}; load average at the end "
         f"{os.getloadavg()[0]:.1f}.", "",
         "Settings: " + ", ".join(f"{k}={v}" for k, v in asdict(s).items()) + ".", "",
-        f"Fine-tuning data: POCUS convex videos, classes {CLASSES}, {n_test} videos tested per repeat "
+        f"Fine-tuning data: POCUS convex videos (every {s.pocus_every}.), classes {CLASSES}, {n_test} videos tested per repeat "
         f"({s.folds} folds x {s.repeats} repeat(s), stratified and grouped by patient; validation carved from the "
         "training folds by patient; test fold evaluated once). Pretraining: COVID-BLUES "
         f"(every {s.blues_every}. video), weak label = COVID PCR of the patient (USCL's CE only).", "",

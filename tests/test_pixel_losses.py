@@ -71,6 +71,18 @@ def test_pixel_barlow_matches_reference_over_layers(lam):
     assert got.item() == pytest.approx(barlow_reference(layers1, layers2, lam), rel=1e-4)
 
 
+def test_per_layer_term_equals_monai_barlow_twins():
+    from monai.losses import BarlowTwinsLoss
+
+    from medcl.losses.pixel_barlow import flatten_positions
+
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(3, 7, 4, 5, generator=g), torch.randn(3, 7, 4, 5, generator=g)
+    for lam in (0.0, 5e-3, 1.0):
+        ref = BarlowTwinsLoss(lambd=lam)(flatten_positions(a), flatten_positions(b))
+        torch.testing.assert_close(PixelBarlowTwinsLoss(lam)([a], [b]), ref)
+
+
 def test_pixel_barlow_3d_mean_and_positions_matter():
     g = torch.Generator().manual_seed(2)
     a = torch.randn(1, 3, 2, 2, 3, generator=g)

@@ -249,8 +249,9 @@ def test_report_cli(runs, tmp_path):
     from medcl.cli import main
 
     out = tmp_path / "cli.html"
-    assert main(["report", str(runs["finetune"]), "-o", str(out), "--max-frames", "12"]) == 0
-    assert out.is_file() and "ft_uscl" in out.read_text()
+    assert main(["report", str(runs["finetune"]), "-o", str(out), "--max-frames", "12", "--names", "USCL fine-tuned"]) == 0
+    assert out.is_file() and "USCL fine-tuned" in out.read_text()
+    assert main(["report", str(runs["finetune"]), "-o", str(out), "--names", "a,b"]) == 2
     assert main(["report", str(tmp_path / "missing"), "-o", str(out)]) == 2
 
 
@@ -345,3 +346,11 @@ def test_environment_file_is_shown(tmp_path):
     assert env["torch"] == torch.__version__ and "python" in env and "cpu" in env
     text = write_report([run], tmp_path / "r.html").read_text()
     assert torch.__version__ in text and "Environment not recorded" not in text
+
+
+def test_unique_run_names():
+    from medcl.report.runs import unique_names
+
+    assert unique_names([Path("d/finetune/uscl"), Path("d/pretrain/uscl"), Path("d/finetune/scratch")]) == [
+        "finetune/uscl", "pretrain/uscl", "scratch"]
+    assert unique_names([Path("a/x/run"), Path("b/x/run")]) == ["x/run (1)", "x/run (2)"]

@@ -191,7 +191,7 @@ def save_backbone(
     return path
 
 
-def read_backbone_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
+def read_backbone_file(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str], Path]:
     """Tensors and metadata of an exported backbone (a DIR or the .safetensors file), validated."""
     from safetensors import safe_open
 
@@ -200,7 +200,7 @@ def read_backbone_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[
     if not file.is_file():
         raise BackboneLoadError(f"backbone file not found: {file}")
     try:
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
+        with safe_open(str(file), framework="pt", device=str(device)) as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # noqa: BLE001  (safetensors raises its own error type and OSError)
@@ -237,16 +237,17 @@ def _load_checked(network: nn.Module, state: Mapping[str, torch.Tensor], file: s
     network.load_state_dict(dict(state), strict=True)
 
 
-def load_backbone(path: str | Path) -> nn.Module:
+def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Load an exported backbone (``DIR`` or ``DIR/backbone.safetensors``) as a MONAI network in eval mode.
 
     >>> net = load_backbone("exported/")          # doctest: +SKIP
     >>> features = net(torch.rand(1, 1, 224, 224))  # [1, 512] for the ResNet-18   # doctest: +SKIP
 
-    Only safetensors are read: no pickled code runs. Errors name the file and the problem
+    ``device`` places the network (e.g. ``"cuda"``). Only safetensors are read: no pickled code
+    runs. Errors name the file and the problem
     (corrupted bytes, checksum mismatch, unknown architecture, missing keys, wrong shapes).
     """
-    tensors, metadata, file = read_backbone_file(path)
+    tensors, metadata, file = read_backbone_file(path)  # read on CPU: the checksum is computed there
     architecture = metadata["architecture"]
     try:
         kwargs = json.loads(metadata.get("kwargs") or "{}")
@@ -261,7 +262,7 @@ def load_backbone(path: str | Path) -> nn.Module:
     except TypeError as exc:
         raise BackboneLoadError(f"{file}: cannot build {architecture!r} with kwargs {kwargs}: {exc}") from exc
     _load_checked(network, tensors, file, architecture)
-    return network.eval()
+    return network.to(device).eval()
 
 
 # --------------------------------------------------------------------------- model card

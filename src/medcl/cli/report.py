@@ -22,6 +22,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                         help="ingest folder (or manifest.csv) with the frames for Grad-CAM and embeddings "
                              "(default: the first run config's data.manifest / data)")
     parser.add_argument("--title", default=None, help="report title")
+    parser.add_argument("--names", default=None, help="comma-separated run labels, one per RUN_DIR (default: folder names)")
     parser.add_argument("--max-frames", type=int, default=300, help="frames embedded per run (default 300)")
     parser.add_argument("--gradcam-per-class", type=int, default=2, help="Grad-CAM sample frames per class (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed for frame sampling and t-SNE")
@@ -39,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"medcl report: error: run folder(s) not found: {missing}", file=sys.stderr)
         return 2
     try:
-        out = write_report(args.runs, args.out, args.manifest, title=args.title, max_embedding_frames=args.max_frames,
+        names = [n.strip() for n in args.names.split(",")] if args.names else None
+        out = write_report(args.runs, args.out, args.manifest, title=args.title, names=names, max_embedding_frames=args.max_frames,
                            gradcam_per_class=args.gradcam_per_class, seed=args.seed,
                            log=lambda message: print(message, file=sys.stderr))
     except (FileNotFoundError, ValueError) as exc:

@@ -23,7 +23,7 @@ from medcl.data.manifest import FRAMES_DIR, MANIFEST_NAME, VideoRecord
 from medcl.ingest import store
 from medcl.ingest.labels import LabelSource
 from medcl.ingest.sector import CropBox, crop_square, detect_sector
-from medcl.ingest.video import DecodedClip, DecodeError, decode_video
+from medcl.ingest.video import STUDIO_TO_FULL_RANGE, DecodedClip, DecodeError, decode_video
 
 
 @dataclass
@@ -126,17 +126,14 @@ def process_file(task: dict[str, Any]) -> dict[str, Any]:
             ]
         box = detect_sector(clip.frames) if task["crop"] else CropBox(0, 0, clip.frames[0].shape[1], clip.frames[0].shape[0])
         size = task["size"]
+        lut = STUDIO_TO_FULL_RANGE if clip.studio_range else None
         converted: dict[int, np.ndarray] = {}
         out_frames = np.empty((len(clip.frames), size, size), np.uint8)
         for i, frame in enumerate(clip.frames):
             key = id(frame)  # repeated frames (slow sources) are resized once
             if key not in converted:
-                converted[key] = crop_square(frame, box, size)
+                converted[key] = crop_square(frame, box, size, lut=lut)
             out_frames[i] = converted[key]
-        if clip.studio_range:
-            from medcl.ingest.video import expand_studio_range
-
-            out_frames = expand_studio_range(out_frames)
         store.save_frames_atomic(Path(task["frames_path"]), out_frames)
     except DecodeError as exc:
         return {"ok": False, "reason": str(exc)}
@@ -276,9 +273,9 @@ def ingest_videos(
             )
             summary.n_ingested += 1
             summary.n_frames += result["n_frames"]
-            # rewriting the whole manifest after every video is quadratic: at most once a second
-            # (a crash loses at most that second's manifest rows; their videos are simply redone)
-            if time.monotonic() - last_write[0] > 1.0:
+            # rewriting the whole manifest after every video is quadratic: at most every 5 s (a
+            # crash loses at most those seconds' manifest rows; their videos are simply redone)
+            if time.monotonic() - last_write[0] > 5.0:
                 store.write_records(out, records)
                 last_write[0] = time.monotonic()
         else:

@@ -4,7 +4,7 @@ Exported ultrasound videos carry black borders, scanner UI, burned-in text, scal
 around the image. Those are static, while the ultrasound image itself moves (speckle, breathing,
 probe motion). The detector therefore
 
-1. computes, on a reduced copy of the kept frames, the per-pixel temporal standard deviation
+1. computes, on a reduced copy (<= 128 px) of the kept frames, the per-pixel temporal standard deviation
    (motion) and mean (brightness);
 2. takes the largest connected region of moving pixels (after closing small gaps and filling
    holes), with any other moving region at least 15% of its size -- text and rulers do not
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-_ANALYSIS_SIDE = 192  # detect on a copy whose longer side is at most this many pixels
+_ANALYSIS_SIDE = 128  # detect on a copy whose longer side is at most this many pixels
 _MAX_ANALYSIS_FRAMES = 64
 
 
@@ -109,9 +109,10 @@ def detect_sector(frames: Sequence[np.ndarray] | np.ndarray, *, margin: int = 2)
     return CropBox(int(x0), int(y0), int(x1), int(y1))
 
 
-def crop_square(frame: np.ndarray, box: CropBox, size: int) -> np.ndarray:
+def crop_square(frame: np.ndarray, box: CropBox, size: int, lut: Sequence[int] | None = None) -> np.ndarray:
     """Crop ``frame`` to ``box`` and fit it into a black ``size`` x ``size`` square, keeping the
-    aspect ratio (longer side scaled to ``size``, shorter side centred)."""
+    aspect ratio (longer side scaled to ``size``, shorter side centred). ``lut`` (256 values) is
+    applied to the resized pixels (cheaper there than on the full-resolution frame)."""
     from PIL import Image
 
     crop = np.ascontiguousarray(frame[box.y0 : box.y1, box.x0 : box.x1])
@@ -119,7 +120,10 @@ def crop_square(frame: np.ndarray, box: CropBox, size: int) -> np.ndarray:
     scale = size / max(h, w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
     # reducing_gap: a fast integer box reduction first, then antialiased bilinear for the rest
-    resized = np.asarray(Image.fromarray(crop).resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=2.0))
+    image = Image.fromarray(crop).resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    if lut is not None:
+        image = image.point(list(lut))
+    resized = np.asarray(image)
     out = np.zeros((size, size), np.uint8)
     top, left = (size - new_h) // 2, (size - new_w) // 2
     out[top : top + new_h, left : left + new_w] = resized

@@ -118,6 +118,7 @@ def _ffmpeg_reason(exc: BaseException, logs: list | None = None) -> str:
 
 # studio-range luma (16..235) to full range (0..255), the same mapping swscale applies for "gray"
 _LIMITED_TO_FULL = np.clip(np.round((np.arange(256) - 16) * 255 / 219), 0, 255).astype(np.uint8)
+STUDIO_TO_FULL_RANGE: tuple[int, ...] = tuple(int(v) for v in _LIMITED_TO_FULL)
 _PLANAR_YUV_8BIT = frozenset(
     "yuv420p yuv422p yuv444p yuv410p yuv411p yuv440p yuvj420p yuvj422p yuvj444p yuvj440p yuva420p nv12 nv21".split()
 )
@@ -179,6 +180,8 @@ def decode_video(path: str | Path, fps: float = 3.0, *, threads: int = 0, keep_p
     with a readable reason for files that cannot be read: no video stream, undecodable codec,
     no frames, decode errors, or a stream that ends well before the frame count its container
     declares (a truncated file; ``keep_partial=True`` keeps what decoded instead).
+    For 8-bit YUV sources the frames are the raw luma plane; when ``clip.studio_range`` is True
+    it is studio range (16..235) and :func:`expand_studio_range` maps it to 0..255.
     """
     import av
     import av.logging
@@ -226,7 +229,7 @@ def decode_video(path: str | Path, fps: float = 3.0, *, threads: int = 0, keep_p
                     last_array = _rotate(gray, frame.rotation)
                 kept.append(last_array)  # type: ignore[arg-type]
 
-        n_decoded = 0
+        n_decoded = n_corrupt = 0
         prev_time: float | None = None
         last_duration = 0.0
         error: str | None = None
@@ -245,6 +248,7 @@ def decode_video(path: str | Path, fps: float = 3.0, *, threads: int = 0, keep_p
                     keep(sampler.push(time, frame))
                     prev_time = time
                     n_decoded += 1
+                    n_corrupt += frame.is_corrupt
             except av.FFmpegError as exc:
                 error = f"decoding failed after {n_decoded} frame(s): {_ffmpeg_reason(exc, logs)}"
             except (MemoryError, ValueError, RuntimeError) as exc:
@@ -253,6 +257,9 @@ def decode_video(path: str | Path, fps: float = 3.0, *, threads: int = 0, keep_p
             raise DecodeError(error or f"no frames could be decoded ({stream.codec_context.name} stream)")
         if error and not keep_partial:
             raise DecodeError(error)
+        if n_corrupt and not keep_partial:  # the decoder concealed damaged data in these frames
+            last = _ffmpeg_reason(RuntimeError("damaged data"), logs)
+            raise DecodeError(f"{n_corrupt} of {n_decoded} decoded frames are marked corrupt: {last}")
         assert prev_time is not None and sampler.t0 is not None
         if last_duration <= 0:  # no per-frame duration: the clip's average frame interval
             last_duration = (prev_time - sampler.t0) / (n_decoded - 1) if n_decoded > 1 else nominal_interval

@@ -9,9 +9,10 @@ standardised along M, and the cross-correlation C^l (C x C) is pushed to the ide
 
     L_id = sum_l [ sum_i (1 - C^l_ii)^2 + lambda_bt * sum_i sum_{j != i} (C^l_ij)^2 ].
 
-(The paper prints C_ii in the off-diagonal term, a typo for C_ij.) The per-layer term is MONAI's
-:class:`monai.losses.BarlowTwinsLoss` (standardised channels, cross-correlation divided by M),
-applied to the flattened positions. The two views must be spatially aligned (views differ only by
+(The paper prints C_ii in the off-diagonal term, a typo for C_ij.) The per-layer term is exactly
+MONAI's :class:`monai.losses.BarlowTwinsLoss` (channels standardised with the unbiased std + 1e-6,
+cross-correlation divided by M; the tests check equality), written without its identity-matrix
+masking, which made it 4-20x slower here (0.08-0.5 s vs 0.02 s for M = 512, C = 384 on 2 cores). The two views must be spatially aligned (views differ only by
 intensity augmentation), since position m of one view is matched with position m of the other.
 
 Example::
@@ -27,7 +28,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.losses import BarlowTwinsLoss
 from torch import nn
 
 
@@ -36,6 +36,16 @@ def flatten_positions(features: torch.Tensor) -> torch.Tensor:
     if features.dim() < 3:
         raise ValueError(f"expected a feature map [B, C, *spatial], got shape {tuple(features.shape)}")
     return features.movedim(1, -1).reshape(-1, features.shape[1])
+
+
+def barlow_twins(a: torch.Tensor, b: torch.Tensor, lambda_offdiag: float) -> torch.Tensor:
+    """Barlow Twins between ``[M, C]`` matrices (same value as ``monai.losses.BarlowTwinsLoss``)."""
+    m = a.shape[0]
+    a = (a - a.mean(0)) / a.std(0).add(1e-6)
+    b = (b - b.mean(0)) / b.std(0).add(1e-6)
+    c = a.T @ b / m
+    on_diag = torch.diagonal(c)
+    return (1 - on_diag).pow(2).sum() + lambda_offdiag * (c.pow(2).sum() - on_diag.pow(2).sum())
 
 
 class PixelBarlowTwinsLoss(nn.Module):
@@ -54,7 +64,6 @@ class PixelBarlowTwinsLoss(nn.Module):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.lambda_offdiag = lambda_offdiag
         self.reduction = reduction
-        self.barlow = BarlowTwinsLoss(lambd=lambda_offdiag)
 
     def forward(self, view1: Sequence[torch.Tensor], view2: Sequence[torch.Tensor]) -> torch.Tensor:
         if isinstance(view1, torch.Tensor):
@@ -70,6 +79,6 @@ class PixelBarlowTwinsLoss(nn.Module):
                 raise ValueError(f"layer {layer}: need at least 2 positions, got shape {tuple(a.shape)}")
             # float32 even under autocast: the C x C correlation sums are precision-sensitive
             with torch.autocast(device_type=a2.device.type, enabled=False):
-                terms.append(self.barlow(a2.float(), b2.float()))
+                terms.append(barlow_twins(a2.float(), b2.float(), self.lambda_offdiag))
         total = torch.stack(terms).sum()
         return total if self.reduction == "sum" else total / len(terms)

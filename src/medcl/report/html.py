@@ -85,6 +85,45 @@ def note(text: str) -> str:
     return f'<p class="note">{esc(text)}</p>'
 
 
+def markdown_to_html(text: str, heading_offset: int = 3) -> str:
+    """The markdown medcl writes (headings, paragraphs, pipe tables, **bold**, `code`) as HTML."""
+    import re
+
+    def inline(s: str) -> str:
+        s = esc(s)
+        s = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", s)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+
+    out: list[str] = []
+    table: list[list[str]] = []
+
+    def flush_table() -> None:
+        if not table:
+            return
+        rows = [r for r in table if not all(set(c.strip()) <= set("-: ") for c in r)]
+        head, body = rows[0], rows[1:]
+        out.append("<div class='scroll'><table><thead><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr></thead><tbody>"
+                   + "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body) + "</tbody></table></div>")
+        table.clear()
+
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|"):
+            table.append([c.strip() for c in stripped.strip("|").split("|")])
+            continue
+        flush_table()
+        if not stripped:
+            continue
+        level = len(stripped) - len(stripped.lstrip("#"))
+        if level:
+            tag = f"h{min(6, level + heading_offset)}"
+            out.append(f"<{tag}>{inline(stripped[level:].strip())}</{tag}>")
+        else:
+            out.append(f"<p>{inline(stripped)}</p>")
+    flush_table()
+    return "".join(out)
+
+
 # --------------------------------------------------------------------------- frames & backbones
 
 
@@ -221,7 +260,8 @@ def _inputs_and_features(ctx: ReportContext, run: Run, network: nn.Module, frame
 
 def section_runs(ctx: ReportContext) -> Section:
     rows = []
-    for colour, run in zip(plots.RUN_COLOURS * 10, ctx.runs):
+    for i, run in enumerate(ctx.runs):
+        colour = plots.RUN_COLOURS[i % len(plots.RUN_COLOURS)]
         hex_colour = "#%02x%02x%02x" % tuple(int(255 * c) for c in colour[:3])
         present = [
             name
@@ -260,7 +300,8 @@ def section_training(ctx: ReportContext) -> Section:
     if pretrain:
         parts.append("<h3>Pretraining: every logged term vs step</h3>")
         terms = sorted({term for series in pretrain.values() for term in series})
-        parts.append(figure(plots.training_curves(pretrain),
+        colours = {run.name: plots.RUN_COLOURS[i % len(plots.RUN_COLOURS)] for i, run in enumerate(ctx.runs)}
+        parts.append(figure(plots.training_curves(pretrain, colours=colours),
                             f"Logged terms: {', '.join(terms)}. Thick lines: moving average when there are many "
                             "points; faint: raw values."))
     finetune = [run for run in ctx.runs if run.curves]
@@ -313,12 +354,14 @@ def section_results(ctx: ReportContext) -> Section:
             )
             parts.append(f"<h3>{esc(label)}</h3><div class='scroll'><table><thead><tr><th>run</th>{head}</tr></thead>"
                          f"<tbody>{body}</tbody></table></div>")
+    # the paired comparison that `medcl finetune` writes beside several runs started on the same folds
+    for path in sorted({run.path.parent / "comparison.md" for run in runs if (run.path.parent / "comparison.md").is_file()}):
+        parts.append(f"<div class='comparison'>{markdown_to_html(path.read_text())}"
+                     f"<p class='small'>From <code>{esc(path)}</code></p></div>")
     for run in ctx.runs:
         if run.results_md:
-            parts.append(f"<details><summary>results.md of {esc(run.name)}</summary><pre>{esc(run.results_md)}</pre></details>")
-    comparison = [p for p in {run.path.parent / "comparison.md" for run in ctx.runs} if p.is_file()]
-    for path in comparison:
-        parts.append(f"<details><summary>{esc(path)}</summary><pre>{esc(path.read_text())}</pre></details>")
+            parts.append(f"<details><summary>results.md of {esc(run.name)} (per class, confusion matrices)</summary>"
+                         f"{markdown_to_html(run.results_md, 3)}</details>")
     section.body = "".join(parts)
     return section
 
@@ -533,9 +576,9 @@ def section_config(ctx: ReportContext) -> Section:
         env = run.environment
         env_html = ("<table class='kv'>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in env.items()) + "</table>"
                     if isinstance(env, dict) else note("Environment not recorded by this run (no environment.json)."))
-        config = f"<pre>{esc(run.config_text)}</pre>" if run.config_text else note("No config.yaml.")
-        parts.append(f"<details open><summary>{esc(run.name)}</summary><h4>Environment</h4>{env_html}"
-                     f"<h4>config.yaml</h4>{config}</details>")
+        config = (f"<details><summary>config.yaml ({len(run.config_text.splitlines())} lines)</summary>"
+                  f"<pre>{esc(run.config_text)}</pre></details>" if run.config_text else note("No config.yaml."))
+        parts.append(f"<h3>{esc(run.name)}</h3>{env_html}{config}")
     gen = report_environment()
     parts.append("<h3>Report generated with</h3><table class='kv'>" +
                  "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in gen.items()) + "</table>")
@@ -573,6 +616,7 @@ figcaption{font-size:13px;color:#555;margin-top:4px}
 .chip{display:inline-block;width:11px;height:11px;border-radius:3px;margin-right:7px}
 pre{background:#f3f5f8;padding:10px;overflow-x:auto;font-size:12.5px;max-height:480px}
 details{margin:8px 0}
+.comparison{border-left:3px solid #1f3a5f;padding:2px 14px;margin:14px 0;background:#f8fafc}
 summary{cursor:pointer;font-weight:600}
 code{font-size:13px}
 """
@@ -602,6 +646,7 @@ def write_report(
     manifest: str | Path | None = None,
     *,
     title: str | None = None,
+    names: Sequence[str] | None = None,
     max_embedding_frames: int = 300,
     gradcam_per_class: int = 2,
     seed: int = 0,
@@ -609,6 +654,8 @@ def write_report(
     log: Callable[[str], None] = lambda message: None,
 ) -> Path:
     """Write one self-contained HTML report comparing ``run_dirs`` side by side; returns its path.
+
+    ``names`` labels the runs (default: folder names, made unique with their parent folder).
 
     >>> write_report(["runs/scratch", "runs/simclr", "runs/uscl"], "report.html", manifest="ingested/")  # doctest: +SKIP
 
@@ -619,7 +666,12 @@ def write_report(
     if not run_dirs:
         raise ValueError("write_report needs at least one run folder")
     paths = [Path(p) for p in run_dirs]
-    names = unique_names(paths)
+    if names is not None:
+        names = [str(n) for n in names]
+        if len(names) != len(paths) or len(set(names)) != len(names):
+            raise ValueError(f"names must be {len(paths)} distinct labels, one per run folder; got {names}")
+    else:
+        names = unique_names(paths)
     runs = [load_run(p, n) for p, n in zip(paths, names)]
     if manifest is not None and not Path(manifest).exists():
         raise FileNotFoundError(f"manifest not found: {manifest}")

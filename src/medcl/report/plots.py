@@ -34,8 +34,13 @@ def _smooth(values: Sequence[float]) -> np.ndarray:
     return np.convolve(padded, kernel, mode="valid")
 
 
-def training_curves(series_per_run: dict[str, dict[str, tuple[list[float], list[float]]]], x_label: str = "step") -> bytes:
+def training_curves(
+    series_per_run: dict[str, dict[str, tuple[list[float], list[float]]]],
+    x_label: str = "step",
+    colours: dict[str, tuple] | None = None,
+) -> bytes:
     """One panel per logged quantity (loss terms, lr, ...); each run a colour, overlaid."""
+    colours = colours or {name: RUN_COLOURS[i % len(RUN_COLOURS)] for i, name in enumerate(series_per_run)}
     terms: list[str] = []
     for series in series_per_run.values():
         for key in series:
@@ -47,7 +52,8 @@ def training_curves(series_per_run: dict[str, dict[str, tuple[list[float], list[
     n_rows = math.ceil(len(terms) / n_cols)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(4.6 * n_cols, 3.2 * n_rows), squeeze=False)
     for ax, term in zip(axes.flat, terms):
-        for colour, (run_name, series) in zip(RUN_COLOURS * 10, series_per_run.items()):
+        for run_name, series in series_per_run.items():
+            colour = colours.get(run_name, "black")
             if term not in series:
                 continue
             xs, ys = series[term]

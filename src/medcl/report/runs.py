@@ -197,10 +197,10 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
 def unique_names(paths: list[Path]) -> list[str]:
     """Short display names: the folder name, made unique with the parent when names collide."""
     names = [p.name or str(p) for p in paths]
-    for i, name in enumerate(names):
-        if names.count(name) > 1:
-            names[i] = f"{paths[i].parent.name}/{name}"
-    return names
+    duplicated = {name for name in names if names.count(name) > 1}
+    names = [f"{p.parent.name}/{name}" if name in duplicated else name for p, name in zip(paths, names)]
+    still = {name for name in names if names.count(name) > 1}  # same parent name too: number them
+    return [f"{name} ({names[:i].count(name) + 1})" if name in still else name for i, name in enumerate(names)]
 
 
 def numeric_series(rows: list[dict[str, Any]], x_key: str) -> dict[str, tuple[list[float], list[float]]]:

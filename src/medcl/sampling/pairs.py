@@ -21,6 +21,10 @@ representation learning", MICCAI 2021, Sec. 2.2:
 - Fallbacks: a 2-frame video gives its two frames as the pair (no mixing); a 1-frame video gives
   two augmentations of its frame.
 
+The paper's ablation (Table 2) maps onto the options: vanilla contrastive = ``pairing=frame
+mixup=none`` (configs/simclr.yaml); +I1 = ``pairing=video mixup=none``; +I2 = ``pairing=frame
+mixup=paper``; +I1+I2 = ``pairing=video mixup=paper`` with ``uscl.lambda_sup=0``; + CE = configs/uscl.yaml.
+
 All frames of a video share the video's label, so the mixed label equals the video's label; the
 batch carries it as a hard class index (``-1`` = unlabeled).
 
