@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,8 @@ def pretrain_mixcl(config: str | Path, overrides: Sequence[str], out: Path, data
     ckpt = out / "checkpoints" / "final.pt"
     t0 = time.time()
     if not (reuse and ckpt.is_file()):
+        if out.exists():  # this benchmark's own scratch folder: start afresh
+            shutil.rmtree(out)
         cfg = load_config(config, list(overrides) + [f"out={out}"])
         if datasets is not None:
             d = cfg.to_dict()

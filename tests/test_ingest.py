@@ -16,13 +16,13 @@ from PIL import Image
 
 from medcl.data.frames import FrameSets
 from medcl.data.manifest import read_manifest
-from medcl.data.synthetic import synthetic_video_frames, write_mp4
+from medcl.data.synthetic import synthetic_video_frames
 from medcl.ingest import ingest_videos
 from medcl.ingest.dicom import read_dicom
 from medcl.ingest.labels import LabelSource, LabelSourceError, parse_label_map
 from medcl.ingest.sector import CropBox, crop_square, detect_sector
 from medcl.ingest.store import make_video_id
-from medcl.ingest.video import DecodeError, RealTimeSampler, decode_video, expected_frame_count
+from medcl.ingest.video import RealTimeSampler, decode_video, expected_frame_count
 
 
 def index_frames(n: int, height: int = 48, width: int = 64) -> np.ndarray:

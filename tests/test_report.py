@@ -134,6 +134,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     simclr = make_pretrain_run(root / "simclr", manifest, "simclr", seed=1)
     finetune = make_finetune_run(root / "ft_uscl", manifest, uscl / "checkpoints" / "final.pt")
     scratch = make_finetune_run(root / "ft_scratch", manifest, None)
+    (root / "comparison.md").write_text("# Paired comparison\n\nBaseline: **ft_scratch**.\n\n"
+                                        "| run vs baseline | metric | difference |\n|---|---|---|\n"
+                                        "| ft_uscl vs ft_scratch | accuracy | +0.050 |\n")
     segment = make_segment_run(root / "segment")
     return {"root": root, "manifest": manifest, "uscl": uscl, "simclr": simclr, "finetune": finetune,
             "scratch": scratch, "segment": segment}
@@ -212,6 +215,8 @@ def test_report_has_every_section_with_decodable_images(runs, tmp_path):
         assert name in text
     assert "loss_con" in text or "loss con" in text  # the loss terms appear (figure alt / tables)
     assert "0.820 ± 0.030" in text  # CV table from results.json
+    assert "<th>run vs baseline</th>" in text and "<td>+0.050</td>" in text  # comparison.md as a table
+    assert "<strong>ft_scratch</strong>" in text
     assert "random initialisation (scratch, seed 0)" in text
     assert "torch" in text and "monai" in text  # environment
 
@@ -354,3 +359,13 @@ def test_unique_run_names():
     assert unique_names([Path("d/finetune/uscl"), Path("d/pretrain/uscl"), Path("d/finetune/scratch")]) == [
         "finetune/uscl", "pretrain/uscl", "scratch"]
     assert unique_names([Path("a/x/run"), Path("b/x/run")]) == ["x/run (1)", "x/run (2)"]
+
+
+def test_markdown_to_html_tables_and_escaping():
+    from medcl.report.html import markdown_to_html
+
+    out = markdown_to_html("# Title <x>\n\ntext with **bold** and `code`\n\n| a | b |\n|---|--:|\n| 1 | <script> |\n")
+    assert "<h4>Title &lt;x&gt;</h4>" in out
+    assert "<strong>bold</strong>" in out and "<code>code</code>" in out
+    assert "<thead><tr><th>a</th><th>b</th></tr></thead>" in out and "<td>&lt;script&gt;</td>" in out
+    assert "---" not in out

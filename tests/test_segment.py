@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medcl.data.seg_manifest import SegCase, SegTask, busbra_task, load_case, openkbp_task, read_seg_csv
+from medcl.data.seg_manifest import busbra_task, load_case, openkbp_task, read_seg_csv
 from medcl.evaluate.segment import (
     SegmentConfig,
     dice_per_class,

@@ -152,7 +152,7 @@ def _rotate(gray: np.ndarray, rotation: int) -> np.ndarray:
 
 
 def _check_complete(
-    stream: Any, time_base: float, decoded_s: float, end_time: float, n_decoded: int, declared_frames: int, interval: float
+    stream: Any, time_base: float, end_time: float, n_decoded: int, declared_frames: int, interval: float
 ) -> None:
     """Raise for a stream that stops well before the end its container declares (a truncated file).
 
@@ -265,7 +265,7 @@ def decode_video(path: str | Path, fps: float = 3.0, *, threads: int = 0, keep_p
             last_duration = (prev_time - sampler.t0) / (n_decoded - 1) if n_decoded > 1 else nominal_interval
         end_time = prev_time + last_duration
         if not keep_partial:
-            _check_complete(stream, time_base, end_time - sampler.t0, end_time, n_decoded, declared_frames, last_duration)
+            _check_complete(stream, time_base, end_time, n_decoded, declared_frames, last_duration)
         keep(sampler.finish(end_time))
         return DecodedClip(
             frames=kept,

@@ -223,11 +223,13 @@ def numeric_series(rows: list[dict[str, Any]], x_key: str) -> dict[str, tuple[li
 
 
 def stat_cell(value: Any) -> str | None:
+    """One table cell: "mean ± std" for a {mean, std, n} statistic (n shown when it is 1), a number, or None."""
     if isinstance(value, dict) and "mean" in value:
         if value.get("mean") is None or (isinstance(value["mean"], float) and np.isnan(value["mean"])):
             return "n/a"
         std = value.get("std")
-        return f"{value['mean']:.3f} ± {std:.3f}" if isinstance(std, (int, float)) else f"{value['mean']:.3f}"
+        cell = f"{value['mean']:.3f} ± {std:.3f}" if isinstance(std, (int, float)) else f"{value['mean']:.3f}"
+        return cell + " (n = 1)" if value.get("n") == 1 else cell
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
