@@ -129,6 +129,14 @@ def test_train_test_split_and_leakage_check(tmp_path):
     assert all(line.split(",")[2].startswith("b") for line in rows[1:])
     with pytest.raises(ValueError, match="leaks"):
         evaluate_fixed(train, train, ["scratch"], FinetuneConfig(**TINY), None, log=lambda *_: None)
+    from medcl.cli import main
+
+    cli_out = tmp_path / "cli"
+    assert main(["evaluate", "--train", str(train / "manifest.csv"), "--test", str(test), "--protocol", "linear",
+                 "--epochs", "1", "--image-size", "32", "--classes", "covid,regular", "--out", str(cli_out)]) == 0
+    results = json.loads((cli_out / "results.json").read_text())
+    assert results["classes"] == ["covid", "regular"] and len(results["folds"]) == 1
+    assert results["folds"][0]["n_test_videos"] == 3  # the pneumonia patient is filtered out
 
 
 def test_cli_finetune_two_inits_same_folds_and_compare(tiny_data, tmp_path, capsys):

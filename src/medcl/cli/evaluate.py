@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit("medcl: give both --train and --test (and no DATA), or DATA alone")
         from medcl.evaluate.classify import evaluate_fixed
 
-        if config.repeats == 3 and args.repeats is None:  # one fixed split: repeats only vary the seed
+        if "repeats" not in config.model_fields_set:  # one fixed split: repeats would only vary the seed
             config = config.model_copy(update={"repeats": 1})
         result = evaluate_fixed(args.train, args.test, inits, config, args.out, allow_overlap=args.allow_overlap)
     elif args.data:

@@ -613,6 +613,8 @@ def write_run(out: Path, result: RunResult, curves: list[dict], config: dict) ->
 def _fmt(stat: dict) -> str:
     if stat.get("mean") is None:
         return "n/a"
+    if stat.get("n", 0) <= 1:  # one test fold (a fixed test set): no spread to show
+        return f"{stat['mean']:.3f}"
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
@@ -621,7 +623,7 @@ def results_markdown(results: dict) -> str:
     classes = results["classes"]
     n = len(results["folds"])
     lines = [f"# Classification: {results['init']['name']} ({results['protocol']})", "",
-             f"{n} test folds; mean ± std over folds. Video level = mean of frame probabilities.", "",
+             f"{n} test fold(s); mean ± std over folds. Video level = mean of frame probabilities.", "",
              "| level | accuracy | balanced accuracy | macro-F1 | ROC-AUC (OvR) |", "|---|---|---|---|---|"]
     for level in ("frame", "video"):
         s = results["summary"][level]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -679,9 +680,10 @@ def write_report(
                         gradcam_per_class, seed, log, gradcam_min_size)
     sections = []
     for build in SECTIONS:
+        started = time.perf_counter()
         try:
-            log(f"report: {build.__name__}")
             sections.append(build(ctx))
+            log(f"report: {build.__name__.removeprefix('section_')} ({time.perf_counter() - started:.1f} s)")
         except Exception as exc:  # noqa: BLE001  (one broken input must not cost the whole report)
             name = build.__name__.removeprefix("section_")
             detail = traceback.format_exc(limit=3)
