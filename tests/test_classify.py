@@ -136,7 +136,7 @@ def test_train_test_split_and_leakage_check(tmp_path):
                  "--epochs", "1", "--image-size", "32", "--classes", "covid,regular", "--out", str(cli_out)]) == 0
     results = json.loads((cli_out / "results.json").read_text())
     assert results["classes"] == ["covid", "regular"] and len(results["folds"]) == 1
-    assert results["folds"][0]["n_test_videos"] == 3  # the pneumonia patient is filtered out
+    assert results["folds"][0]["n_test_videos"] == 2  # the pneumonia patient (2 videos) is filtered out
 
 
 def test_cli_finetune_two_inits_same_folds_and_compare(tiny_data, tmp_path, capsys):

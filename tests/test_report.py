@@ -292,8 +292,10 @@ def test_gradcam_map_shape_range_and_input_dependence():
     assert maps.min() >= 0.0 and maps.max() <= 1.0 and maps.max() == pytest.approx(1.0)
     shifted = gradcam_maps(model, torch.roll(images, shifts=20, dims=-1), [0, 0, 1, 1])
     assert np.abs(maps - shifted).mean() > 0.05  # the map follows the input
-    again = gradcam_maps(model, images, [0, 0, 1, 1])
-    np.testing.assert_allclose(maps, again, atol=1e-6)  # and is deterministic
+    one_by_one = np.concatenate([gradcam_maps(model, images[i : i + 1], [c]) for i, c in enumerate([0, 0, 1, 1])])
+    np.testing.assert_allclose(maps, one_by_one, atol=1e-3)  # batching per class changes nothing (up to float noise)
+    other_class = gradcam_maps(model, images, [1, 1, 0, 0])
+    assert np.abs(maps - other_class).mean() > 0.01  # the explained class matters
 
 
 def test_embed_2d_uses_tsne_or_pca():

@@ -199,7 +199,7 @@ def load_frame_data(
 ) -> FrameData:
     """Select videos from an ingest folder / manifest and load their frames resized to
     ``config.image_size``. ``classes`` fixes the class order (else config.classes or sorted labels)."""
-    sets = source if isinstance(source, FrameSets) else FrameSets(source)
+    sets = source if isinstance(source, FrameSets) else FrameSets(source, cache=False)  # resized copies are kept
     records = select_records(sets.records, config, where_from=str(sets.manifest_path))
     present = sorted({r.label for r in records})
     classes = list(classes or config.classes or present)
@@ -207,11 +207,13 @@ def load_frame_data(
     if unknown:
         raise ValueError(f"{sets.manifest_path}: labels {unknown} are not in classes {classes}")
     size = config.image_size
-    frames, frame_video, frame_index = [], [], []
-    for v, record in enumerate(records):
+    frames, frame_video, frame_index, kept = [], [], [], []
+    for record in records:
         arr = sets.load_frames(record)
-        if len(arr) == 0:
+        if len(arr) == 0:  # nothing to train or test on; it must not occupy a place in the folds
             continue
+        v = len(kept)
+        kept.append(record)
         x = torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(1)
         if x.shape[-2:] != (size, size):
             x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -223,9 +225,9 @@ def load_frame_data(
         raise ValueError(f"{sets.manifest_path}: the selected videos hold no frames")
     return FrameData(
         classes=classes,
-        video_ids=[r.video_id for r in records],
-        video_labels=np.array([classes.index(r.label) for r in records], dtype=np.int64),
-        video_patients=[r.patient_id or r.video_id for r in records],
+        video_ids=[r.video_id for r in kept],
+        video_labels=np.array([classes.index(r.label) for r in kept], dtype=np.int64),
+        video_patients=[r.patient_id or r.video_id for r in kept],
         frames=torch.cat(frames),
         frame_video=np.concatenate(frame_video),
         frame_index=np.concatenate(frame_index),

@@ -666,7 +666,8 @@ def comparison_markdown(results_by_init: dict[str, dict]) -> str:
             other = {r["fold"]: r["test"]["mean_dice"] for r in results_by_init[n]["runs"] if f"{r['fraction']:g}" == frac}
             diffs = [other[f] - base_runs[f] for f in base_runs if f in other]
             d = _mean_std(diffs)
-            row.append(f"{d['mean']:+.3f} +- {d['std']:.3f} ({sum(x > 0 for x in diffs)}/{len(diffs)} folds better)"
+            spread = f" +- {d['std']:.3f}" if d["n"] > 1 else ""
+            row.append(f"{d['mean']:+.3f}{spread} ({sum(x > 0 for x in diffs)}/{len(diffs)} folds better)"
                        if d["n"] else "n/a")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

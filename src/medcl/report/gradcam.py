@@ -95,9 +95,16 @@ def gradcam_maps(model: nn.Module, images: torch.Tensor, class_idx: Sequence[int
         raise ValueError(f"{type(model).__name__} has no 'layer4' stage for Grad-CAM")
     model.eval()
     cam = GradCAM(nn_module=model, target_layers=target_layer, postprocessing=_min_max)
-    maps = []
+    maps = torch.zeros(len(images), *images.shape[2:])
     with torch.enable_grad():
-        for i in range(len(images)):
-            idx = None if class_idx is None else int(class_idx[i])
-            maps.append(cam(images[i : i + 1], class_idx=idx).detach())
-    return torch.cat(maps)[:, 0].cpu().numpy()
+        if class_idx is None:
+            for i in range(len(images)):  # each image explains its own predicted class
+                maps[i] = cam(images[i : i + 1])[0, 0].detach().cpu()
+        else:
+            # one backward pass per class: MONAI scores a whole batch with one class index; in eval
+            # mode every image's map depends on that image alone, so batching changes nothing
+            targets = torch.as_tensor([int(c) for c in class_idx])
+            for target in targets.unique().tolist():
+                rows = (targets == target).nonzero().flatten()
+                maps[rows] = cam(images[rows], class_idx=int(target))[:, 0].detach().cpu()
+    return maps.numpy()

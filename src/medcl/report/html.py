@@ -5,7 +5,8 @@ shows its error instead of stopping the report):
 
 1. Runs: what each folder holds.
 2. Training curves: every logged loss term (and lr) vs step, runs overlaid; fine-tuning curves.
-3. Cross-validation results: mean ± std tables from results.json, results.md.
+3. Cross-validation results: mean ± std tables from results.json, the paired comparison
+   (``comparison.md`` beside fine-tuning runs), each run's results.md.
 4. Confusion matrices: from predictions.csv (or results.json), pooled over folds and repeats.
 5. Grad-CAM: layer4 maps on sample frames per class, one column per run.
 6. Feature embedding: t-SNE (PCA for few frames) of backbone features, by class and by video.
@@ -42,7 +43,7 @@ from medcl.report.runs import Run, flatten_summary, load_run, numeric_series, st
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
 DEFAULT_SIZE = 112
 GRADCAM_MIN_SIZE = 128  # layer4 (stride 32) then has at least a 4x4 grid: smaller inputs give 1x1/2x2 maps
-PROTOTYPE_FRAMES_PER_CLASS = 20
+PROTOTYPE_FRAMES_PER_CLASS = 12
 
 
 @dataclass
@@ -517,7 +518,10 @@ def embed_2d(features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
         return PCA(n_components=2, random_state=seed).fit_transform(features), "PCA"
     reduced = PCA(n_components=min(50, n - 1, features.shape[1]), random_state=seed).fit_transform(features)
     perplexity = float(min(30.0, (n - 1) / 3.0))
-    coords = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, max_iter=750).fit_transform(reduced)
+    # exact gradients are several times faster than Barnes-Hut for the few hundred points shown here
+    method = "exact" if n <= 1000 else "barnes_hut"
+    coords = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, max_iter=500,
+                  method=method).fit_transform(reduced)
     return coords, f"t-SNE (perplexity {perplexity:g})"
 
 
