@@ -50,11 +50,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--reuse-pretraining", action="store_true", help="keep existing pretraining checkpoints")
+    parser.add_argument("--iterations", type=int, default=None, help="override fine-tuning iterations (bigger machines)")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="override pretraining steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()
     mode = "quick" if args.quick else "full"
-    s = SETTINGS[mode]
+    s = dict(SETTINGS[mode])
+    if args.iterations:
+        s["iterations"] = args.iterations
+    if args.pretrain_steps:
+        s["pretrain_steps"] = args.pretrain_steps
     work = args.work or ROOT / "benchmarks" / "work" / f"mixcl_2d{'_quick' if args.quick else ''}"
     us = DATA / "us-seg"
     for name in ("busbra", "hc18", "tg3k", "ctrus"):

@@ -36,7 +36,7 @@ class DemoSettings:
     pretrain_epochs: int = 20
     pretrain_batch: int = 16  # videos per step
     warmup_epochs: float = 2.0
-    finetune_epochs: int = 15
+    finetune_epochs: int = 10
     protocol: str = "last_stage"
     folds: int = 5
     repeats: int = 1

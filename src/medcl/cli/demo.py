@@ -18,7 +18,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (checks the plumbing only)")
     parser.add_argument("--videos", type=int, help="number of synthetic videos (default 45)")
     parser.add_argument("--pretrain-epochs", type=int, help="USCL epochs (default 20)")
-    parser.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs per fold (default 15)")
+    parser.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs per fold (default 10)")
     parser.add_argument("--seed", type=int, help="seed of data, pretraining and folds (default 0)")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

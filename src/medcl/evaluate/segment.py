@@ -17,7 +17,8 @@ crops centred on foreground with probability ``pos_fraction``. Writes into the r
 ``config.yaml``, ``results.json``, ``results.md``, ``curves.jsonl`` and ``overlays/*.npz``
 (keys ``image`` float32 [H, W] in [0, 1], ``pred`` and ``gt`` uint8 [H, W] class indices,
 ``classes`` the foreground names, ``dice`` per-class Dice of that case; 3D cases store the axial
-slice with the most ground-truth foreground).
+slice with the most ground-truth foreground). Command line: ``medcl finetune DATA --task segment``
+(:mod:`medcl.evaluate.segment_cli`); Python: ``run_segmentation(task, SegmentConfig(...), out)``.
 """
 
 from __future__ import annotations
