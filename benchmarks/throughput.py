@@ -13,7 +13,8 @@ Bare loop: the same ResNet-18 (1 channel), same number of images per step (2N) a
 size, from one in-memory tensor: forward, mean-square loss on the features, backward, Adam.
 
 Both run in this process with the same thread count, alternating (bare, real, bare, real, ...)
-so that load from other processes hits both; the median over rounds is reported. A profile of the
+(who goes first alternates) so that load from other processes hits both; the median over rounds
+is reported. A profile of the
 real step (pair generation + augmentation vs. the model step) says where any gap goes.
 """
 
@@ -153,13 +154,16 @@ def main() -> int:
     load_before = load_average()
     bare, real, build, fwd_real, fwd_bare = [], [], [], [], []
     for r in range(args.rounds):
-        rate, fwd = bare_loop(args.size, 2 * args.batch, args.steps, args.warmup)
-        bare.append(rate)
-        fwd_bare.append(fwd)
-        rate, build_s, fwd = real_path(manifest, work, args.size, args.batch, args.steps, args.warmup)
-        real.append(rate)
-        build.append(build_s)
-        fwd_real.append(fwd)
+        for which in (("bare", "real") if r % 2 == 0 else ("real", "bare")):  # alternate who goes first
+            if which == "bare":
+                rate, fwd = bare_loop(args.size, 2 * args.batch, args.steps, args.warmup)
+                bare.append(rate)
+                fwd_bare.append(fwd)
+            else:
+                rate, build_s, fwd = real_path(manifest, work, args.size, args.batch, args.steps, args.warmup)
+                real.append(rate)
+                build.append(build_s)
+                fwd_real.append(fwd)
         print(f"round {r + 1}: bare {bare[-1]:.1f} img/s, real {real[-1]:.1f} img/s, batch building {build_s * 1000:.0f} ms/step",
               flush=True)
     load_after = load_average()
@@ -177,7 +181,7 @@ def main() -> int:
         f"Python {platform.python_version()}",
         f"- Setting: ResNet-18 (1 channel, standard stride-2 stem), {args.size} px input, batch {args.batch} videos = "
         f"{2 * args.batch} images per step, {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} rounds "
-        "alternating bare / real, median reported.",
+        "alternating bare / real (order swapped every round), median reported.",
         f"- Load average (1, 5, 15 min) before: {load_before}; after: {load_after}. Other processes shared the "
         "cores when these exceed ~0.5; both loops then slow down alike, the ratio is what matters.",
         "",
