@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from medcl.config import load_config  # noqa: E402
 from medcl.data.mixcl_views import MixCLViewMaker  # noqa: E402
 from medcl.data.pool import pool_from_specs  # noqa: E402
+from medcl.environment import cpu_model  # noqa: E402
 from medcl.methods.mixcl import build_method  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -39,16 +39,6 @@ SETTINGS = {
     "3D 64^3": ("mixcl-3d.yaml", ["mixcl.patch_size=64", "optim.batch_size=2", "mixcl.elastic_prob=0.5", "mixcl.cache=16"]),
 }
 PHASES = ["loader", "sampling", "forward", "losses", "backward", "optimizer"]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def load() -> str:

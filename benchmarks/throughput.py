@@ -25,7 +25,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -41,14 +40,8 @@ from medcl.config import load_config  # noqa: E402
 from medcl.data.manifest import VideoRecord, write_manifest  # noqa: E402
 from medcl.methods.base import build_method  # noqa: E402
 from medcl.models.backbones import resnet18_backbone  # noqa: E402
+from medcl.environment import cpu_model  # noqa: E402
 from medcl.train.trainer import Trainer  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def load_average() -> str:

@@ -11,8 +11,7 @@ import torch
 
 from medcl.data.manifest import read_manifest
 from medcl.evaluate.classify import (
-    FinetuneConfig, InitSpec, InputSource, build_classifier, compute_feature_cache, evaluate_fixed, finetune,
-    load_backbone, load_frame_data, make_folds, predict, split_backbone, train_fold,
+    FinetuneConfig, InitSpec, InputSource, build_classifier, compute_feature_cache, evaluate_fixed, load_backbone, load_frame_data, make_folds, predict, split_backbone, train_fold,
 )
 from medcl.models.backbones import resnet18_backbone
 from tiny_frames import make_frame_sets

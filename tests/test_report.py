@@ -346,7 +346,7 @@ def test_unetr_run_is_listed_but_not_explained(runs, tmp_path):
 
 def test_environment_file_is_shown(tmp_path):
     from medcl.report import write_report
-    from medcl.report.environment import write_environment
+    from medcl.environment import write_environment
 
     run = tmp_path / "run"
     env = json.loads(write_environment(run).read_text())

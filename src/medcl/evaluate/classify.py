@@ -40,6 +40,7 @@ from torch import nn
 from medcl.data.frames import FrameSets
 from medcl.data.manifest import VideoRecord
 from medcl.data.splits import Fold, fixed_split_with_validation, repeated_group_kfold
+from medcl.environment import write_environment
 from medcl.evaluate.metrics import classification_metrics, summarize, video_level
 from medcl.models.backbones import RESNET18_FEATURES, build_backbone, resnet18_backbone
 from medcl.sampling.augment import AugmentParams, augment_frames
@@ -600,6 +601,7 @@ def _prediction_row(fold: Fold, data: FrameData, video: int, frame: int, label: 
 def write_run(out: Path, result: RunResult, curves: list[dict], config: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    write_environment(out)
     (out / "results.json").write_text(json.dumps(result.results, indent=1))
     with (out / "curves.jsonl").open("w") as handle:
         for row in curves:

@@ -38,7 +38,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from medcl.data.seg_manifest import SegCase, SegTask, busbra_task, load_case, openkbp_task, read_seg_csv
+from medcl.data.seg_manifest import (
+    SegCase,
+    SegTask,
+    busbra_task,
+    load_case,
+    openkbp_task,
+    read_seg_csv,
+)
+from medcl.environment import write_environment
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -645,6 +653,7 @@ def run_segmentation(
                            sort_keys=False)
         )
         (out / "results.json").write_text(json.dumps(results, indent=2))
+        write_environment(out)
         (out / "results.md").write_text(results_markdown(results))
     return results
 

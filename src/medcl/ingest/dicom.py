@@ -80,8 +80,6 @@ def _to_uint8(pixels: np.ndarray, ds) -> np.ndarray:
 
 def read_dicom(path: str | Path, fps: float = 3.0, *, default_fps: float = 30.0) -> DecodedClip:
     """Read a DICOM file and keep frames at ``fps`` per second of real time (see module doc)."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
 
     path = Path(path)
     with warnings.catch_warnings():  # damaged files make pydicom warn; the DecodeError says it

@@ -570,7 +570,7 @@ def section_segmentation(ctx: ReportContext) -> Section:
 
 
 def report_environment() -> dict[str, Any]:
-    from medcl.report.environment import collect_environment
+    from medcl.environment import collect_environment
 
     return collect_environment()
 

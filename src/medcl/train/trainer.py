@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from medcl.environment import write_environment
 from medcl.train.checkpoint import (
     CHECKPOINT_FORMAT,
     load_checkpoint,
@@ -249,6 +250,7 @@ class Trainer:
             raise FileExistsError(f"{self.out_dir} already holds a run ({self.last_path}); pass --resume or choose another out")
         if self.is_main:
             (self.out_dir / "config.yaml").write_text(self.config.to_yaml())
+            write_environment(self.out_dir)
             if not self.resume:
                 self.metrics_path.write_text("")
         self._open_tensorboard()

@@ -1,4 +1,5 @@
-"""Where a run ran: versions and machine, written as ``RUN_DIR/environment.json`` for the report.
+"""Where a run ran: versions and machine, written as ``RUN_DIR/environment.json`` for the report
+(and used by the benchmarks to state their machine).
 
 Run writers (trainer, fine-tuning) call :func:`write_environment` once per run folder; the report
 shows it in its "Configuration and environment" section (and says so when a run lacks it).
@@ -15,7 +16,8 @@ from typing import Any
 ENVIRONMENT_FILE = "environment.json"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -43,7 +45,7 @@ def collect_environment() -> dict[str, Any]:
         "monai": monai_version,
         "medcl": __version__,
         "os": platform.platform(),
-        "cpu": f"{_cpu_model()} ({os.cpu_count()} logical cores)",
+        "cpu": f"{cpu_model()} ({os.cpu_count()} logical cores)",
         "torch_threads": torch.get_num_threads(),
     }
     if torch.cuda.is_available():
