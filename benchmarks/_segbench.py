@@ -3,6 +3,7 @@ public API, fine-tune them and scratch with ``medcl.evaluate.segment``, write th
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -22,18 +23,35 @@ DATA = Path(os.environ.get("MEDCL_SHARED_DATA", ROOT.parent / "shared" / "data")
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or model
     import monai
 
-    return (f"{os.cpu_count()} cores ({model}), torch {torch.__version__} ({torch.get_num_threads()} threads),"
+    from medcl.environment import cpu_model
+
+    return (f"{os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__} ({torch.get_num_threads()} threads),"
             f" MONAI {monai.__version__}, Python {platform.python_version()}, {platform.system()}")
+
+
+def parse_common_args(name: str, description: str, settings: Mapping[str, Mapping[str, Any]],
+                      reuse_help: str) -> tuple[argparse.Namespace, dict[str, Any], Path, float]:
+    """The options both segmentation benchmarks take; returns (args, settings, work folder, start time)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run of every step")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--reuse-pretraining", action="store_true", help=reuse_help)
+    parser.add_argument("--iterations", type=int, default=None, help="override fine-tuning iterations (bigger machines)")
+    parser.add_argument("--pretrain-steps", type=int, default=None, help="override pretraining steps")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    started = time.time()
+    s = dict(settings["quick" if args.quick else "full"])
+    if args.iterations:
+        s["iterations"] = args.iterations
+    if args.pretrain_steps:
+        s["pretrain_steps"] = args.pretrain_steps
+    work = args.work or ROOT / "benchmarks" / "work" / f"{name}{'_quick' if args.quick else ''}"
+    return args, s, work, started
 
 
 def command_line() -> str:

@@ -21,7 +21,13 @@ import numpy as np
 import torch
 
 from medcl.evaluate.classify import (
-    FinetuneConfig, FrameData, InputSource, build_classifier, compute_feature_cache, predict, split_backbone,
+    FinetuneConfig,
+    FrameData,
+    InputSource,
+    build_classifier,
+    compute_feature_cache,
+    predict,
+    split_backbone,
     train_fold,
 )
 from medcl.models.backbones import resnet18_backbone

@@ -19,13 +19,16 @@ iterations on 100 images of held-out validation patients; folds 1-3 of the five.
 
 from __future__ import annotations
 
-import argparse
-import time
-from pathlib import Path
-
-import torch
-
-from _segbench import DATA, ROOT, finetune, paired_sentences, pretrain_mixcl, restrict, write_report
+from _segbench import (
+    DATA,
+    ROOT,
+    finetune,
+    paired_sentences,
+    parse_common_args,
+    pretrain_mixcl,
+    restrict,
+    write_report,
+)
 
 ENCODER = {"vit_patch": 8, "hidden_size": 96, "mlp_dim": 384, "num_layers": 6, "num_heads": 4}
 SETTINGS = {
@@ -44,24 +47,7 @@ VARIANTS = {  # name -> (use_label, use_recon); the paper's ablation rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run of every step")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--reuse-pretraining", action="store_true", help="keep existing pretraining checkpoints")
-    parser.add_argument("--iterations", type=int, default=None, help="override fine-tuning iterations (bigger machines)")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="override pretraining steps")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    started = time.time()
-    mode = "quick" if args.quick else "full"
-    s = dict(SETTINGS[mode])
-    if args.iterations:
-        s["iterations"] = args.iterations
-    if args.pretrain_steps:
-        s["pretrain_steps"] = args.pretrain_steps
-    work = args.work or ROOT / "benchmarks" / "work" / f"mixcl_2d{'_quick' if args.quick else ''}"
+    args, s, work, started = parse_common_args("mixcl_2d", __doc__, SETTINGS, "keep existing pretraining checkpoints")
     us = DATA / "us-seg"
     for name in ("busbra", "hc18", "tg3k", "ctrus"):
         if not (us / name).is_dir():
@@ -118,7 +104,7 @@ def main() -> None:
         " class with the target (breast lesion): only transfer of generic ultrasound features is tested."
         " Differences smaller than the fold standard deviation should not be read as an effect."
     )
-    settings = {"mode": mode, **s, "encoder": ENCODER, "finetune": ft, "pretraining pool": ["hc18", "tg3k", "ctrus"],
+    settings = {"mode": "quick" if args.quick else "full", **s, "encoder": ENCODER, "finetune": ft, "pretraining pool": ["hc18", "tg3k", "ctrus"],
                 "target": "BUS-BRA lesion (5-fold-cv.csv test folds; validation = 20% of the other folds' patients)"}
     out = ROOT / "benchmarks" / "results" / f"mixcl_2d{'_quick' if args.quick else ''}.md"
     write_report(out, "MixCL 2D: ultrasound pool -> BUS-BRA lesion segmentation",

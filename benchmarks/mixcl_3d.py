@@ -28,15 +28,19 @@ Writes benchmarks/results/mixcl_3d.md (or mixcl_3d_quick.md); runs under benchma
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
-
-from _segbench import DATA, ROOT, finetune, paired_sentences, pretrain_mixcl, write_report
+from _segbench import (
+    DATA,
+    ROOT,
+    finetune,
+    paired_sentences,
+    parse_common_args,
+    pretrain_mixcl,
+    write_report,
+)
 
 TARGET_ORGANS = ["Mandible", "Larynx"]
 SOURCE_ORGANS = {"glands": ["RightParotid", "LeftParotid"], "neuro": ["Brainstem", "SpinalCord"]}
@@ -63,24 +67,7 @@ def split_patients(index_path: Path, seed: int) -> tuple[list[str], dict[str, li
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny smoke run of every step")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--reuse-pretraining", action="store_true", help="keep an existing pretraining checkpoint")
-    parser.add_argument("--iterations", type=int, default=None, help="override fine-tuning iterations (bigger machines)")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="override pretraining steps")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    started = time.time()
-    mode = "quick" if args.quick else "full"
-    s = dict(SETTINGS[mode])
-    if args.iterations:
-        s["iterations"] = args.iterations
-    if args.pretrain_steps:
-        s["pretrain_steps"] = args.pretrain_steps
-    work = args.work or ROOT / "benchmarks" / "work" / f"mixcl_3d{'_quick' if args.quick else ''}"
+    args, s, work, started = parse_common_args("mixcl_3d", __doc__, SETTINGS, "keep an existing pretraining checkpoint")
     root = DATA / "openkbp"
     if not (root / "index.json").is_file():
         raise SystemExit(f"data not found: {root / 'index.json'}")
@@ -134,7 +121,7 @@ def main() -> None:
         f"{len(target)} target patients and {s['n_folds']} folds, the 5% and 15% rows train on one to"
         " three patients. Differences smaller than the fold standard deviation are not an effect."
     )
-    settings = {"mode": mode, **s, "encoder": ENCODER, "finetune": ft, "target_patients": target,
+    settings = {"mode": "quick" if args.quick else "full", **s, "encoder": ENCODER, "finetune": ft, "target_patients": target,
                 "source_patients": {k: len(v) for k, v in sources.items()}, "source_organs": SOURCE_ORGANS,
                 "target_organs": TARGET_ORGANS}
     out = ROOT / "benchmarks" / "results" / f"mixcl_3d{'_quick' if args.quick else ''}.md"

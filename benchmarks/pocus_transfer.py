@@ -125,9 +125,8 @@ def deep_update(base: dict, extra: dict) -> dict:
 
 
 def pretrain_all(blues: Path, work: Path, s: Settings, log) -> dict[str, Path]:
-    from medcl.train.api import pretrain
-
     from medcl.data.manifest import read_manifest
+    from medcl.train.api import pretrain
 
     # Same number of optimisation steps (= same images seen) for every variant: an "epoch" of
     # frame-level pairing walks over every frame, one of video-level pairing over every video.

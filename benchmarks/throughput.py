@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from medcl.config import load_config  # noqa: E402
 from medcl.data.manifest import VideoRecord, write_manifest  # noqa: E402
+from medcl.environment import cpu_model  # noqa: E402
 from medcl.methods.base import build_method  # noqa: E402
 from medcl.models.backbones import resnet18_backbone  # noqa: E402
-from medcl.environment import cpu_model  # noqa: E402
 from medcl.train.trainer import Trainer  # noqa: E402
 
 

@@ -23,8 +23,13 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
         assert len(results["folds"]) == 3 and results["init"]["name"] == name
     comparison = json.loads((out / "finetune" / "comparison.json").read_text())
     assert comparison["runs"] == ["scratch", "uscl"]
+    # second comparison on the same folds: frozen backbone + linear head
+    linear = json.loads((out / "finetune-linear" / "uscl" / "results.json").read_text())
+    assert linear["protocol"] == "linear" and len(linear["folds"]) == 3
+    assert "Protocol **linear**" in printed
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["timings"]) >= {"synthesize_s", "ingest_s", "pretrain_s", "finetune_s", "total_s"}
+    assert set(summary["timings"]) >= {"synthesize_s", "ingest_s", "pretrain_s", "finetune_s", "linear_probe_s", "total_s"}
+    assert summary["linear"]["comparison"]["runs"] == ["scratch", "uscl"] and summary["cpu_s"] > 0
     if importlib.util.find_spec("medcl.report.html") is not None:
         assert (out / "report.html").is_file()
     # a second run into the same folder refuses instead of mixing outputs

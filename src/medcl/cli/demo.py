@@ -2,7 +2,8 @@
 
 Synthesizes lung-ultrasound-like videos, ingests them, pretrains a ResNet-18 with USCL briefly,
 fine-tunes it and a randomly initialised one with 5-fold cross-validation by patient on the same
-folds, prints the paired comparison and writes an HTML report. Everything goes under --out.
+folds (USCL's last_stage protocol, then a frozen-feature linear probe), prints the paired
+comparisons and writes an HTML report. Everything goes under --out.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace the output of an earlier demo in --out")
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (checks the plumbing only)")
     parser.add_argument("--videos", type=int, help="number of synthetic videos (default 45)")
-    parser.add_argument("--pretrain-epochs", type=int, help="USCL epochs (default 20)")
-    parser.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs per fold (default 10)")
+    parser.add_argument("--pretrain-epochs", type=int, help="USCL epochs (default 150 = 300 steps)")
+    parser.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs per fold (default 8)")
     parser.add_argument("--seed", type=int, help="seed of data, pretraining and folds (default 0)")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML report")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
