@@ -72,9 +72,10 @@ def test_load_checkpoint_rejects_other_files(tmp_path):
 
 
 def test_short_pretrain_lowers_the_loss(frames_dir, tmp_path):
-    run = pretrain(PROJECT / "configs/uscl.yaml", tiny_overrides(
-        frames_dir, tmp_path / "run", **{"optim.max_steps": 20, "optim.lr": 1e-3, "optim.warmup_epochs": 0,
-                                         "train.checkpoint_every": 100}))
+    with pytest.warns(UserWarning, match="BatchNorm running statistics"):  # 20 steps: too few for BN
+        run = pretrain(PROJECT / "configs/uscl.yaml", tiny_overrides(
+            frames_dir, tmp_path / "run", **{"optim.max_steps": 20, "optim.lr": 1e-3, "optim.warmup_epochs": 0,
+                                             "train.checkpoint_every": 100}))
     values = [loss for _, loss in losses(run)]
     first, last = sum(values[:4]) / 4, sum(values[-4:]) / 4
     assert last < first - 0.15, (first, last)  # seeds 0-2 drop by about 0.4
@@ -208,3 +209,13 @@ def test_trainer_with_a_minimal_method_adamw_and_schedule(frames_dir, tmp_path):
         assert r["lr"] == pytest.approx(0.01 * lr_factor(r["step"] - 1, 3, 10, 0.1))
     assert "norm" in records[0] and all(math.isfinite(r["loss"]) for r in records)
     assert load_checkpoint(cfg.out / "checkpoints" / "last.pt")["step"] == 10
+
+
+def test_batchnorm_warning_only_for_short_runs_of_batchnorm_models():
+    from medcl.models.backbones import resnet18_backbone
+    from medcl.train.trainer import BATCHNORM_SETTLE_STEPS, warn_if_batchnorm_unsettled
+
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        assert warn_if_batchnorm_unsettled(resnet18_backbone(), BATCHNORM_SETTLE_STEPS - 1)
+    assert not warn_if_batchnorm_unsettled(resnet18_backbone(), BATCHNORM_SETTLE_STEPS)
+    assert not warn_if_batchnorm_unsettled(torch.nn.Linear(2, 2), 1)
