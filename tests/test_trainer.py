@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from uscl_fixtures import tiny_overrides, write_frame_sets
 
 from medcl.config import load_config
 from medcl.methods.base import build_method
@@ -16,7 +17,6 @@ from medcl.train.checkpoint import (
     load_checkpoint,
 )
 from medcl.train.trainer import Trainer, TrainingDiverged, lr_factor
-from uscl_fixtures import tiny_overrides, write_frame_sets
 
 PROJECT = Path(__file__).resolve().parents[1]
 
