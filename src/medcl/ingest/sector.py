@@ -119,8 +119,9 @@ def crop_square(frame: np.ndarray, box: CropBox, size: int, lut: Sequence[int] |
     h, w = crop.shape
     scale = size / max(h, w)
     new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    # reducing_gap: a fast integer box reduction first, then antialiased bilinear for the rest
-    image = Image.fromarray(crop).resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    # reducing_gap=1: an integer box reduction as far as it goes, then antialiased bilinear for the
+    # rest (half the cost of reducing_gap=2, the largest single cost of ingest after decoding)
+    image = Image.fromarray(crop).resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=1.0)
     if lut is not None:
         image = image.point(list(lut))
     resized = np.asarray(image)
