@@ -14,6 +14,25 @@ from torch import Tensor, nn
 from medcl.train.distributed import gather_with_grad, rank_and_world
 
 
+def view_similarity_logits(z1: Tensor, z2: Tensor, temperature: float, gather_distributed: bool) -> tuple[Tensor, Tensor, int]:
+    """Cosine similarities / temperature between this rank's 2N views (anchors: z1 then z2) and
+    every view (candidates: all ranks' z1 then z2 when ``gather_distributed``, through an
+    all-gather that keeps gradients). Returns ``(logits [2N, 2T], self_index [2N], T)`` where T is
+    the number of pairs over all ranks and ``self_index`` the column of each anchor itself."""
+    n = z1.shape[0]
+    z1 = F.normalize(z1.float(), dim=1)
+    z2 = F.normalize(z2.float(), dim=1)
+    all1, all2, offset = z1, z2, 0
+    if gather_distributed:
+        rank, _ = rank_and_world()
+        all1, all2 = gather_with_grad(z1), gather_with_grad(z2)
+        offset = rank * n
+    total = all1.shape[0]
+    logits = torch.cat([z1, z2]) @ torch.cat([all1, all2]).T / temperature
+    local = torch.arange(n, device=z1.device) + offset
+    return logits, torch.cat([local, local + total]), total
+
+
 class NTXentLoss(nn.Module):
     """Contrastive loss over the 2N views of N positive pairs, cosine similarity / temperature.
 
@@ -41,22 +60,10 @@ class NTXentLoss(nn.Module):
         if z1.ndim != 2 or z1.shape != z2.shape:
             raise ValueError(f"expected two [N, D] tensors of equal shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
         n = z1.shape[0]
-        z1 = F.normalize(z1.float(), dim=1)
-        z2 = F.normalize(z2.float(), dim=1)
-        offset = 0
-        all1, all2 = z1, z2
-        if self.gather_distributed:
-            rank, _ = rank_and_world()
-            all1, all2 = gather_with_grad(z1), gather_with_grad(z2)
-            offset = rank * n
-        total = all1.shape[0]
+        logits, self_index, total = view_similarity_logits(z1, z2, self.temperature, self.gather_distributed)
         if n + total < 3:
             raise ValueError(f"NT-Xent needs at least 2 pairs (one positive and one negative), got {total}")
-        anchors = torch.cat([z1, z2])
-        logits = anchors @ torch.cat([all1, all2]).T / self.temperature
-        local = torch.arange(n, device=z1.device) + offset
-        self_index = torch.cat([local, local + total])
-        positive = torch.cat([local + total, local])
-        rows = torch.arange(2 * n, device=z1.device)
+        positive = torch.cat([self_index[n:], self_index[:n]])  # each view's partner
+        rows = torch.arange(2 * n, device=logits.device)
         logits[rows, self_index] = float("-inf")
         return F.cross_entropy(logits, positive)

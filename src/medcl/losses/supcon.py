@@ -7,10 +7,10 @@ Reference: Khosla et al., "Supervised contrastive learning", NeurIPS 2020 (L^sup
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medcl.train.distributed import gather_no_grad, gather_with_grad, rank_and_world
+from medcl.losses.ntxent import view_similarity_logits
+from medcl.train.distributed import gather_no_grad
 
 UNLABELED = -1
 
@@ -43,22 +43,11 @@ class SupConLoss(nn.Module):
         if labels.shape != (z1.shape[0],):
             raise ValueError(f"labels must have shape ({z1.shape[0]},), got {tuple(labels.shape)}")
         n = z1.shape[0]
-        z1 = F.normalize(z1.float(), dim=1)
-        z2 = F.normalize(z2.float(), dim=1)
-        all1, all2, all_labels, offset = z1, z2, labels, 0
-        if self.gather_distributed:
-            rank, _ = rank_and_world()
-            all1, all2 = gather_with_grad(z1), gather_with_grad(z2)
-            all_labels = gather_no_grad(labels)
-            offset = rank * n
-        total = all1.shape[0]
-        anchors = torch.cat([z1, z2])
-        logits = anchors @ torch.cat([all1, all2]).T / self.temperature
-        local = torch.arange(n, device=z1.device) + offset
-        self_index = torch.cat([local, local + total])
-        rows = torch.arange(2 * n, device=z1.device)
+        logits, self_index, total = view_similarity_logits(z1, z2, self.temperature, self.gather_distributed)
+        all_labels = gather_no_grad(labels) if self.gather_distributed else labels
+        rows = torch.arange(2 * n, device=logits.device)
 
-        pair_id = torch.arange(total, device=z1.device).repeat(2)
+        pair_id = torch.arange(total, device=logits.device).repeat(2)
         anchor_pair = pair_id[self_index]
         anchor_label = all_labels[self_index % total]
         cand_label = all_labels.repeat(2)
