@@ -12,7 +12,8 @@ benchmarks/work/mixcl_2d/ (ignored by git): pretraining runs and fine-tune run f
 results.json, curves.jsonl and overlays/*.npz.
 
 Budget (2 cores): ViT patch 8, width 96, depth 6, 4 heads, MLP 384, decoder feature size 8;
-pretraining on 64 px patches, batch 8, 500 steps per variant (3 variants); fine-tuning on
+pretraining on 64 px patches of pool images resized to 80 x 80 (so that structures appear at
+about the scale of the fine-tuning input), batch 8, 500 steps per variant (3 variants); fine-tuning on
 BUS-BRA images resized to 64 x 64, batch 8, 600 iterations, AdamW lr 3e-4, validation every 150
 iterations on 100 images of held-out validation patients; folds 1-3 of the five.
 """
@@ -55,7 +56,7 @@ def main() -> None:
 
     # 1. pretraining: the same pool, steps and encoder for every ablation variant
     base = [f"mixcl.{k}={v}" for k, v in ENCODER.items()] + [
-        "mixcl.patch_size=64", "mixcl.feature_size=8", f"optim.max_steps={s['pretrain_steps']}",
+        "mixcl.patch_size=64", "mixcl.image_size=[80,80]", "mixcl.feature_size=8", f"optim.max_steps={s['pretrain_steps']}",
         f"optim.batch_size={s['pretrain_batch']}", "train.progress=false", "train.tensorboard=false",
         "train.checkpoint_every=100000", f"train.seed={args.seed}", "train.device=cpu"]
     datasets = [{"adapter": a, "root": str(us / a)} for a in ("hc18", "tg3k", "ctrus")]
@@ -98,9 +99,9 @@ def main() -> None:
         "Caveats: this is a CPU-sized replication, not the paper's setting: a 6-layer, 96-wide ViT"
         f" instead of ViT-B/16, {s['pretrain_steps']} pretraining steps on 64 px patches instead of 1000"
         f" iterations on 6 GPUs, {s['iterations']} fine-tuning iterations instead of 2000, and"
-        f" {len(s['folds'])} of the 5 BUS-BRA folds. Pretraining patches are 64 px crops of native-"
-        "resolution pool images, while BUS-BRA is fine-tuned on whole images resized to 64 px, so the"
-        " pretraining and fine-tuning scales differ. The pool (fetal head, thyroid, colon wall) shares no"
+        f" {len(s['folds'])} of the 5 BUS-BRA folds. Pool images are resized to 80 x 80 before the 64 px"
+        " pretraining crops, and BUS-BRA images to 64 x 64 for fine-tuning, so both see whole organs or"
+        " lesions at a similar scale (both resizes ignore aspect ratio). The pool (fetal head, thyroid, colon wall) shares no"
         " class with the target (breast lesion): only transfer of generic ultrasound features is tested."
         " Differences smaller than the fold standard deviation should not be read as an effect."
     )

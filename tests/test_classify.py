@@ -70,6 +70,23 @@ def test_protocols_freeze_what_they_should(tiny_data):
         assert torch.equal(model.state_dict()[f"prefix.{key}"], value), key
 
 
+def test_linear_probe_standardises_features_with_training_frames_only(tiny_data):
+    data = load_frame_data(tiny_data, FinetuneConfig(**TINY))
+    model, _, backbone = _train_once(data, "linear", use_cache=True, epochs=1)
+    fold = make_folds(data, FinetuneConfig(protocol="linear", **TINY))[0]
+    feats = compute_feature_cache(backbone, data, 1, torch.device("cpu"))
+    fit = data.frames_of(fold.train)
+    torch.testing.assert_close(model.suffix.mean, feats[fit].mean(0))
+    torch.testing.assert_close(model.suffix.std, torch.sqrt(feats[fit].var(0, unbiased=False) + 1e-5))
+    z = model.suffix(feats[fit])
+    assert z.mean(0).abs().max() < 1e-4
+    spread = feats[fit].std(0, unbiased=False)
+    big = spread > 0.1  # channels with real spread come out with unit variance
+    assert big.any() and (z.std(0, unbiased=False)[big] - 1).abs().max() < 1e-3
+    # the test frames play no part: their own mean is not what was removed
+    assert not torch.allclose(model.suffix.mean, feats[data.frames_of(fold.test)].mean(0))
+
+
 def test_init_from_checkpoint_and_export(tmp_path):
     from medcl.export import export_backbone
     from medcl.train.checkpoint import save_checkpoint

@@ -55,6 +55,21 @@ def test_global_label_space_and_annotated(two_sources):
     assert s["source"] == 1 and s["case_id"] == "im0"
 
 
+def test_image_size_resizes_image_and_mask_together(two_sources):
+    pool = pool_from_specs(two_sources, image_size=[10, 12])  # halve 20 x 24
+    s = pool[0]
+    assert s["image"].shape == (1, 10, 12) and s["label"].shape == (10, 12)
+    assert s["image"][0, 0, 0] == pytest.approx(40 / 255, abs=2 / 255)  # flat image stays flat
+    # the 7 x 8 lesion box at rows 5-11, cols 6-13 becomes (nearest) rows 3-5, cols 3-6
+    assert set(np.unique(s["label"])) == {0, 1}
+    assert s["label"].sum() == pytest.approx(7 * 8 / 4, abs=4)
+    assert s["label"][4, 4] == 1 and s["label"][0, 0] == 0 and s["label"][9, 11] == 0
+    t = pool[3]  # multi-class source: global ids survive (no interpolation between ids)
+    assert set(np.unique(t["label"])) <= {0, 2, 3} and 2 in t["label"]
+    with pytest.raises(ValueError, match="image_size must be two positive ints"):
+        pool_from_specs(two_sources, image_size=[10])
+
+
 def test_unannotated_class_values_are_ignored_and_unknown_values_fail(tmp_path):
     import nibabel as nib
 

@@ -112,10 +112,13 @@ class SegmentationPool:
     Returns a dict: ``image`` float32 ``[C, *S]`` in [0, 1], ``label`` int64 ``[*S]`` (global ids,
     ``IGNORE_INDEX`` where unknown), ``annotated`` bool ``[K + 1]``, ``source`` (index), ``case_id``.
     Reusable for supervised segmentation (same arrays, whole images). ``cache``: how many loaded
-    items to keep in memory (LRU; 0 = none, -1 = all).
+    items to keep in memory (LRU; 0 = none, -1 = all). ``image_size`` (2D only): resize every
+    image (bilinear, antialiased) and mask (nearest) to ``[H, W]``, as segmentation fine-tuning's
+    ``size`` does, so that pretraining sees structures at the scale the target task will.
     """
 
-    def __init__(self, sources: Sequence[SegSource], cache: int = -1, spacing: Sequence[float] | None = None) -> None:
+    def __init__(self, sources: Sequence[SegSource], cache: int = -1, spacing: Sequence[float] | None = None,
+                 image_size: Sequence[int] | None = None) -> None:
         if not sources:
             raise ValueError("the pool needs at least one source")
         dims = {s.spatial_dims for s in sources}
@@ -127,6 +130,12 @@ class SegmentationPool:
         self.sources = list(sources)
         self.spatial_dims = dims.pop()
         self.spacing = tuple(spacing) if spacing is not None else None
+        if image_size is not None:
+            if self.spatial_dims != 2:
+                raise ValueError("image_size resizes 2D images; for volumes use spacing")
+            if len(image_size) != 2 or min(image_size) < 1:
+                raise ValueError(f"image_size must be two positive ints [H, W], got {list(image_size)}")
+        self.image_size = tuple(int(v) for v in image_size) if image_size is not None else None
         self.class_names: list[str] = ["background"]
         self._local_to_global: list[dict[int, int]] = []
         for source in self.sources:
@@ -185,6 +194,8 @@ class SegmentationPool:
             from medcl.data.images import load_image_and_mask
 
             image, local = load_image_and_mask(item, src)
+            if self.image_size is not None and image.shape[1:] != self.image_size:
+                image, local = _resize_2d(image, local, self.image_size)
         else:
             from medcl.data.volumes import load_volume
 
@@ -218,7 +229,19 @@ class SegmentationPool:
         return "\n".join(lines)
 
 
-def pool_from_specs(specs: Sequence[Mapping[str, Any]], cache: int = -1, spacing: Sequence[float] | None = None) -> SegmentationPool:
+def _resize_2d(image: np.ndarray, local: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``image [C, H, W]`` bilinear (antialiased when shrinking), ``local [H, W]`` nearest."""
+    import torch
+    import torch.nn.functional as F
+
+    img = F.interpolate(torch.from_numpy(np.ascontiguousarray(image))[None], size=size, mode="bilinear",
+                        align_corners=False, antialias=True)[0]
+    lab = F.interpolate(torch.from_numpy(local.astype(np.float32))[None, None], size=size, mode="nearest")[0, 0]
+    return img.clamp_(0.0, 1.0).numpy(), lab.round().long().numpy()
+
+
+def pool_from_specs(specs: Sequence[Mapping[str, Any]], cache: int = -1, spacing: Sequence[float] | None = None,
+                    image_size: Sequence[int] | None = None) -> SegmentationPool:
     """Build a pool from dataset entries ``{"adapter": ..., "root": ..., "name": ..., **options}``."""
     sources = []
     for i, spec in enumerate(specs):
@@ -228,4 +251,4 @@ def pool_from_specs(specs: Sequence[Mapping[str, Any]], cache: int = -1, spacing
         except KeyError as exc:
             raise ValueError(f"dataset entry {i} {spec}: missing key {exc.args[0]!r}") from None
         sources.append(build_source(adapter, root, **spec))
-    return SegmentationPool(sources, cache=cache, spacing=spacing)
+    return SegmentationPool(sources, cache=cache, spacing=spacing, image_size=image_size)

@@ -364,6 +364,7 @@ class FrameClassifier(nn.Module):
         self.head = nn.Linear(n_features, n_classes)
         for p in self.prefix.parameters():
             p.requires_grad_(False)
+        self.prefix.eval()
 
     def train(self, mode: bool = True) -> FrameClassifier:
         super().train(mode)
@@ -382,8 +383,34 @@ class FrameClassifier(nn.Module):
         return self.forward_features(h)
 
 
+class FeatureStandardizer(nn.Module):
+    """``(h - mean) / std`` with statistics fitted once on the training frames' features (buffers,
+    not trained). The linear protocol needs it: a frozen network's features (above all a random
+    one's) have arbitrary per-channel scales, and an unstandardised linear head then learns little
+    more than the majority class within a fine-tuning budget, which says nothing about the features."""
+
+    def __init__(self, n_features: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features))
+        self.register_buffer("std", torch.ones(n_features))
+        self.eps = 1e-5
+
+    @torch.no_grad()
+    def fit(self, h: torch.Tensor) -> None:
+        h = h.float().flatten(1)
+        self.mean.copy_(h.mean(0))
+        # sqrt(var + eps) as BatchNorm does: a near-constant (e.g. dead ReLU) channel is not blown
+        # up into float rounding noise
+        self.std.copy_(torch.sqrt(h.var(0, unbiased=False) + self.eps))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return (h.flatten(1) - self.mean) / self.std
+
+
 def build_classifier(backbone: nn.Module, protocol: Protocol, n_classes: int, head_seed: int) -> FrameClassifier:
     prefix, suffix = split_backbone(copy.deepcopy(backbone), protocol)
+    if protocol == "linear":
+        suffix = FeatureStandardizer(RESNET18_FEATURES)
     torch.manual_seed(head_seed)
     return FrameClassifier(prefix, suffix, RESNET18_FEATURES, n_classes)
 
@@ -456,6 +483,9 @@ def train_fold(model: FrameClassifier, source: InputSource, fit_idx: np.ndarray,
                config: FinetuneConfig, seed: int, classes: list[str]) -> tuple[dict, list[dict]]:
     """Train the suffix + head on ``fit_idx`` frames; select the epoch with the best validation
     score; return (summary, curve). The model holds the selected weights afterwards."""
+    if isinstance(model.suffix, FeatureStandardizer):  # statistics of this fold's training frames only
+        model.eval()  # the frozen prefix must run with its own BatchNorm statistics
+        model.suffix.fit(torch.cat([source.get(fit_idx[i:i + 256], train=False) for i in range(0, len(fit_idx), 256)]))
     generator = torch.Generator().manual_seed(seed)
     params = model.trainable_parameters()
     if config.optimizer == "sgd":

@@ -158,10 +158,14 @@ def compare_results(predictions: list[list[dict]], names: list[str], baseline: i
 
 
 def compare_runs(run_dirs: list[str | Path], baseline: int = 0, metrics=("accuracy", "macro_f1"),
-                 levels=("video", "frame"), n_boot: int = 2000, seed: int = 0) -> dict:
-    """``compare_results`` over classification run folders (the first is the baseline by default)."""
+                 levels=("video", "frame"), n_boot: int = 2000, seed: int = 0,
+                 names: list[str] | None = None) -> dict:
+    """``compare_results`` over classification run folders (the first is the baseline by default);
+    ``names`` overrides the init names the run folders record."""
     loaded = [load_predictions(d) for d in run_dirs]
-    names = [n for n, _ in loaded]
+    if names is not None and len(names) != len(loaded):
+        raise ValueError(f"{len(names)} names for {len(loaded)} run folders")
+    names = list(names) if names is not None else [n for n, _ in loaded]
     seen: dict[str, int] = {}
     for i, n in enumerate(names):  # keep names unique for the table
         if n in seen:

@@ -117,6 +117,7 @@ class MixCLConfig(MethodConfig):
     spatial_dims: Literal[2, 3] = 3
     patch_size: int = Field(96, ge=16)  # pixels per side of P1 / P2
     spacing: list[float] | None = None  # 3D resampling (mm); the paper: [1.5, 1.5, 2.0]
+    image_size: list[int] | None = None  # 2D: resize images + masks to [H, W] first (match fine-tuning's size)
     cache: int = -1  # pooled items kept in memory (LRU), -1 all, 0 none
     same_image_prob: float = Field(0.5, ge=0.0, le=1.0)  # P2 from I1 (else another image of the source)
     fg_crop_prob: float = Field(0.5, ge=0.0, le=1.0)
@@ -180,7 +181,7 @@ def build(config, *, rank: int = 0, world_size: int = 1):
 
     p: MixCLConfig = config.params
     specs = [entry.model_dump(exclude_none=True) for entry in p.datasets]
-    pool = pool_from_specs(specs, cache=p.cache, spacing=p.spacing)
+    pool = pool_from_specs(specs, cache=p.cache, spacing=p.spacing, image_size=p.image_size)
     if pool.spatial_dims != p.spatial_dims:
         raise ValueError(f"mixcl.spatial_dims={p.spatial_dims} but the datasets are {pool.spatial_dims}D")
     views = MixCLViewMaker(pool, p.patch_size, same_image_prob=p.same_image_prob, fg_crop_prob=p.fg_crop_prob,
