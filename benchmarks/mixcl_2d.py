@@ -103,7 +103,12 @@ def main() -> None:
         " pretraining crops, and BUS-BRA images to 64 x 64 for fine-tuning, so both see whole organs or"
         " lesions at a similar scale (both resizes ignore aspect ratio). The pool (fetal head, thyroid, colon wall) shares no"
         " class with the target (breast lesion): only transfer of generic ultrasound features is tested."
-        " Differences smaller than the fold standard deviation should not be read as an effect."
+        " Every fraction gets the same fine-tuning budget (iterations x batch), so at 50-100% each"
+        " training image is seen only a few times: the budget, not the labels, limits the larger"
+        " fractions, and Dice barely rises from 5% to 100%; compare inits within a fraction, not"
+        " fractions with each other. Read the paired column: the folds differ in difficulty, which"
+        " pairing removes; with 3 folds a difference is suggestive only when it has the same sign on"
+        " every fold and is several times its paired std."
     )
     settings = {"mode": "quick" if args.quick else "full", **s, "encoder": ENCODER, "finetune": ft, "pretraining pool": ["hc18", "tg3k", "ctrus"],
                 "target": "BUS-BRA lesion (5-fold-cv.csv test folds; validation = 20% of the other folds' patients)"}

@@ -119,7 +119,10 @@ def main() -> None:
         " fine-tuning iterations. The larynx is small at this resolution (a few hundred voxels), so its"
         " Dice is low and noisy; with "
         f"{len(target)} target patients and {s['n_folds']} folds, the 5% and 15% rows train on one to"
-        " three patients. Differences smaller than the fold standard deviation are not an effect."
+        " three patients. Every fraction gets the same iteration budget, so larger fractions see each"
+        " volume fewer times; compare inits within a fraction. Read the paired column: pairing removes"
+        " fold difficulty; with 3 folds a difference is suggestive only when it has the same sign on"
+        " every fold and is several times its paired std."
     )
     settings = {"mode": "quick" if args.quick else "full", **s, "encoder": ENCODER, "finetune": ft, "target_patients": target,
                 "source_patients": {k: len(v) for k, v in sources.items()}, "source_organs": SOURCE_ORGANS,
