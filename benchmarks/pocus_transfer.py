@@ -22,6 +22,7 @@ steps for every method (frame-level pairing included), fine-tuning at most
 15 epochs per fold (last_stage; full: 10) on at most 10 frames per training video, 5 folds x 2
 repeats (different fold assignments; the same for every initialisation). Nothing is tuned on the
 test folds. Measured on the idle 2-core machine: pretraining ~9 min, fine-tuning ~18 min per repeat.
+The committed results file adds a hand-written Discussion of that run (a rerun rewrites the numbers).
 """
 
 from __future__ import annotations
