@@ -173,6 +173,12 @@ def test_cli_finetune_two_inits_same_folds_and_compare(tiny_data, tmp_path, caps
     assert comparison["baseline"] == "scratch" and comparison["levels"]["video"]["pairs"]
     assert main(["evaluate", "--compare", str(out / "scratch"), str(out / "other"), "--n-boot", "50"]) == 0
     assert "Paired comparison" in capsys.readouterr().out
+    from medcl.evaluate.compare import compare_runs
+
+    named = compare_runs([out / "scratch", out / "other"], n_boot=20, names=["random A", "random B"])
+    assert named["runs"] == ["random A", "random B"] and named["baseline"] == "random A"
+    with pytest.raises(ValueError, match="1 names for 2 run folders"):
+        compare_runs([out / "scratch", out / "other"], n_boot=20, names=["only one"])
     other_seed = tmp_path / "cv2"
     assert main(["finetune", *args[:3], "--seed", "9", *args[5:-1], str(other_seed)]) == 0
     with pytest.raises(ValueError, match="same folds"):
