@@ -221,19 +221,19 @@ def main(argv=None) -> int:
 
     ft = work / "finetune"
     # all initialisations vs scratch (last_stage and full); ablation rows vs frame-level pairs; USCL vs SimCLR
+    # (title, run folders with the baseline first, display names or None for the recorded init names)
     comparisons = [
-        ("last_stage: every initialisation vs scratch", [ft / "last_stage" / i.name for i in inits_all], 0),
+        ("last_stage: every initialisation vs scratch", [ft / "last_stage" / i.name for i in inits_all], None),
         ("last_stage: ablation rows vs frame-level pairs (SimCLR)",
-         [ft / "last_stage" / n for n in ("simclr", "plus_i1", "plus_i2", "uscl")], 0),
-        ("full: SimCLR and USCL vs scratch", [ft / "full" / n for n in ("scratch", "simclr", "uscl")], 0),
-        ("full: USCL vs SimCLR", [ft / "full" / n for n in ("simclr", "uscl")], 0),
+         [ft / "last_stage" / n for n in ("simclr", "plus_i1", "plus_i2", "uscl")], None),
+        ("full: SimCLR and USCL vs scratch", [ft / "full" / n for n in ("scratch", "simclr", "uscl")], None),
+        ("full: USCL vs SimCLR", [ft / "full" / n for n in ("simclr", "uscl")], None),
+        ("random backbone: linear probe vs last_stage", [ft / "linear", ft / "last_stage" / "scratch"],
+         ["linear probe (random)", "last_stage (random)"]),
     ]
-    names = {"random backbone: linear probe vs last_stage": ["linear probe (random)", "last_stage (random)"]}
-    comparisons.append(("random backbone: linear probe vs last_stage", [ft / "linear", ft / "last_stage" / "scratch"], 0))
     verdict = []
-    for title, dirs, baseline in comparisons:
-        result = compare_runs(dirs, baseline=baseline, metrics=("accuracy", "macro_f1"), n_boot=s.n_boot, seed=s.seed,
-                              names=names.get(title))
+    for title, dirs, names in comparisons:
+        result = compare_runs(dirs, metrics=("accuracy", "macro_f1"), n_boot=s.n_boot, seed=s.seed, names=names)
         for pair in result["levels"]["video"]["pairs"]:
             if pair["metric"] == "macro_f1" and pair["run"] == "uscl" and pair["baseline"] in ("scratch", "simclr"):
                 ok = pair["ci_low"] > 0

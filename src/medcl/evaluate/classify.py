@@ -364,7 +364,7 @@ class FrameClassifier(nn.Module):
         self.head = nn.Linear(n_features, n_classes)
         for p in self.prefix.parameters():
             p.requires_grad_(False)
-        self.prefix.eval()
+        self.prefix.eval()  # frozen from the start: nothing may run it with batch statistics
 
     def train(self, mode: bool = True) -> FrameClassifier:
         super().train(mode)
@@ -484,7 +484,6 @@ def train_fold(model: FrameClassifier, source: InputSource, fit_idx: np.ndarray,
     """Train the suffix + head on ``fit_idx`` frames; select the epoch with the best validation
     score; return (summary, curve). The model holds the selected weights afterwards."""
     if isinstance(model.suffix, FeatureStandardizer):  # statistics of this fold's training frames only
-        model.eval()  # the frozen prefix must run with its own BatchNorm statistics
         model.suffix.fit(torch.cat([source.get(fit_idx[i:i + 256], train=False) for i in range(0, len(fit_idx), 256)]))
     generator = torch.Generator().manual_seed(seed)
     params = model.trainable_parameters()
