@@ -49,8 +49,13 @@ class SegTask:
     cases: list[SegCase]
     label_map: dict[int, int] | None = None  # raw mask value -> class index; None = identity
     test_cases: list[SegCase] = field(default_factory=list)
-    # 3D intensity window (Hounsfield units for CT); None = per-volume min-max scaling
+    # 3D intensity window (Hounsfield units for CT); None = per-volume percentile scaling
     intensity_range: tuple[float, float] | None = None
+    # 3D without a window: clip each volume to these percentiles and scale to [0, 1] (robust to a
+    # few extreme voxels, e.g. MRI); (0, 100) is plain min-max
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    # 3D: which channel (modality) of a 4D image [X, Y, Z, C] to use; None = images must be 3D
+    channel: int | None = None
 
     @property
     def n_classes(self) -> int:
@@ -69,6 +74,9 @@ class SegTask:
             "n_patients": len({c.patient_id for c in self.cases}),
             "n_test_cases": len(self.test_cases),
             "predefined_folds": self.has_predefined_folds(),
+            "intensity": (f"window {list(self.intensity_range)}" if self.intensity_range is not None
+                          else f"percentiles {list(self.percentiles)}"),
+            **({"channel": self.channel} if self.channel is not None else {}),
         }
 
 
@@ -287,8 +295,24 @@ def _load_3d(case: SegCase, task: SegTask, size: Sequence[int] | None) -> tuple[
     for p in (case.image, case.mask):
         if not Path(p).is_file():
             raise FileNotFoundError(f"case {case.case_id}: file not found: {p}")
-    image = np.asarray(nib.load(case.image).dataobj, dtype=np.float32)
-    raw = np.asarray(nib.load(case.mask).dataobj)
+    # RAS orientation, as MixCL pretraining loads volumes (MONAI Orientationd "RAS")
+    image = np.asarray(nib.as_closest_canonical(nib.load(case.image)).dataobj, dtype=np.float32)
+    raw = np.asarray(nib.as_closest_canonical(nib.load(case.mask)).dataobj)
+    if image.ndim == 4 and raw.ndim == 3 and image.shape[:3] == raw.shape:
+        if task.channel is None:
+            raise ValueError(
+                f"case {case.case_id}: image {case.image} has {image.shape[3]} channels (shape {image.shape},"
+                f" e.g. several MRI modalities) and mask {case.mask} is 3D: choose one channel with"
+                " --channel K (0-based)"
+            )
+        if not 0 <= task.channel < image.shape[3]:
+            raise ValueError(
+                f"case {case.case_id}: channel {task.channel} asked but image {case.image} has"
+                f" {image.shape[3]} channels"
+            )
+        image = image[..., task.channel]
+    elif task.channel is not None and image.ndim == 3:
+        raise ValueError(f"case {case.case_id}: channel {task.channel} asked but image {case.image} is 3D")
     if image.shape != raw.shape:
         raise ValueError(
             f"case {case.case_id}: image {case.image} has shape {image.shape}, mask {case.mask} {raw.shape}"
@@ -296,7 +320,9 @@ def _load_3d(case: SegCase, task: SegTask, size: Sequence[int] | None) -> tuple[
     if task.intensity_range is not None:
         lo, hi = task.intensity_range
     else:
-        lo, hi = float(image.min()), float(image.max())
+        lo, hi = (float(v) for v in np.percentile(image, task.percentiles))
+        if hi <= lo:  # (near-)constant volume: fall back to the full range
+            lo, hi = float(image.min()), float(image.max())
     image = (np.clip(image, lo, hi) - lo) / max(hi - lo, 1e-6)
     labels = map_labels(raw, task.label_map)
     if size is not None and tuple(size) != image.shape:
@@ -310,8 +336,9 @@ def _load_3d(case: SegCase, task: SegTask, size: Sequence[int] | None) -> tuple[
 def load_case(case: SegCase, task: SegTask, size: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
     """Image [1, *size] float32 in [0, 1] and labels [1, *size] int64 (class indices).
 
-    2D images are resized to ``size`` (bilinear image, nearest mask); 3D volumes are clipped to
-    ``task.intensity_range`` and resampled to ``size`` when given (None keeps the grid).
+    2D images are resized to ``size`` (bilinear image, nearest mask); 3D volumes are put in RAS
+    orientation (as pretraining loads them), clipped to ``task.intensity_range`` (or to the
+    volume's ``task.percentiles``) and resampled to ``size`` when given (None keeps the grid).
     """
     if task.spatial_dims == 2:
         if size is None:

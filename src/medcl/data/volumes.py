@@ -3,7 +3,8 @@
 Loading (:func:`load_volume`) is MONAI's dictionary pipeline: LoadImaged -> EnsureChannelFirstd ->
 Orientationd (RAS) -> Spacingd (optional; bilinear image, nearest label) -> ScaleIntensityRanged
 (the source's intensity window, e.g. [-150, 250] HU for CT as in the MixCL paper, clipped and
-scaled to [0, 1]; without a window: per-volume min-max). Patch crops and augmentation happen later
+scaled to [0, 1]; without a window: the volume's 0.5-99.5 percentiles, robust to a few extreme
+voxels as in MRI). A 4D image [X, Y, Z, C] (several MRI modalities) needs ``channel``. Patch crops and augmentation happen later
 (:mod:`medcl.data.mixcl_views`), so whole volumes are reusable for supervised segmentation.
 
 Adapters (label semantics: :mod:`medcl.data.pool`):
@@ -33,6 +34,8 @@ import numpy as np
 from medcl.data.pool import SegItem, SegSource
 
 CT_WINDOW = (-150.0, 250.0)
+# without a window: clip to these percentiles of the volume (fine-tuning's default too)
+PERCENTILES = (0.5, 99.5)
 
 
 @lru_cache(maxsize=16)
@@ -42,8 +45,8 @@ def _pipeline(spacing: tuple[float, ...] | None, window: tuple[float, float] | N
         EnsureChannelFirstd,
         LoadImaged,
         Orientationd,
-        ScaleIntensityd,
         ScaleIntensityRanged,
+        ScaleIntensityRangePercentilesd,
         Spacingd,
     )
 
@@ -58,7 +61,8 @@ def _pipeline(spacing: tuple[float, ...] | None, window: tuple[float, float] | N
     if window is not None:
         steps.append(ScaleIntensityRanged("image", a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True))
     else:
-        steps.append(ScaleIntensityd("image", minv=0.0, maxv=1.0))
+        steps.append(ScaleIntensityRangePercentilesd("image", lower=PERCENTILES[0], upper=PERCENTILES[1],
+                                                     b_min=0.0, b_max=1.0, clip=True, channel_wise=True))
     return Compose(steps)
 
 
@@ -72,6 +76,14 @@ def load_volume(item: SegItem, source: SegSource, spacing: tuple[float, ...] | N
     except Exception as exc:  # noqa: BLE001 - name the case in any loading error
         raise RuntimeError(f"cannot load volume {item.image} / {item.mask}: {exc}") from exc
     image = np.asarray(out["image"], dtype=np.float32)
+    channel = source.options.get("channel")
+    if image.shape[0] > 1:
+        if channel is None:
+            raise ValueError(f"{item.image}: {image.shape[0]} channels (e.g. several MRI modalities); set the"
+                             " dataset option channel: K (0-based) to choose one")
+        if not 0 <= int(channel) < image.shape[0]:
+            raise ValueError(f"{item.image}: channel {channel} asked but the image has {image.shape[0]} channels")
+        image = image[int(channel) : int(channel) + 1]
     if has_label:
         label = np.rint(np.asarray(out["label"])[0]).astype(np.int64)
         if label.shape != image.shape[1:]:
@@ -123,8 +135,11 @@ def openkbp_source(root: Path, name: str = "openkbp", window: tuple[float, float
 
 
 def nifti_pairs_source(root: Path, name: str = "nifti", index: str = "dataset.json",
-                       window: tuple[float, float] | list[float] | None = CT_WINDOW) -> SegSource:
-    """Generic NIfTI image/label pairs listed in ``root/index`` (MSD ``dataset.json`` layout)."""
+                       window: tuple[float, float] | list[float] | None = CT_WINDOW,
+                       channel: int | None = None) -> SegSource:
+    """Generic NIfTI image/label pairs listed in ``root/index`` (MSD ``dataset.json`` layout).
+
+    ``window: null`` for MRI (percentile scaling); ``channel`` picks one modality of 4D images."""
     index_path = root / index
     if not index_path.is_file():
         raise FileNotFoundError(f"{name}: index file not found: {index_path}")
@@ -145,4 +160,5 @@ def nifti_pairs_source(root: Path, name: str = "nifti", index: str = "dataset.js
         items.append(SegItem(image=str(image), mask=str(mask) if mask else None, annotated=annotated,
                              case_id=Path(case["image"]).name.split(".")[0], patient_id=str(cid)))
     return SegSource(name=name, spatial_dims=3, classes=classes, items=items,
-                     intensity_range=tuple(window) if window is not None else None)
+                     intensity_range=tuple(window) if window is not None else None,
+                     options={"channel": channel} if channel is not None else {})

@@ -63,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser, task_default: str = "segment"
     group.add_argument("--iterations", type=int, default=None, help="fine-tuning iterations (default 2000)")
     group.add_argument("--size", default=None, help="2D: resize to H,W; 3D: resample volumes to D,H,W")
     group.add_argument("--roi-size", default=None, help="training crop and sliding-window size")
+    group.add_argument("--window", default=None, metavar="LO,HI",
+                       help="3D: intensity window in the image's units, e.g. -150,250 (HU, CT; OpenKBP's default);"
+                            " without it each volume is clipped to its --percentiles")
+    group.add_argument("--percentiles", default=None, metavar="LO,HI",
+                       help="3D without --window: clip each volume to these percentiles (default 0.5,99.5; 0,100 = min-max)")
+    group.add_argument("--channel", type=int, default=None, metavar="K",
+                       help="3D: channel (modality) of 4D images [X, Y, Z, C] to segment from, 0-based")
     group.add_argument("--model", action="append", default=None, metavar="KEY=VALUE",
                        help="UNETR option for scratch runs, e.g. hidden_size=96 (repeatable)")
 
@@ -85,6 +92,39 @@ def _model_kwargs(items: list[str] | None) -> dict[str, Any]:
             except ValueError:
                 out[key] = value
     return out
+
+
+def _pair(text: str | None, flag: str) -> tuple[float, float] | None:
+    if not text:
+        return None
+    parts = _csv_list(text) or []
+    try:
+        lo, hi = (float(v) for v in parts)
+    except ValueError:
+        raise SystemExit(f"medcl: {flag} expects two numbers LO,HI, got {text!r}") from None
+    if not lo < hi:
+        raise SystemExit(f"medcl: {flag} needs LO < HI, got {text!r}")
+    return lo, hi
+
+
+def apply_intensity_options(task, args: argparse.Namespace) -> None:
+    """--window / --percentiles / --channel onto a task (3D only)."""
+    window = _pair(getattr(args, "window", None), "--window")
+    percentiles = _pair(getattr(args, "percentiles", None), "--percentiles")
+    channel = getattr(args, "channel", None)
+    if task.spatial_dims != 3 and (window or percentiles or channel is not None):
+        raise SystemExit("medcl: --window, --percentiles and --channel apply to 3D volumes only")
+    if percentiles is not None:
+        if not 0 <= percentiles[0] < percentiles[1] <= 100:
+            raise SystemExit(f"medcl: --percentiles must lie in [0, 100], got {list(percentiles)}")
+        task.percentiles = percentiles
+        task.intensity_range = None if window is None else window
+    if window is not None:
+        task.intensity_range = window
+    if channel is not None:
+        if channel < 0:
+            raise SystemExit(f"medcl: --channel must be >= 0, got {channel}")
+        task.channel = channel
 
 
 def config_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -161,6 +201,7 @@ def run_cli(args: argparse.Namespace) -> int:
         )
         if getattr(args, "test_manifest", None):
             attach_test_manifest(task, args.test_manifest)
+        apply_intensity_options(task, args)
         configs = [SegmentConfig(**{**values, "checkpoint": path}) for _, path in inits]
     except (ValueError, FileNotFoundError, ValidationError) as exc:
         raise SystemExit(f"medcl finetune --task segment: {exc}") from None
