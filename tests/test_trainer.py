@@ -1,5 +1,7 @@
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from medcl.train.checkpoint import (
     build_pretrained_backbone,
     load_checkpoint,
 )
-from medcl.train.trainer import Trainer, TrainingDiverged, lr_factor
+from medcl.train.trainer import Trainer, TrainingDiverged, TrainingInterrupted, lr_factor
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -119,6 +121,55 @@ def test_resume_continues_exactly(frames_dir, tmp_path):
     final_b = load_checkpoint(resumed / "checkpoints" / "final.pt")["model"]
     for key in final_a:
         torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_checkpoints_then_resumes_exactly(frames_dir, tmp_path, signum):
+    """SIGTERM (a scheduler's warning) or Ctrl-C during step 3: the step finishes, last.pt is
+    written at step 3 (checkpoint_every would have waited until 6), and --resume reproduces the
+    uninterrupted run."""
+    overrides = tiny_overrides(frames_dir, tmp_path / "x", **{"optim.max_steps": 7, "train.checkpoint_every": 6})
+    full = pretrain(PROJECT / "configs/uscl.yaml", overrides, out=tmp_path / "full")
+
+    cfg = load_config(PROJECT / "configs/uscl.yaml", overrides + [f"out={tmp_path / 'stopped'}"])
+    seed_everything(cfg.train.seed)
+    method, loader = build_method(cfg)
+    seed_everything(cfg.train.seed)
+    trainer = Trainer(method, loader, cfg, cfg.out)
+    original = trainer._train_step
+
+    def signalled_step(batch, epoch):
+        if trainer.step == 2:  # computing step 3
+            os.kill(os.getpid(), signum)
+        return original(batch, epoch)
+
+    trainer._train_step = signalled_step
+    before = signal.getsignal(signum)
+    with pytest.raises(TrainingInterrupted, match=f"{signal.Signals(signum).name} received: checkpoint at step 3"):
+        trainer.fit()
+    assert signal.getsignal(signum) is before  # handlers restored
+    assert [s for s, _ in losses(cfg.out)] == [1, 2, 3]
+    assert load_checkpoint(cfg.out / "checkpoints" / "last.pt")["step"] == 3
+    assert not (cfg.out / "checkpoints" / "final.pt").exists()
+
+    resumed = pretrain(cfg, resume=True)
+    expected, got = losses(full), losses(resumed)
+    assert [s for s, _ in got] == list(range(1, 8))
+    for (s1, a), (s2, b) in zip(expected, got):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-6, abs=1e-7), (s1, a, b)
+
+
+def test_cli_exit_status_on_a_stop_signal(frames_dir, tmp_path, monkeypatch, capsys):
+    from medcl.cli import main
+    from medcl.train import api
+
+    def interrupted(*args, **kwargs):
+        raise TrainingInterrupted(signal.SIGTERM, 4, tmp_path / "checkpoints" / "last.pt")
+
+    monkeypatch.setattr(api, "pretrain", interrupted)
+    code = main(["pretrain", "--config", str(PROJECT / "configs/uscl.yaml"), *tiny_overrides(frames_dir, tmp_path / "run")])
+    assert code == 128 + signal.SIGTERM
+    assert "SIGTERM received: checkpoint at step 4" in capsys.readouterr().err
 
 
 def test_resume_refuses_a_changed_config(frames_dir, tmp_path):

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from medcl.config import ConfigError, load_config
     from medcl.train.api import pretrain
     from medcl.train.checkpoint import CheckpointError
-    from medcl.train.trainer import TrainingDiverged
+    from medcl.train.trainer import TrainingDiverged, TrainingInterrupted
 
     try:
         config = load_config(args.config, args.overrides)
@@ -43,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
     except TrainingDiverged as exc:
         print(f"medcl pretrain: stopped: {exc}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as exc:
+        print(f"medcl pretrain: stopped: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except ValueError as exc:  # data problems found while building (batch larger than the data set, ...)
         print(f"medcl pretrain: error: {exc}", file=sys.stderr)
         return 2

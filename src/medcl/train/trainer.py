@@ -23,6 +23,12 @@ after that checkpoint are dropped from ``metrics.jsonl`` -- so on CPU the resume
 the uninterrupted one. The config must match the checkpoint's except for ``train.*``, ``out`` and
 the run length (``optim.max_steps`` / ``optim.epochs``: extending a finished run re-spans the cosine).
 
+Stop signals: SIGTERM (what schedulers such as SLURM send before killing a job) or SIGINT (Ctrl-C)
+lets the current step finish, writes ``checkpoints/last.pt`` and raises :class:`TrainingInterrupted`
+(``medcl pretrain`` exits with 128 + the signal number); ``--resume`` continues from there exactly.
+A second signal acts at once (the default handlers are back). In distributed runs the ranks agree
+on the stop each step (one all-reduce), so they all save at the same step.
+
 Divergence: a non-finite loss stops training with :class:`TrainingDiverged` before the step is
 applied; the last good checkpoint is left untouched and named in the message.
 
@@ -33,8 +39,11 @@ files, logged values are averaged over ranks, and checkpoints hold every rank's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -107,6 +116,41 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float =
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class TrainingInterrupted(RuntimeError):
+    """A stop signal arrived; the run was checkpointed at ``step`` (``path``) and can be resumed."""
+
+    def __init__(self, signum: int, step: int, path: Path) -> None:
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"{signal.Signals(signum).name} received: checkpoint at step {step} written to {path};"
+                         " continue with --resume")
+
+
+@contextlib.contextmanager
+def _stop_requests(received: list[int]) -> Iterator[None]:
+    """While active, SIGTERM / SIGINT append their number to ``received`` instead of killing; the
+    first one also restores the previous handlers, so a second signal acts at once."""
+    if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+        yield
+        return
+    previous: dict[int, Any] = {}
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        previous.clear()
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        restore()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        restore()
+
+
 class Trainer:
     """Optimise ``method`` on ``loader`` as ``config`` says; see the module docstring."""
 
@@ -154,6 +198,16 @@ class Trainer:
         self.step = 0
         self.saved_step: int | None = None  # step of the newest checkpoint on disk
         self._tb = None
+        self._signals: list[int] = []  # stop signals received while fitting
+
+    def _stop_signal(self) -> int:
+        """The stop signal to act on now (0 = none); every rank gets the same answer."""
+        signum = self._signals[0] if self._signals else 0
+        if self.world_size > 1:
+            flag = torch.tensor([signum], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum
 
     # ----------------------------------------------------------------- checkpoints
     def _gather(self, obj: Any) -> list[Any]:
@@ -260,6 +314,9 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=(not self.is_main or not self.config.train.progress) or None,
                    desc=f"pretrain {self.config.method}", unit="step", dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.step
+        self._signals.clear()
+        stop_requests = contextlib.ExitStack()
+        stop_requests.enter_context(_stop_requests(self._signals))
         try:
             while self.step < self.total_steps:
                 epoch, first = divmod(self.step, self.steps_per_epoch)
@@ -275,12 +332,17 @@ class Trainer:
                                    "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9)})
                     if self.step == self.total_steps:
                         break
+                    signum = self._stop_signal()
+                    if signum:
+                        self.save("last.pt")
+                        raise TrainingInterrupted(signum, self.step, self.last_path)
                     if self.step % self.config.train.checkpoint_every == 0:
                         self.save("last.pt")
             self.save("last.pt", "final.pt")
             if self.is_main:
                 warn_if_batchnorm_unsettled(self.method, self.step)
         finally:
+            stop_requests.close()
             bar.close()
             if self._tb is not None:
                 self._tb.close()
