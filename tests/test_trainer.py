@@ -87,16 +87,21 @@ class _Interrupt(Exception):
     pass
 
 
+def _trainer(overrides: list[str], out: Path):
+    """(config, Trainer) seeded as ``pretrain`` seeds them, for tests that reach into the loop."""
+    cfg = load_config(PROJECT / "configs/uscl.yaml", overrides + [f"out={out}"])
+    seed_everything(cfg.train.seed)
+    method, loader = build_method(cfg)
+    seed_everything(cfg.train.seed)
+    return cfg, Trainer(method, loader, cfg, cfg.out)
+
+
 def test_resume_continues_exactly(frames_dir, tmp_path):
     overrides = tiny_overrides(frames_dir, tmp_path / "x", **{"optim.max_steps": 7, "train.checkpoint_every": 3})
     full = pretrain(PROJECT / "configs/uscl.yaml", overrides, out=tmp_path / "full")
 
     # The same run, killed while computing step 6: the last checkpoint is at step 3, metrics reach step 5.
-    cfg = load_config(PROJECT / "configs/uscl.yaml", overrides + [f"out={tmp_path / 'killed'}"])
-    seed_everything(cfg.train.seed)
-    method, loader = build_method(cfg)
-    seed_everything(cfg.train.seed)
-    trainer = Trainer(method, loader, cfg, cfg.out)
+    cfg, trainer = _trainer(overrides, tmp_path / "killed")
     original = trainer._train_step
 
     def dying_step(batch, epoch):
@@ -131,11 +136,7 @@ def test_stop_signal_checkpoints_then_resumes_exactly(frames_dir, tmp_path, sign
     overrides = tiny_overrides(frames_dir, tmp_path / "x", **{"optim.max_steps": 7, "train.checkpoint_every": 6})
     full = pretrain(PROJECT / "configs/uscl.yaml", overrides, out=tmp_path / "full")
 
-    cfg = load_config(PROJECT / "configs/uscl.yaml", overrides + [f"out={tmp_path / 'stopped'}"])
-    seed_everything(cfg.train.seed)
-    method, loader = build_method(cfg)
-    seed_everything(cfg.train.seed)
-    trainer = Trainer(method, loader, cfg, cfg.out)
+    cfg, trainer = _trainer(overrides, tmp_path / "stopped")
     original = trainer._train_step
 
     def signalled_step(batch, epoch):
