@@ -42,6 +42,12 @@ def parse_common_args(name: str, description: str, settings: Mapping[str, Mappin
     parser.add_argument("--reuse-pretraining", action="store_true", help=reuse_help)
     parser.add_argument("--iterations", type=int, default=None, help="override fine-tuning iterations (bigger machines)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="override pretraining steps")
+    parser.add_argument("--fractions", default=None, help="override the label fractions, e.g. 0.05,0.15")
+    parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra pretraining config override, e.g. mixcl.alpha=1 (repeatable; needs --tag, and"
+                        " the variant's pretraining goes to pretrain-*-TAG/)")
+    parser.add_argument("--tag", default="", help="a variant's name: results go to NAME_TAG.md and fine-tunes to"
+                        " ft-*-TAG/ (with --reuse-pretraining, the main run's pretraining is reused)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.time()
@@ -50,8 +56,26 @@ def parse_common_args(name: str, description: str, settings: Mapping[str, Mappin
         s["iterations"] = args.iterations
     if args.pretrain_steps:
         s["pretrain_steps"] = args.pretrain_steps
+    if args.fractions:
+        s["fractions"] = sorted(float(v) for v in args.fractions.split(","))
+    if args.tag and not args.tag.replace("-", "").replace("_", "").isalnum():
+        parser.error(f"--tag must be letters, digits, - or _, got {args.tag!r}")
+    if args.pretrain_set and not args.tag:
+        parser.error("--pretrain-set changes the pretraining: give the variant a --tag")
+    s["pretrain_set"] = list(args.pretrain_set)
     work = args.work or ROOT / "benchmarks" / "work" / f"{name}{'_quick' if args.quick else ''}"
     return args, s, work, started
+
+
+def tagged(name: str, tag: str) -> str:
+    """``name`` for the main run, ``name-tag`` for a variant's folder."""
+    return f"{name}-{tag}" if tag else name
+
+
+def pretrain_dir(work: Path, name: str, args: argparse.Namespace) -> Path:
+    """A variant that changes pretraining (--pretrain-set) gets its own folder; otherwise the
+    main run's folder, so --reuse-pretraining shares it."""
+    return work / (tagged(f"pretrain-{name}", args.tag) if args.pretrain_set else f"pretrain-{name}")
 
 
 def command_line() -> str:

@@ -6,8 +6,11 @@ patients, against the same UNETR from scratch; plus the paper's ablation rows (i
 
     python benchmarks/mixcl_2d.py            # about 60 min on 2 CPU cores (settings below)
     python benchmarks/mixcl_2d.py --quick    # 2-3 min smoke run of every step (numbers meaningless)
+    python benchmarks/mixcl_2d.py --fractions 0.05,0.15 --pretrain-set mixcl.alpha=1 --tag alpha1
+                                             # a variant: label term weighted 100x (~20 min; no ablation
+                                             # rows unless the ablation fraction is among --fractions)
 
-Writes benchmarks/results/mixcl_2d.md (or mixcl_2d_quick.md); run folders under
+Writes benchmarks/results/mixcl_2d.md (or mixcl_2d_quick.md, mixcl_2d_TAG.md); run folders under
 benchmarks/work/mixcl_2d/ (ignored by git): pretraining runs and fine-tune run folders with
 results.json, curves.jsonl and overlays/*.npz.
 
@@ -26,8 +29,10 @@ from _segbench import (
     finetune,
     paired_sentences,
     parse_common_args,
+    pretrain_dir,
     pretrain_mixcl,
     restrict,
+    tagged,
     write_report,
 )
 
@@ -61,12 +66,16 @@ def main() -> None:
         "train.checkpoint_every=100000", f"train.seed={args.seed}", "train.device=cpu"]
     datasets = [{"adapter": a, "root": str(us / a)} for a in ("hc18", "tg3k", "ctrus")]
     pre = {}
+    frac = s["ablation_fraction"]
+    run_ablation = frac in s["fractions"]  # the ablation rows share the main table's runs at this fraction
     for name, (use_label, use_recon) in VARIANTS.items():
+        if name != "mixcl" and not run_ablation:
+            continue
         print(f"== pretraining {name}", flush=True)
         pre[name] = pretrain_mixcl(
             ROOT / "configs" / "mixcl-2d.yaml",
             base + [f"mixcl.use_label={str(use_label).lower()}", f"mixcl.use_recon={str(use_recon).lower()}"],
-            work / f"pretrain-{name}", datasets=datasets, reuse=args.reuse_pretraining)
+            pretrain_dir(work, name, args), datasets=datasets, reuse=args.reuse_pretraining)
 
     # 2. fine-tuning on BUS-BRA: scratch vs MixCL at every fraction, ablation variants at one
     from medcl.data.seg_manifest import busbra_task
@@ -78,20 +87,23 @@ def main() -> None:
           "fractions": s["fractions"], "seed": args.seed, "val_fraction": 0.2, "n_overlays": 3}
     main_results = {}
     print("== fine-tuning scratch", flush=True)
-    main_results["scratch"] = finetune(task, ft, None, work / "ft-scratch")
+    main_results["scratch"] = finetune(task, ft, None, work / tagged("ft-scratch", args.tag))
     print("== fine-tuning mixcl", flush=True)
-    main_results["mixcl"] = finetune(task, ft, pre["mixcl"]["checkpoint"], work / "ft-mixcl")
-    frac = s["ablation_fraction"]
-    ablation = {"scratch": restrict(main_results["scratch"], frac)}
-    for name in ("identity", "identity+label"):
-        print(f"== fine-tuning {name} (ablation, {frac:g})", flush=True)
-        ablation[name] = finetune(task, {**ft, "fractions": [frac]}, pre[name]["checkpoint"], work / f"ft-{name}")
-    ablation["mixcl (+recon)"] = restrict(main_results["mixcl"], frac)
-    ablation["mixcl (+recon)"]["seconds"] = 0.0  # counted in the main table
+    main_results["mixcl"] = finetune(task, ft, pre["mixcl"]["checkpoint"], work / tagged("ft-mixcl", args.tag))
+    ablation = None
+    if run_ablation:
+        ablation = {"scratch": restrict(main_results["scratch"], frac)}
+        for name in ("identity", "identity+label"):
+            print(f"== fine-tuning {name} (ablation, {frac:g})", flush=True)
+            ablation[name] = finetune(task, {**ft, "fractions": [frac]}, pre[name]["checkpoint"],
+                                      work / tagged(f"ft-{name}", args.tag))
+        ablation["mixcl (+recon)"] = restrict(main_results["mixcl"], frac)
+        ablation["mixcl (+recon)"]["seconds"] = 0.0  # counted in the main table
 
     # 3. report
-    facts = paired_sentences(main_results, "scratch", "mixcl") + paired_sentences(ablation, "scratch", "identity") \
-        + paired_sentences(ablation, "scratch", "identity+label")
+    facts = paired_sentences(main_results, "scratch", "mixcl")
+    if ablation is not None:
+        facts += paired_sentences(ablation, "scratch", "identity") + paired_sentences(ablation, "scratch", "identity+label")
     discussion = (
         ("QUICK SMOKE RUN: a handful of steps; the numbers below only show that every step runs.\n\n" if args.quick else "")
         + "Measured (paired by fold, same training patients and decoder initialisation for every init):\n\n"
@@ -112,7 +124,7 @@ def main() -> None:
     )
     settings = {"mode": "quick" if args.quick else "full", **s, "encoder": ENCODER, "finetune": ft, "pretraining pool": ["hc18", "tg3k", "ctrus"],
                 "target": "BUS-BRA lesion (5-fold-cv.csv test folds; validation = 20% of the other folds' patients)"}
-    out = ROOT / "benchmarks" / "results" / f"mixcl_2d{'_quick' if args.quick else ''}.md"
+    out = ROOT / "benchmarks" / "results" / f"mixcl_2d{'_quick' if args.quick else ''}{'_' + args.tag if args.tag else ''}.md"
     write_report(out, "MixCL 2D: ultrasound pool -> BUS-BRA lesion segmentation",
                  "UNETR fine-tuned from MixCL pretraining vs from scratch (Dice, higher is better).",
                  settings, pre, main_results, ablation, discussion, started)

@@ -14,6 +14,8 @@ by patient, against the same UNETR from scratch.
 
     python benchmarks/mixcl_3d.py            # about 60 min on 2 CPU cores (settings below)
     python benchmarks/mixcl_3d.py --quick    # 2-3 min smoke run of every step (numbers meaningless)
+    python benchmarks/mixcl_3d.py --reuse-pretraining --fractions 0.05,0.15 --iterations 2000 --tag long
+                                             # the few-label fractions with a longer fine-tune (~35 min)
 
 Budget (2 cores): CT at OpenKBP's native 128^3 grid (~4 x 4 x 2.5 mm), HU window [-150, 250];
 ViT patch 8, width 96, depth 6, 4 heads, MLP 384; UNETR decoder feature size 4 (the decoder, not
@@ -27,7 +29,7 @@ iterations on 2 held-out patients, sliding-window inference (32^3 tiles without 
 halve inference time); 3 patient folds. Expect low absolute Dice at this budget: a 3D UNETR from
 scratch is far from converged after 700 CPU iterations (see the results file); on a bigger
 machine raise --iterations / --pretrain-steps.
-Writes benchmarks/results/mixcl_3d.md (or mixcl_3d_quick.md); runs under benchmarks/work/.
+Writes benchmarks/results/mixcl_3d.md (or mixcl_3d_quick.md, mixcl_3d_TAG.md); runs under benchmarks/work/.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ from _segbench import (
     finetune,
     paired_sentences,
     parse_common_args,
+    pretrain_dir,
     pretrain_mixcl,
+    tagged,
     write_report,
 )
 
@@ -91,9 +95,9 @@ def main() -> None:
         "mixcl.patch_size=32", f"mixcl.feature_size={DECODER_FEATURES}", "mixcl.elastic_prob=0", "mixcl.label_pooling=nearest",
         "mixcl.cache=-1", f"optim.max_steps={s['pretrain_steps']}", f"optim.batch_size={s['pretrain_batch']}",
         "train.progress=false", "train.tensorboard=false", "train.checkpoint_every=100000",
-        f"train.seed={args.seed}", "train.device=cpu"]
+        f"train.seed={args.seed}", "train.device=cpu"] + s["pretrain_set"]
     print("== pretraining mixcl", flush=True)
-    pre = {"mixcl": pretrain_mixcl(ROOT / "configs" / "mixcl-3d.yaml", overrides, work / "pretrain-mixcl",
+    pre = {"mixcl": pretrain_mixcl(ROOT / "configs" / "mixcl-3d.yaml", overrides, pretrain_dir(work, "mixcl", args),
                                    datasets=datasets, reuse=args.reuse_pretraining)}
 
     # 2. fine-tuning on the target organs, scratch vs MixCL, same folds / patients / seeds
@@ -109,7 +113,7 @@ def main() -> None:
     results = {}
     for name, ckpt in (("scratch", None), ("mixcl", pre["mixcl"]["checkpoint"])):
         print(f"== fine-tuning {name}", flush=True)
-        results[name] = finetune(task, ft, ckpt, work / f"ft-{name}")
+        results[name] = finetune(task, ft, ckpt, work / tagged(f"ft-{name}", args.tag))
 
     # 3. report
     facts = paired_sentences(results, "scratch", "mixcl")
@@ -132,7 +136,7 @@ def main() -> None:
     settings = {"mode": "quick" if args.quick else "full", **s, "encoder": ENCODER, "finetune": ft, "target_patients": target,
                 "source_patients": {k: len(v) for k, v in sources.items()}, "source_organs": SOURCE_ORGANS,
                 "target_organs": TARGET_ORGANS}
-    out = ROOT / "benchmarks" / "results" / f"mixcl_3d{'_quick' if args.quick else ''}.md"
+    out = ROOT / "benchmarks" / "results" / f"mixcl_3d{'_quick' if args.quick else ''}{'_' + args.tag if args.tag else ''}.md"
     write_report(out, "MixCL 3D: OpenKBP organ-subset sources -> mandible + larynx",
                  "UNETR fine-tuned from MixCL pretraining vs from scratch (Dice, higher is better).",
                  settings, pre, results, None, discussion, started)
