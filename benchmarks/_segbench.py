@@ -139,6 +139,25 @@ def per_class_table(results_by_init: Mapping[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def precision_recall_table(results_by_init: Mapping[str, dict]) -> str:
+    """Voxel precision / recall per class (where the runs recorded them); '' otherwise."""
+    from medcl.evaluate.segment import fmt
+
+    first = next(iter(results_by_init.values()))
+    classes = first["task"]["classes"]
+    if not all("test_precision" in s for r in results_by_init.values() for s in r["summary"].values()):
+        return ""
+    header = ["label fraction", "init"] + [f"{c} {k}" for c in classes for k in ("precision", "recall")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for frac in first["summary"]:
+        for name, res in results_by_init.items():
+            s = res["summary"].get(frac)
+            if s is not None:
+                lines.append("| " + " | ".join([f"{float(frac) * 100:g}%", name] + [
+                    fmt(s[f"test_{k}"][c]) for c in classes for k in ("precision", "recall")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def restrict(results: dict, fraction: float) -> dict:
     """The same results with only one label fraction's runs and summary."""
     key = f"{fraction:g}"
@@ -178,6 +197,10 @@ def write_report(path: Path, title: str, intro: str, settings: Mapping[str, Any]
         lines.append(f"| {name} | {row['steps']} | {row['seconds'] / 60:.1f} | {losses} |")
     lines += ["", "## Fine-tuning: test Dice on held-out patient folds (mean +- std over folds)", "",
               comparison_markdown(main), "", "Per class:", "", per_class_table(main)]
+    pr = precision_recall_table(main)
+    if pr:
+        lines += ["Voxel precision / recall (overlap / predicted, overlap / true; pooled over each test fold's"
+                  " cases, mean +- std over folds):", "", pr]
     if ablation:
         lines += ["## Ablation (same folds, one label fraction)", "", comparison_markdown(ablation)]
     lines += ["", "Fine-tuning minutes per initialisation: "

@@ -18,11 +18,13 @@ from medcl.evaluate.segment import (
     SegmentConfig,
     dice_per_class,
     kfold_by_patient,
+    precision_recall,
     predict,
     random_crop,
     run_segmentation,
     select_label_fraction,
     split_patients,
+    voxel_counts,
 )
 
 TINY_MODEL = {"patch_size": 4, "hidden_size": 16, "mlp_dim": 32, "num_layers": 2, "num_heads": 2, "feature_size": 4}
@@ -93,6 +95,16 @@ def test_dice_matches_hand_computation():
     gt2 = torch.zeros_like(gt)
     gt2[0, 0, 0, 0] = 1
     assert np.isnan(dice_per_class(pred, gt2, 3)[0, 1])
+    # the same example as voxel counts, and precision / recall pooled over cases
+    counts = voxel_counts(pred, gt, 3)
+    np.testing.assert_array_equal(counts, [[[2, 3, 4], [4, 5, 4]]])
+    pr = precision_recall(np.concatenate([counts, voxel_counts(pred, gt2, 3)]), ["a", "b"])
+    # class a: overlap 2 + 1 (gt2 has a at (0, 0), predicted), predicted 3 + 3, true 4 + 1
+    assert pr["precision"]["a"] == pytest.approx(3 / 6) and pr["recall"]["a"] == pytest.approx(3 / 5)
+    # class b: overlap 4 + 0, predicted 5 + 5, true 4 + 0
+    assert pr["precision"]["b"] == pytest.approx(4 / 10) and pr["recall"]["b"] == pytest.approx(1.0)
+    empty = precision_recall(np.zeros((1, 2, 3), np.int64), ["a", "b"])
+    assert np.isnan(empty["precision"]["a"]) and np.isnan(empty["recall"]["b"])
 
 
 def test_sliding_window_keeps_the_volume_shape():
@@ -269,6 +281,10 @@ def test_tiny_3d_finetune_from_checkpoint(tmp_path, monkeypatch):
     assert results["model"]["hidden_size"] == 16  # the checkpoint's encoder, not the config's
     run = results["runs"][0]
     assert set(run["test"]["per_class"]) == {"bright", "dark"}
+    assert set(run["test"]["recall"]) == {"bright", "dark"}
+    assert all(0.0 <= v <= 1.0 for v in run["test"]["recall"].values())  # every test case holds both organs
+    assert "test_precision" in results["summary"]["1"]
+    assert "Voxel precision / recall" in (tmp_path / "run3d" / "results.md").read_text()
     overlay = next((tmp_path / "run3d" / "overlays").glob("*.npz"))
     with np.load(overlay) as z:
         assert z["image"].shape == (20, 20) and z["gt"].any()  # the axial slice with most foreground

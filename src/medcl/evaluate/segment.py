@@ -310,23 +310,47 @@ def evaluate_cases(
     roi_size: Sequence[int] | None,
     cfg: SegmentConfig,
     keep: int = 0,
-) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """Per-case, per-class Dice [n_cases, n_classes - 1]; also returns (image, pred, gt) of the
-    first ``keep`` cases."""
+) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
+    """Per-case, per-class Dice [n_cases, n_classes - 1]; (image, pred, gt) of the first ``keep``
+    cases; voxel counts [n_cases, n_classes - 1, 3] (see :func:`voxel_counts`)."""
     model.eval()
-    scores, kept = [], []
+    scores, kept, counts = [], [], []
     batch = 8 if not images or images[0].ndim == 3 else 1  # 2D images [1, H, W] batch; volumes one by one
     for start in range(0, len(images), batch):
         x = torch.from_numpy(np.stack(images[start : start + batch]))
         y = torch.from_numpy(np.stack(labels[start : start + batch]))
         pred = predict(model, x, roi_size, cfg.sw_batch_size, cfg.sw_overlap).argmax(1, keepdim=True)
         scores.append(dice_per_class(pred, y, n_classes))
+        counts.append(voxel_counts(pred, y, n_classes))
         for j in range(x.shape[0]):
             if len(kept) < keep:
                 kept.append((x[j, 0].numpy(), pred[j, 0].numpy().astype(np.uint8), y[j, 0].numpy().astype(np.uint8)))
     if not scores:
-        return np.zeros((0, n_classes - 1)), kept
-    return np.concatenate(scores), kept
+        return np.zeros((0, n_classes - 1)), kept, np.zeros((0, n_classes - 1, 3), np.int64)
+    return np.concatenate(scores), kept, np.concatenate(counts)
+
+
+def voxel_counts(pred: torch.Tensor, gt: torch.Tensor, n_classes: int) -> np.ndarray:
+    """[B, n_classes - 1, 3] int64: (overlap, predicted, true) voxels of each foreground class."""
+    p, g = pred.reshape(pred.shape[0], -1), gt.reshape(gt.shape[0], -1)
+    out = [torch.stack([((p == c) & (g == c)).sum(1), (p == c).sum(1), (g == c).sum(1)], dim=1)
+           for c in range(1, n_classes)]
+    return torch.stack(out, dim=1).cpu().numpy().astype(np.int64)
+
+
+def precision_recall(counts: np.ndarray, classes: Sequence[str]) -> dict:
+    """Voxel precision (overlap / predicted) and recall (overlap / true) of each class, pooled over
+    the cases: low precision with high recall is over-segmentation (e.g. look-alike structures
+    elsewhere in the volume), the reverse under-segmentation. NaN when the denominator is 0."""
+    total = counts.sum(0) if len(counts) else np.zeros((len(classes), 3), np.int64)
+
+    def ratio(a: int, b: int) -> float:
+        return float(a / b) if b else float("nan")
+
+    return {
+        "precision": {c: ratio(total[i, 0], total[i, 1]) for i, c in enumerate(classes)},
+        "recall": {c: ratio(total[i, 0], total[i, 2]) for i, c in enumerate(classes)},
+    }
 
 
 def summarize_dice(scores: np.ndarray, classes: Sequence[str]) -> dict:
@@ -409,7 +433,7 @@ def finetune_once(
         running += float(loss.detach())
         n_running += 1
         if it % cfg.val_every == 0 or it == cfg.iterations:
-            scores, _ = evaluate_cases(model, val[0], val[1], task.n_classes, cfg.roi_size, cfg)
+            scores, _, _ = evaluate_cases(model, val[0], val[1], task.n_classes, cfg.roi_size, cfg)
             val_dice = summarize_dice(scores, task.classes)["mean_dice"] if len(scores) else float("nan")
             row = {
                 "iteration": it,
@@ -465,6 +489,9 @@ def summarize_runs(runs: Sequence[dict], classes: Sequence[str]) -> dict:
             "test_mean_dice": _mean_std([r["test"]["mean_dice"] for r in rows]),
             "test_per_class": {c: _mean_std([r["test"]["per_class"][c] for r in rows]) for c in classes},
         }
+        if all("precision" in r["test"] for r in rows):
+            for key in ("precision", "recall"):
+                entry[f"test_{key}"] = {c: _mean_std([r["test"][key][c] for r in rows]) for c in classes}
         if any("external_test" in r for r in rows):
             ext = [r["external_test"] for r in rows if "external_test" in r]
             entry["external_test_mean_dice"] = _mean_std([e["mean_dice"] for e in ext])
@@ -508,6 +535,13 @@ def results_markdown(results: dict) -> str:
         if ext:
             row.append(fmt(s.get("external_test_mean_dice", {"n": 0})))
         lines.append("| " + " | ".join(row) + " |")
+    if all("test_precision" in s for s in results["summary"].values()):
+        lines += ["", "Voxel precision / recall on the test folds (pooled over each fold's cases; mean +- std over folds):", ""]
+        header = ["label fraction"] + [f"{c} {k}" for c in classes for k in ("precision", "recall")]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for frac, s in results["summary"].items():
+            row = [f"{float(frac) * 100:g}%"] + [fmt(s[f"test_{k}"][c]) for c in classes for k in ("precision", "recall")]
+            lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -598,7 +632,7 @@ def run_segmentation(
                 task, train, val, cfg, encoder_state, model_kwargs, seed=cfg.seed * 1000 + fold, on_eval=on_eval
             )
             keep = cfg.n_overlays if fold == folds[0] else 0
-            scores, kept = evaluate_cases(
+            scores, kept, counts = evaluate_cases(
                 model, [t[0] for t in test_imgs], [t[1] for t in test_imgs], task.n_classes, cfg.roi_size, cfg, keep
             )
             run = {
@@ -610,13 +644,14 @@ def run_segmentation(
                 "best_iteration": record["best_iteration"],
                 "val_mean_dice": record["val_mean_dice"],
                 "train_seconds": record["train_seconds"],
-                "test": summarize_dice(scores, task.classes),
+                "test": {**summarize_dice(scores, task.classes), **precision_recall(counts, task.classes)},
             }
             if external:
-                ext_scores, _ = evaluate_cases(
+                ext_scores, _, ext_counts = evaluate_cases(
                     model, [e[0] for e in external], [e[1] for e in external], task.n_classes, cfg.roi_size, cfg
                 )
-                run["external_test"] = summarize_dice(ext_scores, task.classes)
+                run["external_test"] = {**summarize_dice(ext_scores, task.classes),
+                                        **precision_recall(ext_counts, task.classes)}
             runs.append(run)
             log(
                 f"[segment {init}] fold {fold} fraction {fraction:g}: test mean Dice"
