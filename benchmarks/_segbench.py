@@ -43,6 +43,7 @@ def parse_common_args(name: str, description: str, settings: Mapping[str, Mappin
     parser.add_argument("--iterations", type=int, default=None, help="override fine-tuning iterations (bigger machines)")
     parser.add_argument("--pretrain-steps", type=int, default=None, help="override pretraining steps")
     parser.add_argument("--fractions", default=None, help="override the label fractions, e.g. 0.05,0.15")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the ablation rows (scripts that have them)")
     parser.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra pretraining config override, e.g. mixcl.alpha=1 (repeatable; needs --tag, and"
                         " the variant's pretraining goes to pretrain-*-TAG/)")

@@ -6,9 +6,8 @@ patients, against the same UNETR from scratch; plus the paper's ablation rows (i
 
     python benchmarks/mixcl_2d.py            # about 60 min on 2 CPU cores (settings below)
     python benchmarks/mixcl_2d.py --quick    # 2-3 min smoke run of every step (numbers meaningless)
-    python benchmarks/mixcl_2d.py --fractions 0.05,0.15 --pretrain-set mixcl.alpha=1 --tag alpha1
-                                             # a variant: label term weighted 100x (~20 min; no ablation
-                                             # rows unless the ablation fraction is among --fractions)
+    python benchmarks/mixcl_2d.py --fractions 0.05,0.15 --no-ablation --pretrain-set mixcl.alpha=1 --tag alpha1
+                                             # a variant: label term weighted 100x (~15 min)
 
 Writes benchmarks/results/mixcl_2d.md (or mixcl_2d_quick.md, mixcl_2d_TAG.md); run folders under
 benchmarks/work/mixcl_2d/ (ignored by git): pretraining runs and fine-tune run folders with
@@ -67,7 +66,8 @@ def main() -> None:
     datasets = [{"adapter": a, "root": str(us / a)} for a in ("hc18", "tg3k", "ctrus")]
     pre = {}
     frac = s["ablation_fraction"]
-    run_ablation = frac in s["fractions"]  # the ablation rows share the main table's runs at this fraction
+    # the ablation rows share the main table's runs at this fraction
+    run_ablation = frac in s["fractions"] and not args.no_ablation
     for name, (use_label, use_recon) in VARIANTS.items():
         if name != "mixcl" and not run_ablation:
             continue
