@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEDCL_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -64,6 +65,7 @@ def parse_common_args(name: str, description: str, settings: Mapping[str, Mappin
     if args.pretrain_set and not args.tag:
         parser.error("--pretrain-set changes the pretraining: give the variant a --tag")
     s["pretrain_set"] = list(args.pretrain_set)
+    _PRETRAIN_SET[:] = args.pretrain_set  # pretrain_mixcl applies them to every pretraining
     work = args.work or ROOT / "benchmarks" / "work" / f"{name}{'_quick' if args.quick else ''}"
     return args, s, work, started
 
@@ -83,6 +85,24 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
+_PRETRAIN_SET: list[str] = []  # --pretrain-set KEY=VALUE, set by parse_common_args
+
+
+def check_overrides(resolved: Mapping[str, Any], items: Sequence[str]) -> None:
+    """Fail unless every KEY=VALUE reached the resolved config (a variant that silently ran the
+    main run's settings would report the main run's numbers under another name)."""
+    for item in items:
+        key, _, text = item.partition("=")
+        node: Any = resolved
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                raise SystemExit(f"--pretrain-set {item}: no config key {key!r}")
+            node = node[part]
+        want = yaml.safe_load(text)
+        if node != want:
+            raise SystemExit(f"--pretrain-set {item}: the resolved config has {key} = {node!r}")
+
+
 def pretrain_mixcl(config: str | Path, overrides: Sequence[str], out: Path, datasets: list[dict] | None = None,
                    reuse: bool = False) -> dict[str, Any]:
     """Run ``medcl.train.api.pretrain``; returns checkpoint path, seconds and the mean of the
@@ -95,11 +115,12 @@ def pretrain_mixcl(config: str | Path, overrides: Sequence[str], out: Path, data
     if not (reuse and ckpt.is_file()):
         if out.exists():  # this benchmark's own scratch folder: start afresh
             shutil.rmtree(out)
-        cfg = load_config(config, list(overrides) + [f"out={out}"])
+        cfg = load_config(config, list(overrides) + list(_PRETRAIN_SET) + [f"out={out}"])
         if datasets is not None:
             d = cfg.to_dict()
             d["mixcl"]["datasets"] = datasets
             cfg = Config.from_dict(d)
+        check_overrides(cfg.to_dict(), _PRETRAIN_SET)
         pretrain(cfg, out=out)
     seconds = time.time() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]

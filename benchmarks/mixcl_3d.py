@@ -99,7 +99,7 @@ def main() -> None:
         "mixcl.patch_size=32", f"mixcl.feature_size={RECON_FEATURES}", "mixcl.elastic_prob=0", "mixcl.label_pooling=nearest",
         "mixcl.cache=-1", f"optim.max_steps={s['pretrain_steps']}", f"optim.batch_size={s['pretrain_batch']}",
         "train.progress=false", "train.tensorboard=false", "train.checkpoint_every=100000",
-        f"train.seed={args.seed}", "train.device=cpu"] + s["pretrain_set"]
+        f"train.seed={args.seed}", "train.device=cpu"]
     print("== pretraining mixcl", flush=True)
     pre = {"mixcl": pretrain_mixcl(ROOT / "configs" / "mixcl-3d.yaml", overrides, pretrain_dir(work, "mixcl", args),
                                    datasets=datasets, reuse=args.reuse_pretraining)}
