@@ -4,8 +4,9 @@ Loading (:func:`load_volume`) is MONAI's dictionary pipeline: LoadImaged -> Ensu
 Orientationd (RAS) -> Spacingd (optional; bilinear image, nearest label) -> ScaleIntensityRanged
 (the source's intensity window, e.g. [-150, 250] HU for CT as in the MixCL paper, clipped and
 scaled to [0, 1]; without a window: the volume's 0.5-99.5 percentiles, robust to a few extreme
-voxels as in MRI). A 4D image [X, Y, Z, C] (several MRI modalities) needs ``channel``. Patch crops and augmentation happen later
-(:mod:`medcl.data.mixcl_views`), so whole volumes are reusable for supervised segmentation.
+voxels as in MRI). A 4D image [X, Y, Z, C] (several MRI modalities) needs ``channel``. Patch
+crops and augmentation happen later (:mod:`medcl.data.mixcl_views`), so whole volumes are
+reusable for supervised segmentation.
 
 Adapters (label semantics: :mod:`medcl.data.pool`):
 

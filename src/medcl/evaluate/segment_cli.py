@@ -118,8 +118,8 @@ def apply_intensity_options(task, args: argparse.Namespace) -> None:
         if not 0 <= percentiles[0] < percentiles[1] <= 100:
             raise SystemExit(f"medcl: --percentiles must lie in [0, 100], got {list(percentiles)}")
         task.percentiles = percentiles
-        task.intensity_range = None if window is None else window
-    if window is not None:
+        task.intensity_range = window  # percentiles asked for: no window unless one is given too
+    elif window is not None:
         task.intensity_range = window
     if channel is not None:
         if channel < 0:
