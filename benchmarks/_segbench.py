@@ -143,41 +143,37 @@ def finetune(task, cfg_values: Mapping[str, Any], checkpoint: str | None, out: P
     return results
 
 
-def per_class_table(results_by_init: Mapping[str, dict]) -> str:
-    from medcl.evaluate.segment import fmt
-
+def _fraction_table(results_by_init: Mapping[str, dict], columns: Sequence[str], cells) -> str:
+    """One row per (label fraction, init): ``cells(summary) -> [formatted cell per column]``."""
     first = next(iter(results_by_init.values()))
-    classes = first["task"]["classes"]
-    header = ["label fraction", "init"] + classes + ["mean"]
+    header = ["label fraction", "init", *columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for frac in first["summary"]:
         for name, res in results_by_init.items():
             s = res["summary"].get(frac)
-            if s is None:
-                continue
-            lines.append("| " + " | ".join([f"{float(frac) * 100:g}%", name]
-                                           + [fmt(s["test_per_class"][c]) for c in classes]
-                                           + [fmt(s["test_mean_dice"])]) + " |")
+            if s is not None:
+                lines.append("| " + " | ".join([f"{float(frac) * 100:g}%", name, *cells(s)]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def per_class_table(results_by_init: Mapping[str, dict]) -> str:
+    from medcl.evaluate.segment import fmt
+
+    classes = next(iter(results_by_init.values()))["task"]["classes"]
+    return _fraction_table(results_by_init, [*classes, "mean"],
+                           lambda s: [fmt(s["test_per_class"][c]) for c in classes] + [fmt(s["test_mean_dice"])])
 
 
 def precision_recall_table(results_by_init: Mapping[str, dict]) -> str:
     """Voxel precision / recall per class (where the runs recorded them); '' otherwise."""
     from medcl.evaluate.segment import fmt
 
-    first = next(iter(results_by_init.values()))
-    classes = first["task"]["classes"]
+    classes = next(iter(results_by_init.values()))["task"]["classes"]
     if not all("test_precision" in s for r in results_by_init.values() for s in r["summary"].values()):
         return ""
-    header = ["label fraction", "init"] + [f"{c} {k}" for c in classes for k in ("precision", "recall")]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for frac in first["summary"]:
-        for name, res in results_by_init.items():
-            s = res["summary"].get(frac)
-            if s is not None:
-                lines.append("| " + " | ".join([f"{float(frac) * 100:g}%", name] + [
-                    fmt(s[f"test_{k}"][c]) for c in classes for k in ("precision", "recall")]) + " |")
-    return "\n".join(lines) + "\n"
+    pairs = [(c, k) for c in classes for k in ("precision", "recall")]
+    return _fraction_table(results_by_init, [f"{c} {k}" for c, k in pairs],
+                           lambda s: [fmt(s[f"test_{k}"][c]) for c, k in pairs])
 
 
 def restrict(results: dict, fraction: float) -> dict:

@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SUFFIXES_3D = (".nii", ".nii.gz")
+# 3D volumes without an intensity window: clip to these percentiles of the volume, scale to
+# [0, 1] (fine-tuning here, MixCL pretraining in medcl.data.volumes)
+PERCENTILES = (0.5, 99.5)
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class SegTask:
     intensity_range: tuple[float, float] | None = None
     # 3D without a window: clip each volume to these percentiles and scale to [0, 1] (robust to a
     # few extreme voxels, e.g. MRI); (0, 100) is plain min-max
-    percentiles: tuple[float, float] = (0.5, 99.5)
+    percentiles: tuple[float, float] = PERCENTILES
     # 3D: which channel (modality) of a 4D image [X, Y, Z, C] to use; None = images must be 3D
     channel: int | None = None
 

@@ -33,10 +33,9 @@ from typing import Any
 import numpy as np
 
 from medcl.data.pool import SegItem, SegSource
+from medcl.data.seg_manifest import PERCENTILES
 
 CT_WINDOW = (-150.0, 250.0)
-# without a window: clip to these percentiles of the volume (fine-tuning's default too)
-PERCENTILES = (0.5, 99.5)
 
 
 @lru_cache(maxsize=16)

@@ -315,34 +315,32 @@ class Trainer:
                    desc=f"pretrain {self.config.method}", unit="step", dynamic_ncols=True)
         started, start_step = time.perf_counter(), self.step
         self._signals.clear()
-        stop_requests = contextlib.ExitStack()
-        stop_requests.enter_context(_stop_requests(self._signals))
         try:
-            while self.step < self.total_steps:
-                epoch, first = divmod(self.step, self.steps_per_epoch)
-                for batch in self.loader.epoch_batches(epoch, start=first):
-                    lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
-                    values = self._train_step(move_to(batch, self.device), epoch)
-                    self.step += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
-                    if self.step % self.config.train.log_every == 0 or self.step == self.total_steps:
-                        elapsed = time.perf_counter() - started
-                        self._log({"step": self.step, "epoch": epoch, "lr": lr, **values,
-                                   "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9)})
-                    if self.step == self.total_steps:
-                        break
-                    signum = self._stop_signal()
-                    if signum:
-                        self.save("last.pt")
-                        raise TrainingInterrupted(signum, self.step, self.last_path)
-                    if self.step % self.config.train.checkpoint_every == 0:
-                        self.save("last.pt")
-            self.save("last.pt", "final.pt")
-            if self.is_main:
-                warn_if_batchnorm_unsettled(self.method, self.step)
+            with _stop_requests(self._signals):
+                while self.step < self.total_steps:
+                    epoch, first = divmod(self.step, self.steps_per_epoch)
+                    for batch in self.loader.epoch_batches(epoch, start=first):
+                        lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
+                        values = self._train_step(move_to(batch, self.device), epoch)
+                        self.step += 1
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+                        if self.step % self.config.train.log_every == 0 or self.step == self.total_steps:
+                            elapsed = time.perf_counter() - started
+                            self._log({"step": self.step, "epoch": epoch, "lr": lr, **values,
+                                       "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9)})
+                        if self.step == self.total_steps:
+                            break
+                        signum = self._stop_signal()
+                        if signum:
+                            self.save("last.pt")
+                            raise TrainingInterrupted(signum, self.step, self.last_path)
+                        if self.step % self.config.train.checkpoint_every == 0:
+                            self.save("last.pt")
+                self.save("last.pt", "final.pt")
+                if self.is_main:
+                    warn_if_batchnorm_unsettled(self.method, self.step)
         finally:
-            stop_requests.close()
             bar.close()
             if self._tb is not None:
                 self._tb.close()
