@@ -4,8 +4,9 @@ backward, optimiser; 2D (128 px patches) and 3D (64^3 patches) with a small ViT.
     python benchmarks/mixcl_step.py [--steps 6] [--threads 2] [--out benchmarks/results/mixcl_step.md]
 
 Data: the real pools when ../shared/data is present (2D: hc18 + tg3k + ctrus; 3D: OpenKBP),
-else synthetic images. Each phase is timed with perf_counter around the same calls that
-MixCL.training_step makes (encode -> sample -> losses -> decoder), after one warm-up step.
+else synthetic images. Each phase is timed with perf_counter around the public sub-steps that
+``MixCL.training_step`` itself is made of (encode, reconstruct -> sample -> loss_terms, combine), so
+the benchmark and training share one implementation; one warm-up step.
 Goal of the issue: sampling + losses <= 15% of the step.
 """
 
@@ -105,22 +106,17 @@ def time_setting(label: str, preset: str, overrides: list[str], steps: int, tmp:
         batch = views.make_batch(order[step * bs:(step + 1) * bs], rng)
         t["loader"] = time.perf_counter() - t0
 
-        n = batch["view1"].shape[0]
         t0 = time.perf_counter()
-        x, last, hidden, z = method.encode(batch)
-        restored = method.decoder(x, last, hidden)
+        encoded = method.encode(batch)
+        restored = method.reconstruct(encoded)
         t["forward"] = time.perf_counter() - t0
 
-        z1, z2 = z[method.label_layer][:n], z[method.label_layer][2 * n:]
         t0 = time.perf_counter()
-        samples = method.sample(batch, tuple(z1.shape[2:]))
+        samples = method.sample(batch, tuple(encoded.z[method.label_layer].shape[2:]))
         t["sampling"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        l_id = method.identity_loss([zl[:n] for zl in z], [zl[n:2 * n] for zl in z])
-        l_label = method.label_consistency(z1, z2, batch, samples)
-        l_recon = method.recon_loss(restored, method.recon_target(batch))
-        loss = l_id + method.alpha * l_label + method.beta * l_recon
+        loss = method.combine(method.loss_terms(batch, encoded, samples, restored))["loss"]
         t["losses"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()

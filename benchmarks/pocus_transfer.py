@@ -188,7 +188,8 @@ def main(argv=None) -> int:
         print(msg, flush=True)
         lines_log.append(msg)
 
-    from medcl.evaluate.classify import FinetuneConfig, InitSpec, finetune
+    from medcl.evaluate.classify import FinetuneConfig, finetune
+    from medcl.weights import InitSpec
     from medcl.evaluate.compare import compare_runs, comparison_markdown
 
     started = time.perf_counter()

@@ -16,6 +16,11 @@ Both run in this process with the same thread count, alternating (bare, real, ba
 (who goes first alternates) so that load from other processes hits both; the median over rounds
 is reported. A profile of the
 real step (pair generation + augmentation vs. the model step) says where any gap goes.
+
+The real path is timed from outside, without touching the trainer: the trainer's step hooks
+(``Trainer(callbacks=[...])``, ``on_step_end`` after every optimiser step) stamp the steps, a
+wrapper of the loader (the trainer's ``BatchLoader`` protocol) times batch building, and PyTorch
+module hooks on the method time its forward pass (backbone, heads and losses).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from medcl.data.manifest import VideoRecord, write_manifest  # noqa: E402
 from medcl.environment import cpu_model  # noqa: E402
 from medcl.methods.base import build_method  # noqa: E402
 from medcl.models.backbones import resnet18_backbone  # noqa: E402
-from medcl.train.trainer import Trainer  # noqa: E402
+from medcl.train.trainer import Trainer, TrainerCallback  # noqa: E402
 
 
 def load_average() -> str:
@@ -82,6 +87,52 @@ def bare_loop(size: int, images: int, steps: int, warmup: int) -> tuple[float, f
     return steps * images / (time.perf_counter() - start), statistics.median(forward[warmup:])
 
 
+class StepStamps(TrainerCallback):
+    """The time at which every update was applied (the trainer's ``on_step_end`` hook)."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+
+    def on_step_end(self, trainer: Trainer, step: int, values: dict[str, float]) -> None:
+        self.ends.append(time.perf_counter())
+
+
+class TimedLoader:
+    """A ``BatchLoader`` that delegates to ``loader`` and records how long each batch took to build."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.seconds: list[float] = []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch_batches(self, epoch: int, start: int = 0):
+        batches = self.loader.epoch_batches(epoch, start)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                return
+            self.seconds.append(time.perf_counter() - t0)
+            yield batch
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def time_forward(module: torch.nn.Module) -> list[float]:
+    """Seconds of every forward call of ``module`` (PyTorch forward pre- and post-hooks)."""
+    seconds: list[float] = []
+    started: list[float] = []
+    module.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+    module.register_forward_hook(lambda *_: seconds.append(time.perf_counter() - started[-1]))
+    return seconds
+
+
 def real_path(manifest: Path, work: Path, size: int, batch: int, steps: int, warmup: int) -> tuple[float, float, float]:
     """(images per second of Trainer.fit in steady state, batch building s/step, forward + losses s/step)."""
     out = work / "run"
@@ -92,41 +143,13 @@ def real_path(manifest: Path, work: Path, size: int, batch: int, steps: int, war
         "train.progress=false", "train.device=cpu", "data.label_fraction=0.1"])
     torch.manual_seed(0)
     method, loader = build_method(cfg)
-    # Time the batch building inside the real loop by wrapping the loader's make_batch.
-    build_times: list[float] = []
-    make_batch = loader.make_batch
-
-    def timed_make_batch(items, rng):
-        t0 = time.perf_counter()
-        result = make_batch(items, rng)
-        build_times.append(time.perf_counter() - t0)
-        return result
-
-    loader.make_batch = timed_make_batch
-    forward_times: list[float] = []
-    training_step = method.training_step
-
-    def timed_training_step(b):
-        t0 = time.perf_counter()
-        result = training_step(b)
-        forward_times.append(time.perf_counter() - t0)
-        return result
-
-    method.training_step = timed_training_step
-    trainer = Trainer(method, loader, cfg, out)
-    stamps: list[float] = []
-    step = trainer._train_step
-
-    def timed_step(b, epoch):
-        result = step(b, epoch)
-        stamps.append(time.perf_counter())
-        return result
-
-    trainer._train_step = timed_step
-    trainer.fit()  # the final checkpoint is written after the last stamp
+    loader = TimedLoader(loader)
+    forward_times = time_forward(method)  # the trainer calls method(batch) -> training_step
+    stamps = StepStamps()
+    Trainer(method, loader, cfg, out, callbacks=[stamps]).fit()  # the final checkpoint is written after the last stamp
     images = 2 * batch
-    rate = steps * images / (stamps[warmup + steps - 1] - stamps[warmup - 1])
-    return rate, statistics.median(build_times[warmup:]), statistics.median(forward_times[warmup:])
+    rate = steps * images / (stamps.ends[warmup + steps - 1] - stamps.ends[warmup - 1])
+    return rate, statistics.median(loader.seconds[warmup:]), statistics.median(forward_times[warmup:])
 
 
 def main() -> int:

@@ -11,8 +11,9 @@ import torch
 
 from medcl.data.manifest import read_manifest
 from medcl.evaluate.classify import (
-    FinetuneConfig, InitSpec, InputSource, build_classifier, compute_feature_cache, evaluate_fixed, load_backbone, load_frame_data, make_folds, predict, split_backbone, train_fold,
+    FinetuneConfig, InputSource, build_classifier, compute_feature_cache, evaluate_fixed, load_frame_data, make_folds, predict, split_backbone, train_fold,
 )
+from medcl.weights import InitSpec, load_init
 from medcl.models.backbones import resnet18_backbone
 from tiny_frames import make_frame_sets
 
@@ -88,8 +89,12 @@ def test_linear_probe_standardises_features_with_training_frames_only(tiny_data)
 
 
 def test_init_from_checkpoint_and_export(tmp_path):
-    from medcl.export import export_backbone
-    from medcl.train.checkpoint import save_checkpoint
+    from medcl.report.model_card import export_backbone
+    from medcl.weights import save_checkpoint
+
+    def load_backbone(spec):  # the one init reader: (network, input channels)
+        loaded = load_init(spec)
+        return loaded.network, loaded.input.in_channels
 
     torch.manual_seed(5)
     net = resnet18_backbone()
@@ -183,3 +188,24 @@ def test_cli_finetune_two_inits_same_folds_and_compare(tiny_data, tmp_path, caps
     assert main(["finetune", *args[:3], "--seed", "9", *args[5:-1], str(other_seed)]) == 0
     with pytest.raises(ValueError, match="same folds"):
         main(["evaluate", "--compare", str(out / "scratch"), str(other_seed), "--n-boot", "10"])
+
+
+def test_every_init_is_checked_before_the_first_fold(tiny_data, tmp_path):
+    from medcl.evaluate.classify import finetune
+
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        finetune(tiny_data, ["scratch", f"bad={tmp_path / 'missing.pt'}"], FinetuneConfig(**TINY), tmp_path / "out",
+                 log=lambda *_: None)
+    assert not (tmp_path / "out").exists()  # failed before the scratch cross-validation ran
+
+
+def test_label_fraction_keeps_whole_patients_of_each_training_fold(tiny_data):
+    data = load_frame_data(tiny_data, FinetuneConfig(**TINY))
+    full = make_folds(data, FinetuneConfig(**TINY))
+    part = make_folds(data, FinetuneConfig(**TINY, label_fraction=0.5))
+    patients = np.asarray(data.video_patients)
+    for a, b in zip(full, part):
+        assert set(b.train) < set(a.train) and np.array_equal(a.test, b.test) and np.array_equal(a.val, b.val)
+        kept = set(patients[b.train])
+        assert len(kept) == max(1, round(0.5 * len(set(patients[a.train]))))
+        assert set(b.train) == {v for v in a.train if patients[v] in kept}  # every video of a kept patient

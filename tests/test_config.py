@@ -1,18 +1,20 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import Field
 
 from medcl.config import (
     METHOD_CONFIGS,
     Config,
     ConfigError,
+    ConfigWarning,
     MethodConfig,
     load_config,
     parse_override,
     register_method_config,
 )
-from uscl_fixtures import write_frame_sets
+from uscl_fixtures import OLD_DEFAULT_SECTIONS, write_frame_sets
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -112,3 +114,75 @@ def test_a_new_method_section_registers_cleanly(manifest):
             load_config(None, ["method=toy", "toy.weight=0"])
     finally:
         METHOD_CONFIGS.pop("toy")
+
+
+def test_each_method_holds_only_its_sections(manifest):
+    uscl = load(f"data.manifest={manifest}")
+    assert list(uscl.to_dict()) == ["method", "out", "data", "sampling", "augment", "model", "optim", "train", "uscl"]
+    assert uscl.unused_sections() == ()
+    mixcl = load_config(PROJECT / "configs/mixcl-2d.yaml")
+    assert list(mixcl.to_dict()) == ["method", "out", "optim", "train", "mixcl"]
+    assert (mixcl.data, mixcl.sampling, mixcl.augment, mixcl.model) == (None, None, None, None)
+    assert "sampling" not in mixcl.to_yaml() and "augment" not in mixcl.to_yaml()
+    assert Config.from_dict(mixcl.to_dict()).to_dict() == mixcl.to_dict()
+
+
+@pytest.mark.parametrize("override", ["sampling.alpha=0.3", "augment.enabled=false", "data.size=64", "model.proj_dim=8"])
+def test_a_section_the_method_does_not_use_is_refused(override):
+    section = override.split(".")[0]
+    with pytest.raises(ConfigError) as info:
+        load_config(PROJECT / "configs/mixcl-2d.yaml", [override, "optim.lr=-1"])
+    message = str(info.value)
+    assert f"{section}: not used by method 'mixcl' (its sections: optim, train, mixcl); remove the section" in message
+    assert "optim.lr=-1" in message  # reported together with the other problems
+
+
+def test_unknown_backbone_lists_the_registered_ones(manifest):
+    with pytest.raises(ConfigError) as info:
+        load(f"data.manifest={manifest}", "model.backbone=resnet50")
+    assert "model.backbone='resnet50': unknown backbone; known: resnet18, unetr_encoder" in str(info.value)
+    from medcl.models.backbones import BACKBONES, resnet18_backbone
+
+    BACKBONES["resnet18_copy"] = resnet18_backbone
+    try:
+        assert load(f"data.manifest={manifest}", "model.backbone=resnet18_copy").model.backbone == "resnet18_copy"
+    finally:
+        BACKBONES.pop("resnet18_copy")
+
+
+def test_an_old_config_with_default_unused_sections_loads_with_a_warning(tmp_path):
+    current = load_config(PROJECT / "configs/mixcl-2d.yaml").to_dict()
+    old = {**current, **OLD_DEFAULT_SECTIONS}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    with pytest.warns(ConfigWarning, match=r"config.yaml: data, sampling, augment, model: not used by method 'mixcl'; "
+                                           r"ignored .*remove them"):
+        cfg = load_config(tmp_path / "config.yaml")
+    assert cfg.to_dict() == current
+    # a section that differs from those defaults was written by hand: it is refused, not ignored
+    changed = {**old, "sampling": {**OLD_DEFAULT_SECTIONS["sampling"], "alpha": 0.3}}
+    with pytest.raises(ConfigError, match="sampling: not used by method 'mixcl'.*configs written by medcl before"):
+        Config.from_dict(changed)
+
+
+def test_a_method_declares_the_shared_sections_it_uses():
+    class ModelOnlyConfig(MethodConfig):
+        shared_sections = ("model",)
+        depth: int = 2
+
+    register_method_config("model_only", ModelOnlyConfig)
+    try:
+        cfg = load_config(None, ["method=model_only", "model.proj_dim=8"])
+        assert cfg.model.proj_dim == 8 and cfg.data is None and cfg.unused_sections() == ("data", "sampling", "augment")
+        assert list(cfg.to_dict()) == ["method", "out", "model", "optim", "train", "model_only"]
+        with pytest.raises(ConfigError, match="augment: not used by method 'model_only' .its sections: optim, train, model, "
+                                              "model_only."):
+            load_config(None, ["method=model_only", "augment.flip_p=0"])
+    finally:
+        METHOD_CONFIGS.pop("model_only")
+
+    class BrokenConfig(MethodConfig):
+        needs_manifest = True
+
+    with pytest.raises(TypeError, match="needs_manifest is set but 'data' is not in its shared_sections"):
+        register_method_config("broken", BrokenConfig)
+    assert "broken" not in METHOD_CONFIGS

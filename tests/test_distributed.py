@@ -93,7 +93,7 @@ def test_two_processes_equal_one(two_process_run):
 
 
 def test_distributed_pretrain_writes_one_run(two_process_run):
-    from medcl.train.checkpoint import load_checkpoint
+    from medcl.weights import load_checkpoint
 
     run = two_process_run / "run"
     ckpt = load_checkpoint(run / "checkpoints" / "final.pt")

@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from medcl.data.manifest import VideoRecord, write_manifest
-from medcl.export import BACKBONE_FILE, BackboneLoadError, CheckpointError, export_backbone, load_backbone, save_backbone
+from medcl.report.model_card import export_backbone
+from medcl.weights import BACKBONE_FILE, BackboneLoadError, CheckpointError, load_backbone, save_backbone
 from medcl.models.backbones import resnet18_backbone
 
 
@@ -59,7 +60,7 @@ def exported(tmp_path) -> tuple[Path, Path]:
 
 
 def test_round_trip_gives_identical_outputs(exported):
-    from medcl.train.checkpoint import build_pretrained_backbone, load_checkpoint
+    from medcl.weights import build_pretrained_backbone, load_checkpoint
 
     run, out = exported
     reference = build_pretrained_backbone(load_checkpoint(run / "checkpoints" / "final.pt")).eval()
@@ -183,7 +184,7 @@ def test_plain_safetensors_without_medcl_metadata_is_refused(tmp_path):
 
 
 def test_registry_plugs_in_a_builder(tmp_path):
-    from medcl.export import register_backbone_builder
+    from medcl.weights import register_backbone_builder
 
     class Tiny(torch.nn.Module):
         def __init__(self, width: int = 4):

@@ -13,10 +13,16 @@ import yaml
 from PIL import Image
 
 from medcl.cli import main
-from medcl.config import ConfigError, load_config
-from medcl.models.unetr import unetr_from_checkpoint
-from medcl.train.checkpoint import backbone_state_dict, build_pretrained_backbone, load_checkpoint
+from medcl.config import ConfigError, ConfigWarning, load_config
+from medcl.weights import (
+    backbone_state_dict,
+    build_pretrained_backbone,
+    load_checkpoint,
+    save_checkpoint,
+    unetr_from_checkpoint,
+)
 from conftest import PROJECT_ROOT, shared_subdir
+from uscl_fixtures import OLD_DEFAULT_SECTIONS
 
 TINY = ["mixcl.hidden_size=32", "mixcl.mlp_dim=64", "mixcl.num_layers=2", "mixcl.num_heads=2",
         "mixcl.feature_size=4", "mixcl.pixel_budget=4", "train.progress=false", "train.tensorboard=false"]
@@ -127,3 +133,26 @@ def test_interrupted_run_resumes_to_the_same_losses(tmp_path, monkeypatch):
 
     assert losses(tmp_path / "resumed") == losses(full)
     assert [s for s, _, _ in losses(full)] == [1, 2, 3, 4]
+
+
+def test_a_run_written_before_per_method_sections_resumes(tmp_path):
+    """A MixCL run whose config.yaml and checkpoint carry USCL's default data / sampling / augment /
+    model sections (as medcl wrote them before sections became per-method): ``--resume`` with that
+    config.yaml continues it, warns about the dropped sections and rewrites config.yaml without them."""
+    from medcl.train.api import pretrain
+
+    preset = yaml.safe_load((PROJECT_ROOT / "configs" / "mixcl-2d.yaml").read_text())
+    preset["mixcl"]["datasets"] = [{"adapter": "image_folder", "root": str(_synthetic_folder(tmp_path, "a", 20)), "name": "a"}]
+    run = pretrain(preset, ["mixcl.patch_size=32", "mixcl.vit_patch=8", "optim.batch_size=2", "optim.max_steps=2", *TINY],
+                   out=tmp_path / "run")
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert "sampling" not in ckpt["config"] and "sampling" not in yaml.safe_load((run / "config.yaml").read_text())
+    save_checkpoint(run / "checkpoints" / "last.pt", {**ckpt, "config": {**ckpt["config"], **OLD_DEFAULT_SECTIONS}})
+    old_config = {**yaml.safe_load((run / "config.yaml").read_text()), **OLD_DEFAULT_SECTIONS}
+    (run / "config.yaml").write_text(yaml.safe_dump(old_config, sort_keys=False))
+
+    with pytest.warns(ConfigWarning, match="data, sampling, augment, model: not used by method 'mixcl'"):
+        rc = main(["pretrain", "--config", str(run / "config.yaml"), "optim.max_steps=3", "--resume"])
+    assert rc == 0
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert set(yaml.safe_load((run / "config.yaml").read_text())) == {"method", "out", "optim", "train", "mixcl"}

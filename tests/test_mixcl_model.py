@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from medcl.methods.mixcl import MixCL
-from medcl.models.unetr import (
-    UNETREncoder,
-    build_unetr,
-    load_encoder_weights,
-    monai_unetr_key,
-    unetr_from_checkpoint,
-)
+from medcl.models.unetr import UNETREncoder, build_unetr, load_encoder_weights, monai_unetr_key
+from medcl.weights import unetr_from_checkpoint
 
 TINY = dict(hidden_size=32, mlp_dim=64, num_heads=2)
 

@@ -6,7 +6,7 @@ from scipy import stats
 from medcl.data.splits import label_targets, select_labeled_videos
 from medcl.sampling.augment import AugmentParams, augment_frames
 from medcl.sampling.pairs import PairGenerator
-from medcl.train.loader import IndexBatchLoader
+from medcl.sampling.loader import IndexBatchLoader
 
 NO_AUGMENT = AugmentParams(enabled=False)
 

@@ -371,3 +371,46 @@ def test_markdown_to_html_tables_and_escaping():
     assert "<strong>bold</strong>" in out and "<code>code</code>" in out
     assert "<thead><tr><th>a</th><th>b</th></tr></thead>" in out and "<td>&lt;script&gt;</td>" in out
     assert "---" not in out
+
+
+def test_report_feeds_a_finetuned_backbone_exactly_what_finetuning_fed_it(tmp_path):
+    """One input convention (medcl.inputs): the report's Grad-CAM / embedding inputs of a frame are
+    the very tensor fine-tuning computed for it, also for a backbone with its own normalisation."""
+    from medcl.data.frames import FrameSets
+    from medcl.evaluate.classify import FinetuneConfig, finetune, load_frame_data
+    from medcl.inputs import InputSpec
+    from medcl.models.backbones import resnet18_backbone
+    from medcl.report.html import model_inputs, run_backbone, run_input_size
+    from medcl.report.runs import load_run
+    from medcl.weights import save_backbone
+    from tiny_frames import make_frame_sets
+
+    data_dir = make_frame_sets(tmp_path / "frames", n_patients=6, n_frames=3, size=40)
+    spec = InputSpec(in_channels=1, mean=(0.4,), std=(0.3,))  # a backbone that expects standardised inputs
+    torch.manual_seed(0)
+    exported = save_backbone(resnet18_backbone(), tmp_path / "own" / "backbone.safetensors", "resnet18",
+                             {"in_channels": 1}, input_spec=spec)
+    config = FinetuneConfig(protocol="linear", epochs=1, image_size=32, folds=3, repeats=1, batch_size=16)
+    out = tmp_path / "ft"
+    finetune(data_dir, ["scratch", f"own={exported.parent}"], config, out, log=lambda *_: None, n_boot=10)
+    data = load_frame_data(data_dir, config)
+    sets = FrameSets(data_dir, cache=False)
+    record = next(r for r in sets.records if r.video_id == data.video_ids[1])
+    raw = sets.load_frames(record)[1]
+    index = int(np.flatnonzero((data.frame_video == 1) & (data.frame_index == 1))[0])
+    for name, expected_spec in (("scratch", InputSpec()), ("own", spec)):
+        run = load_run(out / name)
+        network, _, run_spec = run_backbone(run)
+        assert network is not None and run_spec == expected_spec
+        fed_in_finetuning = data.inputs(np.array([index]), expected_spec)
+        fed_in_report = model_inputs([raw], run_input_size(run), run_spec)
+        assert run_input_size(run) == 32
+        assert torch.equal(fed_in_report, fed_in_finetuning), name
+    # the model card states the same convention (no mean 0.5 / std 0.25 that nobody applies)
+    from medcl.report.model_card import model_card_markdown
+
+    card = model_card_markdown({"architecture": "resnet18", "kwargs": {"in_channels": 1}, "n_parameters": 1,
+                                "weights_file": "backbone.safetensors", "sha256": "0" * 64, "source_checkpoint": "x",
+                                "exported": "now", "environment": {"python": "3", "torch": "2", "monai": "1"},
+                                "input": InputSpec().to_dict()})
+    assert "x / 255 in [0, 1]" in card and "0.25" not in card

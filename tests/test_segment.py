@@ -14,16 +14,14 @@ import torch
 from PIL import Image
 
 from medcl.data.seg_manifest import busbra_task, load_case, openkbp_task, read_seg_csv
+from medcl.data.splits import kfold_by_patient, select_label_fraction, split_patients
 from medcl.evaluate.segment import (
     SegmentConfig,
     dice_per_class,
-    kfold_by_patient,
     precision_recall,
     predict,
     random_crop,
     run_segmentation,
-    select_label_fraction,
-    split_patients,
     voxel_counts,
 )
 
@@ -301,26 +299,24 @@ def test_checkpoint_of_wrong_backbone_is_rejected(tmp_path):
 
 
 def test_cli_compares_initialisations(tmp_path, capsys):
-    from medcl.evaluate.segment_cli import add_arguments, run_cli
+    from medcl.cli import build_parser
 
     manifest = write_2d_manifest(tmp_path / "data", n_patients=6, size=24)
     test_manifest = write_2d_manifest(tmp_path / "other", n_patients=2, size=24, seed=1)
     ckpt = tmp_path / "mixcl" / "checkpoints" / "final.pt"
     ckpt.parent.mkdir(parents=True)
     _fake_pretrained_checkpoint(ckpt, 2, (32, 32), **{k: v for k, v in TINY_MODEL.items() if k != "feature_size"})
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out")  # an option the host parser already has is reused
-    add_arguments(parser)
+    parser = build_parser()
     cfg_path = tmp_path / "seg.yaml"
     cfg_path.write_text("segment:\n  model: {patch_size: 4, hidden_size: 16, mlp_dim: 32, num_layers: 2, num_heads: 2,"
                         " feature_size: 4}\n  val_every: 1\n")
     args = parser.parse_args([
-        str(manifest), "--out", str(tmp_path / "cli"), "--config", str(cfg_path), "--folds", "3",
+        "finetune", str(manifest), "--task", "segment", "--out", str(tmp_path / "cli"), "--config", str(cfg_path), "--folds", "3",
         "--fractions", "0.5,1", "--run-folds", "1,2", "--iterations", "2", "--size", "32,32",
         "--init", "scratch", "--init", str(ckpt), "--test-manifest", str(test_manifest),
     ])
     assert args.task == "segment"
-    assert run_cli(args) == 0
+    assert args.func(args) == 0
     for name in ("scratch", "mixcl"):
         assert (tmp_path / "cli" / name / "results.md").is_file()
     saved = json.loads((tmp_path / "cli" / "mixcl" / "results.json").read_text())
@@ -394,3 +390,49 @@ def test_medcl_finetune_task_segment(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["init"] == "scratch" and [r["fold"] for r in results["runs"]] == [2]
     assert results["model"]["hidden_size"] == 16
+
+
+def test_segmentation_bootstrap_matches_a_naive_reference():
+    from medcl.evaluate.compare import compare_segmentation, patient_resamples
+
+    cases = [("c1", "p1"), ("c2", "p1"), ("c3", "p2"), ("c4", "p3")]
+    dice = {"a": [0.5, 0.7, 0.9, 0.2], "b": [0.6, 0.7, 1.0, 0.4]}
+    rows = {n: [{"fold": 1, "fraction": 0.5, "split": "test", "case_id": c, "patient_id": p, "mean_dice": d}
+                for (c, p), d in zip(cases, dice[n])]
+            + [{"fold": 1, "fraction": 0.5, "split": "external", "case_id": "x", "patient_id": "q", "mean_dice": 0.0}]
+            for n in dice}
+    out = compare_segmentation([rows["a"], rows["b"]], ["a", "b"], n_boot=200, seed=3)
+    entry = out["fractions"]["0.5"]
+    assert entry["n_cases"] == 4 and entry["n_patients"] == 3  # the external case does not count
+    pair = entry["pairs"][0]
+    assert pair["diff"] == pytest.approx(np.mean(dice["b"]) - np.mean(dice["a"]))
+    # naive: resample patients, pool their cases, difference of case means
+    counts = patient_resamples(3, 200, np.random.default_rng(3))
+    patients = ["p1", "p2", "p3"]
+    diffs = []
+    for draw in counts:
+        w = np.array([draw[patients.index(p)] for _, p in cases])
+        diffs.append(np.sum(w * dice["b"]) / w.sum() - np.sum(w * dice["a"]) / w.sum())
+    assert pair["ci_low"] == pytest.approx(np.percentile(diffs, 2.5))
+    assert pair["ci_high"] == pytest.approx(np.percentile(diffs, 97.5))
+    with pytest.raises(ValueError, match="same folds"):
+        compare_segmentation([rows["a"], rows["b"][1:]], ["a", "b"], n_boot=10)
+
+
+def test_python_api_compares_segmentation_inits_and_checks_them_first(tmp_path):
+    from medcl.evaluate.segment import finetune
+
+    task = read_seg_csv(write_2d_manifest(tmp_path / "data", n_patients=6, size=24))
+    cfg = SegmentConfig(size=[24, 24], model=TINY_MODEL, iterations=2, batch_size=2, val_every=1, fractions=[1.0],
+                        n_folds=3, folds=[1, 2], n_overlays=0)
+    with pytest.raises(FileNotFoundError, match="missing.pt"):  # before any fine-tune starts
+        finetune(task, ["scratch", f"bad={tmp_path / 'missing.pt'}"], cfg, tmp_path / "bad", log=None)
+    assert not (tmp_path / "bad").exists()
+    result = finetune(task, ["scratch", "again=scratch"], cfg, tmp_path / "cmp", log=None, n_boot=50)
+    assert set(result["runs"]) == {"scratch", "again"}
+    pair = result["comparison"]["fractions"]["1"]["pairs"][0]
+    assert pair["diff"] == 0.0 and pair["ci_low"] == pair["ci_high"] == 0.0  # same seed, same folds: identical
+    text = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "again - scratch (paired)" in text and "bootstrap over patients" in text
+    rows = (tmp_path / "cmp" / "scratch" / "predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("fold,fraction,split,case_id,patient_id") and len(rows) > 1

@@ -11,14 +11,14 @@ from uscl_fixtures import tiny_overrides, write_frame_sets
 from medcl.config import load_config
 from medcl.methods.base import build_method
 from medcl.train.api import pretrain, seed_everything
-from medcl.train.checkpoint import (
+from medcl.weights import (
     CHECKPOINT_FORMAT,
     CheckpointError,
     backbone_state_dict,
     build_pretrained_backbone,
     load_checkpoint,
 )
-from medcl.train.trainer import Trainer, TrainingDiverged, TrainingInterrupted, lr_factor
+from medcl.train.trainer import Trainer, TrainerCallback, TrainingDiverged, TrainingInterrupted, lr_factor
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,8 @@ def test_run_folder_and_checkpoint_format(frames_dir, tmp_path):
     assert {"step", "epoch", "lr", "loss", "loss_con", "loss_sup"} <= set(records[0])
     ckpt = load_checkpoint(run / "checkpoints" / "final.pt")
     assert ckpt["format"] == CHECKPOINT_FORMAT and ckpt["method"] == "uscl" and ckpt["step"] == 6
-    assert ckpt["backbone"] == {"name": "resnet18", "kwargs": {"in_channels": 1}, "prefix": "backbone."}
+    assert ckpt["backbone"] == {"name": "resnet18", "kwargs": {"in_channels": 1}, "prefix": "backbone.",
+                                "input": {"in_channels": 1, "scale": "x / 255", "mean": [0.0], "std": [1.0]}}
     assert ckpt["metadata"]["classes"] == ["covid", "pneumonia", "regular"]
     assert ckpt["config"]["uscl"]["temperature"] == 0.5
     backbone = build_pretrained_backbone(ckpt)
@@ -87,13 +88,24 @@ class _Interrupt(Exception):
     pass
 
 
-def _trainer(overrides: list[str], out: Path):
+def _trainer(overrides: list[str], out: Path, callbacks=()):
     """(config, Trainer) seeded as ``pretrain`` seeds them, for tests that reach into the loop."""
     cfg = load_config(PROJECT / "configs/uscl.yaml", overrides + [f"out={out}"])
     seed_everything(cfg.train.seed)
     method, loader = build_method(cfg)
     seed_everything(cfg.train.seed)
-    return cfg, Trainer(method, loader, cfg, cfg.out)
+    return cfg, Trainer(method, loader, cfg, cfg.out, callbacks=callbacks)
+
+
+class _OnStepStart(TrainerCallback):
+    """Runs ``action(trainer)`` when update ``at`` is about to be computed."""
+
+    def __init__(self, at: int, action) -> None:
+        self.at, self.action = at, action
+
+    def on_step_start(self, trainer, step):
+        if step == self.at:
+            self.action(trainer)
 
 
 def test_resume_continues_exactly(frames_dir, tmp_path):
@@ -101,15 +113,10 @@ def test_resume_continues_exactly(frames_dir, tmp_path):
     full = pretrain(PROJECT / "configs/uscl.yaml", overrides, out=tmp_path / "full")
 
     # The same run, killed while computing step 6: the last checkpoint is at step 3, metrics reach step 5.
-    cfg, trainer = _trainer(overrides, tmp_path / "killed")
-    original = trainer._train_step
+    def die(trainer):
+        raise _Interrupt
 
-    def dying_step(batch, epoch):
-        if trainer.step == 5:
-            raise _Interrupt
-        return original(batch, epoch)
-
-    trainer._train_step = dying_step
+    cfg, trainer = _trainer(overrides, tmp_path / "killed", callbacks=[_OnStepStart(6, die)])
     with pytest.raises(_Interrupt):
         trainer.fit()
     assert [s for s, _ in losses(cfg.out)] == [1, 2, 3, 4, 5]
@@ -136,15 +143,10 @@ def test_stop_signal_checkpoints_then_resumes_exactly(frames_dir, tmp_path, sign
     overrides = tiny_overrides(frames_dir, tmp_path / "x", **{"optim.max_steps": 7, "train.checkpoint_every": 6})
     full = pretrain(PROJECT / "configs/uscl.yaml", overrides, out=tmp_path / "full")
 
-    cfg, trainer = _trainer(overrides, tmp_path / "stopped")
-    original = trainer._train_step
+    def send_signal(trainer):
+        os.kill(os.getpid(), signum)
 
-    def signalled_step(batch, epoch):
-        if trainer.step == 2:  # computing step 3
-            os.kill(os.getpid(), signum)
-        return original(batch, epoch)
-
-    trainer._train_step = signalled_step
+    cfg, trainer = _trainer(overrides, tmp_path / "stopped", callbacks=[_OnStepStart(3, send_signal)])  # computing step 3
     before = signal.getsignal(signum)
     with pytest.raises(TrainingInterrupted, match=f"{signal.Signals(signum).name} received: checkpoint at step 3"):
         trainer.fit()
@@ -158,6 +160,41 @@ def test_stop_signal_checkpoints_then_resumes_exactly(frames_dir, tmp_path, sign
     assert [s for s, _ in got] == list(range(1, 8))
     for (s1, a), (s2, b) in zip(expected, got):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-6, abs=1e-7), (s1, a, b)
+
+
+class _Recorder(TrainerCallback):
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def on_step_start(self, trainer, step):
+        self.events.append(("start", step, trainer.step))
+
+    def on_step_end(self, trainer, step, values):
+        self.events.append(("end", step, trainer.step, values))
+
+
+def test_step_hooks_see_every_step_and_change_nothing(frames_dir, tmp_path):
+    """on_step_start / on_step_end run once per update, in order, with the values that are logged;
+    a run with hooks logs exactly the losses of the same run without them."""
+    overrides = tiny_overrides(frames_dir, tmp_path / "x", **{"optim.max_steps": 5, "train.checkpoint_every": 2})
+    plain = pretrain(PROJECT / "configs/uscl.yaml", overrides, out=tmp_path / "plain")
+
+    first, second = _Recorder(), _Recorder()
+    cfg, trainer = _trainer(overrides, tmp_path / "hooked", callbacks=[first, second])
+    trainer.fit()
+    records = [json.loads(line) for line in (cfg.out / "metrics.jsonl").read_text().splitlines()]
+    expected = []
+    for r in records:  # log_every=1: one record per step
+        values = {k: v for k, v in r.items() if k not in ("step", "epoch", "lr", "steps_per_s")}
+        expected += [("start", r["step"], r["step"] - 1), ("end", r["step"], r["step"], values)]
+    assert [e[1] for e in expected] == [1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert first.events == expected and second.events == expected
+    assert set(expected[1][3]) == {"loss", "loss_con", "loss_sup", "labeled_fraction"}
+    assert losses(cfg.out) == losses(plain)
+    for name in ("final.pt", "last.pt"):
+        a = load_checkpoint(plain / "checkpoints" / name)["model"]
+        b = load_checkpoint(cfg.out / "checkpoints" / name)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_cli_exit_status_on_a_stop_signal(frames_dir, tmp_path, monkeypatch, capsys):
@@ -230,7 +267,7 @@ def test_cli_pretrain_and_resume(frames_dir, tmp_path, capsys):
 def test_trainer_with_a_minimal_method_adamw_and_schedule(frames_dir, tmp_path):
     """The trainer works with any Method that follows the base-class contract (MixCL relies on it)."""
     from medcl.methods.base import Method
-    from medcl.train.loader import IndexBatchLoader
+    from medcl.sampling.loader import IndexBatchLoader
 
     class Linear(Method):
         name = "linear"

@@ -49,7 +49,8 @@ def test_label_aware_contrast_and_three_channels():
     method = USCL(["a", "b", "c"], in_channels=3, label_aware=True)
     out = method.training_step(batch(channels=3, labels=(0, 0, 1, -1)))
     assert torch.isfinite(out["loss"])
-    assert method.backbone_info() == {"name": "resnet18", "kwargs": {"in_channels": 3}, "prefix": "backbone."}
+    assert method.backbone_info() == {"name": "resnet18", "kwargs": {"in_channels": 3}, "prefix": "backbone.",
+                                      "input": {"in_channels": 3, "scale": "x / 255", "mean": [0.0], "std": [1.0]}}
 
 
 def test_no_classes_means_no_classifier():

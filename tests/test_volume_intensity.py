@@ -15,7 +15,7 @@ import pytest
 from medcl.data.pool import build_source
 from medcl.data.seg_manifest import load_case, read_seg_csv
 from medcl.data.volumes import load_volume
-from medcl.evaluate.segment_cli import apply_intensity_options
+from medcl.cli.finetune import apply_intensity_options
 
 
 def _write(root: Path, image: np.ndarray, labels: np.ndarray, affine: np.ndarray) -> Path:

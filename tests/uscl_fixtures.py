@@ -10,6 +10,16 @@ from medcl.data.manifest import VideoRecord, write_manifest
 
 CLASSES = ["covid", "pneumonia", "regular"]
 
+# What medcl wrote into every run's config.yaml and checkpoint config, MixCL's included, before
+# sections became per-method: the defaults of the frame-set sections.
+OLD_DEFAULT_SECTIONS = {
+    "data": {"manifest": None, "size": 224, "in_channels": 1, "label_fraction": 0.01, "label_seed": 0},
+    "sampling": {"pairing": "video", "mixup": "paper", "alpha": 0.5, "beta": 0.5},
+    "augment": {"enabled": True, "crop_scale": [0.6, 1.0], "crop_ratio": [0.75, 1.3333333333333333], "flip_p": 0.5,
+                "rotate_degrees": 10.0, "brightness": 0.2, "contrast": 0.2},
+    "model": {"backbone": "resnet18", "proj_hidden": 512, "proj_dim": 256},
+}
+
 
 def write_frame_sets(
     root: Path,

@@ -5,13 +5,13 @@ MixCL (Li, Quan, Zhou) for pixel-label contrastive pretraining of UNETR encoders
 leakage-free evaluation, reports and export around them.
 """
 
-__version__ = "0.1.0"
+from medcl._version import __version__  # noqa: F401
 
 
 def __getattr__(name: str):
     # Lazy: `import medcl` stays light (no torch import) until the loader is used.
     if name == "load_backbone":
-        from medcl.export import load_backbone
+        from medcl.weights import load_backbone
 
         return load_backbone
     raise AttributeError(f"module 'medcl' has no attribute {name!r}")

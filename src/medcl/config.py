@@ -5,10 +5,12 @@ command-line overrides ``key.sub=value``::
 
     method: uscl            # selects the method and the method section below
     out: runs/uscl          # run folder
+    # shared sections: only for the methods that use them (see "Sections per method" below)
     data:     {manifest, size, in_channels, label_fraction, label_seed}
     sampling: {pairing: video|frame, mixup: paper|shared_lambda|none, alpha, beta}
     augment:  {enabled, crop_scale, crop_ratio, flip_p, rotate_degrees, brightness, contrast}
     model:    {backbone, proj_hidden, proj_dim}
+    # every run
     optim:    {name: adam|adamw, lr, weight_decay, batch_size, epochs, warmup_epochs, max_steps, min_lr_ratio}
     train:    {seed, device, amp, checkpoint_every, log_every, progress, tensorboard, sync_batchnorm}
     uscl:     {temperature, lambda_sup, label_aware}   # the section named after `method`
@@ -17,15 +19,30 @@ command-line overrides ``key.sub=value``::
 >>> cfg.method, cfg.params.temperature, cfg.optim.lr                                    # doctest: +SKIP
 ('uscl', 0.5, 0.0003)
 
-Validation happens before anything is trained: unknown keys, wrong types, out-of-range values and
-a missing manifest raise :class:`ConfigError`, whose message lists every problem as
-``key=value: reason``.
+Sections per method: every run has ``optim``, ``train`` and its method's section. The shared
+sections :data:`SHARED_SECTIONS` (``data``, ``sampling``, ``augment``, ``model``) belong to the
+methods whose config class lists them in ``shared_sections``: USCL, SimCLR and supervised
+pretraining (frame sets through ``medcl.sampling.pairs``) use all four; MixCL uses none (its data,
+views and model options are in ``mixcl:``). A run's :meth:`Config.to_dict` / ``config.yaml``
+holds only its method's sections, and ``cfg.sampling`` etc. are ``None`` for a method that does
+not use them. A section given for a method that does not use it is a :class:`ConfigError`, with
+one exception for files written by medcl before sections became per-method (every MixCL
+``config.yaml`` and checkpoint then carried USCL's default ``data`` / ``sampling`` / ``augment``
+/ ``model``): a section that holds exactly those defaults is dropped with a :class:`ConfigWarning`.
+The trainer ignores sections the method does not use when it compares a checkpoint's config on
+``--resume``, so such old runs resume too.
+
+Validation happens before anything is trained: unknown keys, wrong types, out-of-range values,
+an unknown ``model.backbone`` (the names of ``medcl.models.backbones.BACKBONES``) and a missing
+manifest raise :class:`ConfigError`, whose message lists every problem as ``key=value: reason``.
 
 Adding a method (e.g. MixCL)
 ----------------------------
 1. Define ``class MixCLConfig(MethodConfig)`` with its fields (pydantic, ``extra="forbid"`` is
-   inherited). Set ``needs_manifest: ClassVar[bool] = False`` if the method does not read the
-   USCL frame-set manifest. It may live here or in its own module.
+   inherited). A method that trains on USCL frame sets derives from :class:`FrameSetMethodConfig`
+   instead (shared sections data, sampling, augment, model; ``data.manifest`` required); otherwise
+   list the shared sections it reads in ``shared_sections: ClassVar[tuple[str, ...]]`` (default:
+   none). It may live here or in its own module.
 2. Register it: add ``"mixcl": MixCLConfig`` (or the lazy string ``"medcl.methods.mixcl:MixCLConfig"``)
    to :data:`METHOD_CONFIGS`, or call ``register_method_config("mixcl", MixCLConfig)``.
 3. Its section is then the top-level key ``mixcl:`` and is available as ``cfg.params``;
@@ -40,6 +57,7 @@ from __future__ import annotations
 import copy
 import importlib
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -53,6 +71,10 @@ _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 class ConfigError(ValueError):
     """Invalid configuration; the message names each offending key and value."""
+
+
+class ConfigWarning(UserWarning):
+    """A configuration that loads but should be edited (e.g. a section dropped as unused)."""
 
 
 class Section(BaseModel):
@@ -113,9 +135,19 @@ class AugmentConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["resnet18"] = "resnet18"
+    backbone: str = "resnet18"  # a name of medcl.models.backbones.BACKBONES
     proj_hidden: int = Field(512, ge=1)
     proj_dim: int = Field(256, ge=1)
+
+    @field_validator("backbone")
+    @classmethod
+    def _registered_backbone(cls, value: str) -> str:
+        from medcl.models.backbones import BACKBONES  # lazily: the registry imports torch and MONAI
+
+        if value not in BACKBONES:
+            raise ValueError(f"unknown backbone; known: {', '.join(sorted(BACKBONES))} "
+                             "(medcl.models.backbones.register_backbone adds one)")
+        return value
 
 
 class OptimConfig(Section):
@@ -147,13 +179,35 @@ class TrainConfig(Section):
         raise ValueError("expected auto, cpu, cuda or cuda:N")
 
 
-class MethodConfig(Section):
-    """Base of the method sections. ``needs_manifest``: the method reads ``data.manifest``."""
+# The sections that only some methods use, in their YAML order; optim and train belong to every run.
+SHARED_SECTIONS: dict[str, type[Section]] = {
+    "data": DataConfig,
+    "sampling": SamplingConfig,
+    "augment": AugmentConfig,
+    "model": ModelConfig,
+}
 
+
+class MethodConfig(Section):
+    """Base of the method sections.
+
+    ``shared_sections``: the names of :data:`SHARED_SECTIONS` the method reads (the others are
+    refused in its configs and left out of its ``config.yaml``). ``needs_manifest``: the method
+    reads ``data.manifest`` (then ``data`` must be one of its shared sections).
+    """
+
+    shared_sections: ClassVar[tuple[str, ...]] = ()
+    needs_manifest: ClassVar[bool] = False
+
+
+class FrameSetMethodConfig(MethodConfig):
+    """Methods that train on USCL frame sets (``medcl.sampling.pairs.frame_set_loader``)."""
+
+    shared_sections: ClassVar[tuple[str, ...]] = ("data", "sampling", "augment", "model")
     needs_manifest: ClassVar[bool] = True
 
 
-class USCLConfig(MethodConfig):
+class USCLConfig(FrameSetMethodConfig):
     """USCL (Chen et al., MICCAI 2021): L = L_con + lambda_sup * L_sup."""
 
     temperature: float = Field(0.5, gt=0.0)
@@ -161,13 +215,13 @@ class USCLConfig(MethodConfig):
     label_aware: bool = False  # SupCon-style contrast: known different labels negatives, same positives
 
 
-class SimCLRConfig(MethodConfig):
+class SimCLRConfig(FrameSetMethodConfig):
     """SimCLR (Chen et al., ICML 2020): NT-Xent only."""
 
     temperature: float = Field(0.5, gt=0.0)
 
 
-class SupervisedConfig(MethodConfig):
+class SupervisedConfig(FrameSetMethodConfig):
     """Plain supervised pretraining: cross-entropy on the labeled videos only."""
 
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
@@ -186,7 +240,16 @@ def register_method_config(name: str, cls: type[MethodConfig]) -> None:
     """Make ``method: name`` valid, with section ``name:`` validated by ``cls``."""
     if not (isinstance(cls, type) and issubclass(cls, MethodConfig)):
         raise TypeError(f"{cls!r} is not a MethodConfig subclass")
+    _check_shared_sections(cls)
     METHOD_CONFIGS[name] = cls
+
+
+def _check_shared_sections(cls: type[MethodConfig]) -> None:
+    unknown = [name for name in cls.shared_sections if name not in SHARED_SECTIONS]
+    if unknown:
+        raise TypeError(f"{cls.__name__}.shared_sections: unknown {unknown}; choose from {list(SHARED_SECTIONS)}")
+    if cls.needs_manifest and "data" not in cls.shared_sections:
+        raise TypeError(f"{cls.__name__}.needs_manifest is set but 'data' is not in its shared_sections")
 
 
 def method_config_class(name: str) -> type[MethodConfig]:
@@ -196,6 +259,7 @@ def method_config_class(name: str) -> type[MethodConfig]:
     if isinstance(entry, str):
         module_name, _, class_name = entry.partition(":")
         entry = getattr(importlib.import_module(module_name), class_name)
+        _check_shared_sections(entry)
         METHOD_CONFIGS[name] = entry
     return entry  # type: ignore[return-value]
 
@@ -205,23 +269,51 @@ class Config(Section):
 
     method: str
     out: Path | None = None
-    data: DataConfig = DataConfig()
-    sampling: SamplingConfig = SamplingConfig()
-    augment: AugmentConfig = AugmentConfig()
-    model: ModelConfig = ModelConfig()
+    # shared sections: None when the method does not use them (MethodConfig.shared_sections)
+    data: DataConfig | None = None
+    sampling: SamplingConfig | None = None
+    augment: AugmentConfig | None = None
+    model: ModelConfig | None = None
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     params: MethodConfig = Field(default_factory=MethodConfig)  # the section named after `method`
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shared_sections_of_the_method(cls, values: Any) -> Any:
+        """Default the sections the method uses; refuse the others (also for direct validation)."""
+        if not isinstance(values, Mapping):
+            return values
+        values = dict(values)
+        params = values.get("params")
+        used = type(params).shared_sections if isinstance(params, MethodConfig) else ()
+        problems = []
+        for name in SHARED_SECTIONS:
+            if name in used:
+                if values.get(name) is None:
+                    values[name] = {}
+            elif values.get(name) is not None:
+                problems.append(_unused_section_message(name, str(values.get("method")), type(params)))
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return values
+
     @model_validator(mode="after")
     def _method_needs(self) -> Config:
-        if type(self.params).needs_manifest and self.data.manifest is None:
+        if type(self.params).needs_manifest and (self.data is None or self.data.manifest is None):
             raise ValueError(f"data.manifest is required by method {self.method!r} (data.manifest=PATH)")
         return self
 
+    def unused_sections(self) -> tuple[str, ...]:
+        """The shared sections this run's method does not use (absent from its ``to_dict()``)."""
+        return tuple(name for name in SHARED_SECTIONS if name not in type(self.params).shared_sections)
+
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> Config:
-        """Validate a nested mapping (YAML layout, method section under its name)."""
+    def from_dict(cls, raw: Mapping[str, Any], *, source: str | Path | None = None) -> Config:
+        """Validate a nested mapping (YAML layout, method section under its name).
+
+        ``source`` (the file ``raw`` came from) names the file in warnings.
+        """
         if not isinstance(raw, Mapping):
             raise ConfigError(f"configuration must be a mapping, got {type(raw).__name__}")
         raw = dict(copy.deepcopy(raw))
@@ -236,6 +328,11 @@ class Config(Section):
             raise ConfigError("params: unknown key (put method options under the section named after the method)")
         section = raw.pop(method, None) or {}
         problems: list[str] = []
+        unused = [name for name in SHARED_SECTIONS if name not in params_cls.shared_sections and raw.get(name) is not None]
+        old_defaults = [name for name in unused if _holds_old_defaults(name, raw[name])]
+        problems += [_unused_section_message(name, method, params_cls) for name in unused if name not in old_defaults]
+        for name in unused:
+            del raw[name]
         try:
             params = params_cls.model_validate(section)
         except ValidationError as exc:
@@ -248,17 +345,40 @@ class Config(Section):
             cfg = None
         if problems:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+        if old_defaults:
+            where = f"{source}: " if source is not None else ""
+            warnings.warn(f"{where}{', '.join(old_defaults)}: not used by method {method!r}; ignored (the defaults that "
+                          "medcl wrote into every config before sections became per-method); remove them",
+                          ConfigWarning, stacklevel=2)
         assert cfg is not None
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-types mapping in the YAML layout (round-trips through :meth:`from_dict`)."""
-        out = self.model_dump(mode="json", exclude={"params"})
+        """Plain-types mapping in the YAML layout, only the method's sections (round-trips
+        through :meth:`from_dict`)."""
+        out = self.model_dump(mode="json", exclude={"params", *self.unused_sections()})
         out[self.method] = self.params.model_dump(mode="json")
         return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _unused_section_message(name: str, method: str, params_cls: type[MethodConfig]) -> str:
+    sections = ", ".join(["optim", "train", *params_cls.shared_sections, method])
+    return (f"{name}: not used by method {method!r} (its sections: {sections}); remove the section "
+            "(configs written by medcl before sections became per-method carried it)")
+
+
+def _holds_old_defaults(name: str, section: Any) -> bool:
+    """True when ``section`` equals what medcl once wrote for every method: the section's defaults."""
+    if not isinstance(section, Mapping):
+        return False
+    section_cls = SHARED_SECTIONS[name]
+    try:
+        return section_cls.model_validate(dict(section)) == section_cls()
+    except ValidationError:
+        return False
 
 
 def _describe(exc: ValidationError, prefix: str = "") -> list[str]:
@@ -334,7 +454,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
     raw.update(base)
     raw = apply_overrides(raw, overrides)
     try:
-        return Config.from_dict(raw)
+        return Config.from_dict(raw, source=path)
     except ConfigError as exc:
         if path is not None:
             raise ConfigError(f"{path}: {exc}") from None

@@ -80,10 +80,11 @@ def run_demo(out: str | Path = "medcl-demo", settings: DemoSettings | None = Non
              report: bool = True, log=print) -> dict:
     """Run every stage into ``out``; returns a summary dict (also written to summary.json/.md)."""
     from medcl.data.synthetic import write_synthetic_videos
-    from medcl.evaluate.classify import FinetuneConfig, InitSpec, finetune
+    from medcl.evaluate.classify import FinetuneConfig, finetune
     from medcl.evaluate.compare import comparison_markdown
     from medcl.ingest.pipeline import ingest_videos
     from medcl.train.api import pretrain
+    from medcl.weights import InitSpec
 
     s = settings or DemoSettings()
     out = Path(out)

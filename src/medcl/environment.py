@@ -1,7 +1,9 @@
-"""Where a run ran: versions and machine, written as ``RUN_DIR/environment.json`` for the report
-(and used by the benchmarks to state their machine).
+"""Where a run runs: the compute device it uses and the versions and machine it ran on.
 
-Run writers (trainer, fine-tuning) call :func:`write_environment` once per run folder; the report
+:func:`resolve_device` turns a ``train.device`` setting into a ``torch.device`` (the trainer, the
+pretraining API and the frame-set sampler agree through it). :func:`write_environment` records
+versions and machine as ``RUN_DIR/environment.json`` for the report (the benchmarks use it to state
+their machine); run writers (trainer, fine-tuning) call it once per run folder, and the report
 shows it in its "Configuration and environment" section (and says so when a run lacks it).
 """
 
@@ -11,9 +13,25 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 ENVIRONMENT_FILE = "environment.json"
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given
+    (a CUDA device without CUDA available is an error naming the setting)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available")
+    return device
 
 
 def cpu_model() -> str:
@@ -31,7 +49,7 @@ def collect_environment() -> dict[str, Any]:
     """python / torch / MONAI / medcl versions, OS, CPU model and count, GPU names when present."""
     import torch
 
-    from medcl import __version__
+    from medcl._version import __version__
 
     try:
         import monai

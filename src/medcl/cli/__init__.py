@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="medcl",
         description="Domain-specific contrastive pretraining for medical imaging (USCL, MixCL).",
     )
-    from medcl import __version__
+    from medcl._version import __version__
 
     parser.add_argument("--version", action="version", version=f"medcl {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -25,12 +25,13 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medcl.export import BackboneLoadError, CheckpointError, export_backbone, load_backbone
+    from medcl.report.model_card import export_backbone
+    from medcl.weights import WeightsError, load_backbone
 
     try:
         file = export_backbone(args.checkpoint, args.out, args.results)
         load_backbone(file)  # proves the export loads before we report success
-    except (CheckpointError, BackboneLoadError) as exc:
+    except WeightsError as exc:
         print(f"medcl export: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {file} (+ model_card.json, MODEL_CARD.md)")

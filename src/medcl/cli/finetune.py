@@ -1,11 +1,22 @@
 """`medcl finetune DATA --init scratch --init RUN/checkpoints/final.pt --out DIR`: cross-validated
-classification fine-tuning (stratified group k-fold by patient, repeated) with a paired comparison
-of the initialisations."""
+fine-tuning with a paired comparison of the initialisations.
+
+--task classify (default): ingested frame sets, stratified group k-fold by patient, repeated
+(medcl.evaluate.classify). --task segment: a BUS-BRA folder, an OpenKBP folder (with --organs) or
+a CSV manifest (image, mask, patient_id [, fold, split]); UNETR + Dice at several label fractions
+(medcl.evaluate.segment)::
+
+    medcl finetune ../shared/data/us-seg/busbra --task segment --size 64,64 \\
+        --init scratch --init mixcl=runs/mixcl-2d/checkpoints/final.pt --out runs/seg-busbra
+
+This module only parses arguments; the protocol is the Python API's.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -107,23 +118,146 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", help="ingest output folder or its manifest.csv")
     add_config_arguments(parser)
-    # `--task segment`: UNETR + Dice on BUS-BRA / OpenKBP / a CSV manifest (medcl.evaluate.segment)
-    from medcl.evaluate.segment_cli import add_arguments as add_segment_arguments
-
-    add_segment_arguments(parser, task_default="classify")
+    add_segment_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
-    if getattr(args, "task", "classify") == "segment":
-        from medcl.evaluate.segment_cli import run_cli
+def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--task segment` options (UNETR + Dice on BUS-BRA / OpenKBP / a CSV manifest)."""
+    parser.add_argument("--task", choices=["classify", "segment"], default="classify",
+                        help="classify (frame/video classes, default) or segment (UNETR + Dice)")
+    group = parser.add_argument_group("segmentation (--task segment)")
+    group.add_argument("--seg-source", choices=["auto", "busbra", "openkbp", "csv"], default="auto",
+                       help="what DATA is (default: detect)")
+    group.add_argument("--organs", default=None, help="OpenKBP organs to segment, e.g. Larynx,Esophagus")
+    group.add_argument("--test-patients", default=None, help="OpenKBP patients held out as a separate test set")
+    group.add_argument("--test-manifest", default=None,
+                       help="CSV manifest (image, mask, patient_id) of a separate test set, scored by every fold's model")
+    group.add_argument("--fractions", default=None, help="label fractions of the training patients (default 0.05,0.15,0.5,1)")
+    group.add_argument("--run-folds", default=None, help="only these 1-based folds, e.g. 1,2")
+    group.add_argument("--iterations", type=int, default=None, help="fine-tuning iterations (default 2000)")
+    group.add_argument("--size", default=None, help="2D: resize to H,W; 3D: resample volumes to D,H,W")
+    group.add_argument("--roi-size", default=None, help="training crop and sliding-window size")
+    group.add_argument("--window", default=None, metavar="LO,HI",
+                       help="3D: intensity window in the image's units, e.g. -150,250 (HU, CT; OpenKBP's default);"
+                            " without it each volume is clipped to its --percentiles")
+    group.add_argument("--percentiles", default=None, metavar="LO,HI",
+                       help="3D without --window: clip each volume to these percentiles (default 0.5,99.5; 0,100 = min-max)")
+    group.add_argument("--channel", type=int, default=None, metavar="K",
+                       help="3D: channel (modality) of 4D images [X, Y, Z, C] to segment from, 0-based")
+    group.add_argument("--model", action="append", default=None, metavar="KEY=VALUE",
+                       help="UNETR option for scratch runs, e.g. hidden_size=96 (repeatable)")
 
-        return run_cli(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.task == "segment":
+        return run_segment(args)
     from medcl.evaluate.classify import finetune
 
     config = config_from_args(args)
     apply_threads(args)
     result = finetune(args.data, args.init or ["scratch"], config, args.out)
     print_summary(result, args.out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ segmentation
+
+def _csv_list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _model_kwargs(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"medcl: --model expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = value
+    return out
+
+
+def _pair(text: str | None, flag: str) -> tuple[float, float] | None:
+    if not text:
+        return None
+    parts = _csv_list(text) or []
+    try:
+        lo, hi = (float(v) for v in parts)
+    except ValueError:
+        raise SystemExit(f"medcl: {flag} expects two numbers LO,HI, got {text!r}") from None
+    if not lo < hi:
+        raise SystemExit(f"medcl: {flag} needs LO < HI, got {text!r}")
+    return lo, hi
+
+
+def apply_intensity_options(task, args: argparse.Namespace) -> None:
+    """--window / --percentiles / --channel onto a task (3D only)."""
+    from medcl.evaluate.segment import set_intensity
+
+    try:
+        set_intensity(task, _pair(getattr(args, "window", None), "--window"),
+                      _pair(getattr(args, "percentiles", None), "--percentiles"), getattr(args, "channel", None))
+    except ValueError as exc:
+        raise SystemExit(f"medcl: {exc}") from None
+
+
+def segment_config(args: argparse.Namespace):
+    """SegmentConfig from --config and the flags (flags win)."""
+    from medcl.evaluate.segment import SegmentConfig
+
+    data: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        if not path.is_file():
+            raise SystemExit(f"medcl: config not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        data.update(loaded.get("segment", loaded))
+    simple = {"seed": "seed", "lr": "lr", "batch_size": "batch_size", "val_fraction": "val_fraction",
+              "iterations": "iterations", "folds": "n_folds", "threads": "num_threads"}
+    for attr, field in simple.items():
+        if getattr(args, attr, None) is not None:
+            data[field] = getattr(args, attr)
+    if getattr(args, "fractions", None):
+        data["fractions"] = [float(v) for v in _csv_list(args.fractions)]
+    if getattr(args, "run_folds", None):
+        data["folds"] = [int(v) for v in _csv_list(args.run_folds)]
+    if getattr(args, "size", None):
+        data["size"] = [int(v) for v in _csv_list(args.size)]
+    if getattr(args, "roi_size", None):
+        data["roi_size"] = [int(v) for v in _csv_list(args.roi_size)]
+    if getattr(args, "model", None):
+        data["model"] = {**data.get("model", {}), **_model_kwargs(args.model)}
+    return SegmentConfig(**data)
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    """`medcl finetune DATA --task segment`: parse, then medcl.evaluate.segment.finetune."""
+    from pydantic import ValidationError
+
+    from medcl.evaluate.segment import build_task, finetune, results_markdown
+
+    if not args.out:
+        raise SystemExit("medcl finetune --task segment: --out is required")
+    try:
+        config = segment_config(args)
+        task = build_task(args.seg_source, args.data, organs=_csv_list(args.organs),
+                          test_patients=_csv_list(args.test_patients) or (), classes=_csv_list(args.classes),
+                          test_manifest=args.test_manifest)
+        apply_intensity_options(task, args)
+        result = finetune(task, args.init or ["scratch"], config, args.out)
+    except (ValueError, FileNotFoundError, ValidationError) as exc:
+        raise SystemExit(f"medcl finetune --task segment: {exc}") from None
+    for results in result["runs"].values():
+        print(results_markdown(results))
+    if result["comparison"] is not None:
+        print((Path(args.out) / "comparison.md").read_text())
+    print(f"results written to {args.out}")
     return 0

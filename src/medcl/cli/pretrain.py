@@ -31,13 +31,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from medcl.config import ConfigError, load_config
     from medcl.train.api import pretrain
-    from medcl.train.checkpoint import CheckpointError
+    from medcl.weights import WeightsError
     from medcl.train.trainer import TrainingDiverged, TrainingInterrupted
 
     try:
         config = load_config(args.config, args.overrides)
         run_dir = pretrain(config, resume=args.resume)
-    except (ConfigError, CheckpointError, FileExistsError, FileNotFoundError) as exc:
+    except (ConfigError, WeightsError, FileExistsError, FileNotFoundError) as exc:
         print(f"medcl pretrain: error: {exc}", file=sys.stderr)
         return 2
     except TrainingDiverged as exc:

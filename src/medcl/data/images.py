@@ -12,8 +12,9 @@ Each adapter returns a :class:`medcl.data.pool.SegSource` (see there for the lab
 - :func:`image_folder_source`: any "folder of images + folder of masks" (matched by file stem)
   for users' own data, with a mask-value -> class-name map or a binarising threshold.
 
-Images are read as single-channel float32 in [0, 1] (colour images are converted to luminance);
-masks as local label values (binary masks: pixel >= ``threshold`` -> 1, robust to JPEG noise).
+Files are read by :mod:`medcl.data.segfiles` (as segmentation fine-tuning reads them): images as
+single-channel float32 in [0, 1] (colour images are converted to luminance); masks as local label
+values (binary masks: pixel >= ``threshold`` -> 1, robust to JPEG noise).
 """
 
 from __future__ import annotations
@@ -23,47 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from medcl.data.pool import SegItem, SegSource
+from medcl.data.segfiles import read_image, read_image_and_mask, read_mask  # noqa: F401  (this module's readers)
+from medcl.data.segtypes import SegItem, SegSource
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Grayscale image -> float32 ``[H, W]`` in [0, 1]."""
-    try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("L") if im.mode not in ("L", "I;16", "I") else im)
-    except OSError as exc:
-        raise OSError(f"{path}: cannot read image ({exc})") from None
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    array = array.astype(np.float32)
-    low, high = float(array.min()), float(array.max())
-    return (array - low) / (high - low) if high > low else np.zeros_like(array)
-
-
-def read_mask(path: str | Path, threshold: int | None = 128) -> np.ndarray:
-    """Mask -> int64 ``[H, W]``: binarised (``>= threshold`` -> 1) or raw values (threshold None)."""
-    try:
-        with Image.open(path) as im:
-            array = np.asarray(im.convert("L") if im.mode in ("RGB", "RGBA", "P", "LA") else im)
-    except OSError as exc:
-        raise OSError(f"{path}: cannot read mask ({exc})") from None
-    if threshold is not None:
-        return (array >= threshold).astype(np.int64)
-    return array.astype(np.int64)
-
-
 def load_image_and_mask(item: SegItem, source: SegSource) -> tuple[np.ndarray, np.ndarray]:
     """``(image [1, H, W] float32, local mask [H, W] int64)``; no mask -> all zeros."""
-    image = read_image(item.image)
-    if item.mask is None:
-        return image[None], np.zeros(image.shape, dtype=np.int64)
-    mask = read_mask(item.mask, source.options.get("threshold", 128))
-    if mask.shape != image.shape:
-        raise ValueError(f"{item.mask}: mask shape {mask.shape} != image shape {image.shape} ({item.image})")
+    image, mask = read_image_and_mask(item.image, item.mask, source.options.get("threshold", 128))
     return image[None], mask
 
 

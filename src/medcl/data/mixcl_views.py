@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medcl.data.pool import SegmentationPool
-from medcl.sampling.pixels import IGNORE_INDEX
+from medcl.data.pool import IGNORE_INDEX, SegmentationPool
 
 
 def crop_patch(image: np.ndarray, label: np.ndarray, size: Sequence[int], rng: np.random.Generator,

@@ -6,10 +6,11 @@ global label space and keeps track of what was annotated where.
 
 Sources and items
     A :class:`SegSource` is one dataset: a name, its local label map (mask value -> class name)
-    and :class:`SegItem` s (image, mask, the classes annotated on that item, patient id). The
-    adapters that build sources live in :mod:`medcl.data.images` (2D: busbra, hc18, tg3k, ctrus,
-    image_folder) and :mod:`medcl.data.volumes` (3D: openkbp, nifti_pairs); :data:`ADAPTERS` names
-    them for configs.
+    and :class:`SegItem` s (image, mask, the classes annotated on that item, patient id); both are
+    defined in :mod:`medcl.data.segtypes` and importable from here. The adapters that build
+    sources live in :mod:`medcl.data.images` (2D: busbra, hc18, tg3k, ctrus, image_folder) and
+    :mod:`medcl.data.volumes` (3D: openkbp, nifti_pairs); :data:`ADAPTERS` names them for configs.
+    Both read files with :mod:`medcl.data.segfiles`, as segmentation fine-tuning does.
 
 Global label space
     Class ``"<source>/<class>"`` (``"busbra/lesion"``, ``"openkbp/Mandible"``) gets global id
@@ -35,15 +36,14 @@ from __future__ import annotations
 import importlib
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medcl.sampling.pixels import IGNORE_INDEX
-
-BACKGROUND = 0
+from medcl.data.images import load_image_and_mask
+from medcl.data.segtypes import BACKGROUND, IGNORE_INDEX, SegItem, SegSource
+from medcl.data.volumes import load_volume
 
 # adapter name -> "module:function" building a SegSource from (root, name=..., **options)
 ADAPTERS: dict[str, str] = {
@@ -55,43 +55,6 @@ ADAPTERS: dict[str, str] = {
     "openkbp": "medcl.data.volumes:openkbp_source",
     "nifti_pairs": "medcl.data.volumes:nifti_pairs_source",
 }
-
-
-@dataclass(frozen=True)
-class SegItem:
-    """One image (or volume) with its mask. ``annotated``: class names annotated on this item."""
-
-    image: str
-    mask: str | None
-    annotated: tuple[str, ...]
-    case_id: str
-    patient_id: str
-    spacing: tuple[float, ...] | None = None
-
-
-@dataclass
-class SegSource:
-    """One dataset of the pool: ``classes`` maps a local mask value (> 0) to a class name."""
-
-    name: str
-    spatial_dims: int
-    classes: dict[int, str]
-    items: list[SegItem]
-    # 3D: intensity window in the image's units (HU for CT); None = per-image min-max
-    intensity_range: tuple[float, float] | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if "/" in self.name or not self.name:
-            raise ValueError(f"source name {self.name!r} must be non-empty and contain no '/'")
-        if 0 in self.classes:
-            raise ValueError(f"source {self.name!r}: local label 0 is background and cannot name a class")
-        names = set(self.classes.values())
-        for item in self.items:
-            unknown = set(item.annotated) - names
-            if unknown:
-                raise ValueError(f"source {self.name!r}, case {item.case_id}: annotated classes {sorted(unknown)} "
-                                 f"not in the label map {sorted(names)}")
 
 
 def build_source(adapter: str, root: str | Path, name: str | None = None, **options: Any) -> SegSource:
@@ -191,14 +154,10 @@ class SegmentationPool:
         source, k = self.index[index]
         src, item = self.sources[source], self.sources[source].items[k]
         if self.spatial_dims == 2:
-            from medcl.data.images import load_image_and_mask
-
             image, local = load_image_and_mask(item, src)
             if self.image_size is not None and image.shape[1:] != self.image_size:
                 image, local = _resize_2d(image, local, self.image_size)
         else:
-            from medcl.data.volumes import load_volume
-
             image, local = load_volume(item, src, spacing=self.spacing)
         return {
             "image": image,

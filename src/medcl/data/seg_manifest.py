@@ -11,6 +11,7 @@ A :class:`SegTask` is what ``medcl finetune --task segment`` evaluates. It is bu
 
 Masks are mapped to class indices 0 (background) .. n_classes with ``label_map`` (raw mask value
 -> class index; every value not in the map becomes background). Loading (:func:`load_case`)
+reads files with :mod:`medcl.data.segfiles`, the reader MixCL pretraining uses too, and
 returns channel-first float32 image in [0, 1] and int64 label arrays, resized (2D) or
 resampled (3D) to a fixed grid so batches stack.
 """
@@ -25,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medcl.data.segfiles import PERCENTILES, read_image_and_mask, read_volume
+
 IMAGE_SUFFIXES_3D = (".nii", ".nii.gz")
-# 3D volumes without an intensity window: clip to these percentiles of the volume, scale to
-# [0, 1] (fine-tuning here, MixCL pretraining in medcl.data.volumes)
-PERCENTILES = (0.5, 99.5)
 
 
 @dataclass(frozen=True)
@@ -266,74 +266,17 @@ def map_labels(mask: np.ndarray, label_map: dict[int, int] | None, where: str = 
 
 
 def _load_2d(case: SegCase, task: SegTask, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
-
-    for p in (case.image, case.mask):
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"case {case.case_id}: file not found: {p}")
-    image = Image.open(case.image).convert("L")
-    mask = Image.open(case.mask)
-    if mask.mode not in ("L", "P", "I", "I;16", "1"):
-        mask = mask.convert("L")
-    if image.size != mask.size:
-        raise ValueError(
-            f"case {case.case_id}: image {case.image} is {image.size} but mask {case.mask} is {mask.size}"
-        )
-    hw = (int(size[1]), int(size[0]))  # PIL wants (width, height)
-    image = np.asarray(image.resize(hw, Image.BILINEAR), dtype=np.float32) / 255.0
-    raw = np.asarray(mask.resize(hw, Image.NEAREST))
-    if mask.mode == "1":
-        raw = raw.astype(np.uint8) * 255
-    labels = map_labels(raw, task.label_map if task.label_map is not None else None)
+    image, raw = read_image_and_mask(case.image, case.mask, threshold=None, size=size)
+    labels = map_labels(raw, task.label_map)
     if task.label_map is None and len(task.classes) == 1:
         labels = (labels > 0).astype(np.int64)  # binary user masks: any non-zero is foreground
     return image[None], labels[None]
 
 
 def _load_3d(case: SegCase, task: SegTask, size: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-    import torch
-    import torch.nn.functional as F
-
-    for p in (case.image, case.mask):
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"case {case.case_id}: file not found: {p}")
-    # RAS orientation, as MixCL pretraining loads volumes (MONAI Orientationd "RAS")
-    image = np.asarray(nib.as_closest_canonical(nib.load(case.image)).dataobj, dtype=np.float32)
-    raw = np.asarray(nib.as_closest_canonical(nib.load(case.mask)).dataobj)
-    if image.ndim == 4 and raw.ndim == 3 and image.shape[:3] == raw.shape:
-        if task.channel is None:
-            raise ValueError(
-                f"case {case.case_id}: image {case.image} has {image.shape[3]} channels (shape {image.shape},"
-                f" e.g. several MRI modalities) and mask {case.mask} is 3D: choose one channel with"
-                " --channel K (0-based)"
-            )
-        if not 0 <= task.channel < image.shape[3]:
-            raise ValueError(
-                f"case {case.case_id}: channel {task.channel} asked but image {case.image} has"
-                f" {image.shape[3]} channels"
-            )
-        image = image[..., task.channel]
-    elif task.channel is not None and image.ndim == 3:
-        raise ValueError(f"case {case.case_id}: channel {task.channel} asked but image {case.image} is 3D")
-    if image.shape != raw.shape:
-        raise ValueError(
-            f"case {case.case_id}: image {case.image} has shape {image.shape}, mask {case.mask} {raw.shape}"
-        )
-    if task.intensity_range is not None:
-        lo, hi = task.intensity_range
-    else:
-        lo, hi = (float(v) for v in np.percentile(image, task.percentiles))
-        if hi <= lo:  # (near-)constant volume: fall back to the full range
-            lo, hi = float(image.min()), float(image.max())
-    image = (np.clip(image, lo, hi) - lo) / max(hi - lo, 1e-6)
-    labels = map_labels(raw, task.label_map)
-    if size is not None and tuple(size) != image.shape:
-        img_t = torch.from_numpy(image)[None, None]
-        lab_t = torch.from_numpy(labels)[None, None].float()
-        image = F.interpolate(img_t, size=tuple(size), mode="trilinear", align_corners=False)[0, 0].numpy()
-        labels = F.interpolate(lab_t, size=tuple(size), mode="nearest")[0, 0].long().numpy()
-    return image[None].astype(np.float32), labels[None].astype(np.int64)
+    image, raw = read_volume(case.image, case.mask, window=task.intensity_range, percentiles=task.percentiles,
+                             channel=task.channel, size=size, how_to_choose_channel="--channel K (0-based)")
+    return image, map_labels(raw, task.label_map)[None]
 
 
 def load_case(case: SegCase, task: SegTask, size: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,9 +1,14 @@
-"""Splits of videos by label.
+"""Every split medcl makes: by label for pretraining, by patient for evaluation.
 
-Label fraction (USCL pretraining with 1% / 10% labels): :func:`select_labeled_videos` keeps the
+Pretraining label fraction (USCL with 1% / 10% labels): :func:`select_labeled_videos` keeps the
 labels of a seeded, per-class stratified fraction of the labeled videos; the rest are treated as
-unlabeled (target ``-1``, never a fake class). Used by every pretraining method; downstream
-k-fold helpers live in separate functions of this module.
+unlabeled (target ``-1``, never a fake class).
+
+Evaluation (the fine-tuning protocol of :mod:`medcl.evaluate.protocol`, for every task): folds
+that never split a patient (:func:`repeated_group_kfold`, stratified by label, scikit-learn's
+``StratifiedGroupKFold``; :func:`kfold_by_patient` when there is no label to stratify on), a
+validation part carved from the training folds by patient (:func:`carve_validation`,
+:func:`split_patients`) and label fractions drawn by patient (:func:`select_label_fraction`).
 """
 
 from __future__ import annotations
@@ -156,3 +161,48 @@ def fixed_split_with_validation(video_ids, labels, groups, n_repeats: int = 1, s
         fit, val = carve_validation(order, labels, groups, val_fraction, seed=seed + repeat)
         folds.append(Fold(repeat, 0, fit, val, np.array([], dtype=int)))
     return folds
+
+
+def kfold_by_patient(patient_ids: Sequence[str], n_folds: int, seed: int) -> list[int]:
+    """1-based fold of every case; all cases of one patient share a fold (seeded shuffle of the
+    sorted patients, dealt round-robin: fold sizes differ by at most one patient)."""
+    patients = sorted(set(patient_ids))
+    if len(patients) < n_folds:
+        raise ValueError(f"{len(patients)} patients cannot make {n_folds} patient-level folds")
+    order = np.random.default_rng(seed).permutation(len(patients))
+    fold_of = {patients[j]: rank % n_folds + 1 for rank, j in enumerate(order)}
+    return [fold_of[p] for p in patient_ids]
+
+
+def split_patients(patient_ids: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split case indices into (held, rest) by patient: ``round(fraction * n_patients)`` patients
+    (at least one when fraction > 0, at most n - 1) go into ``held``."""
+    patients = sorted(set(patient_ids))
+    if fraction <= 0 or len(patients) < 2:
+        return [], list(range(len(patient_ids)))
+    n_held = min(max(1, round(fraction * len(patients))), len(patients) - 1)
+    order = np.random.default_rng(seed).permutation(len(patients))
+    held = {patients[j] for j in order[:n_held]}
+    held_idx = [i for i, p in enumerate(patient_ids) if p in held]
+    rest_idx = [i for i, p in enumerate(patient_ids) if p not in held]
+    return held_idx, rest_idx
+
+
+def select_label_fraction(patient_ids: Sequence[str], fraction: float, seed: int) -> list[int]:
+    """Indices of the cases of ``max(1, round(fraction * n_patients))`` patients.
+
+    Patients are drawn in one seeded order, so for a fixed seed a smaller fraction's patients are
+    a subset of a larger fraction's (the curves compare like with like), and every initialisation
+    of a comparison sees exactly the same labeled cases.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    patients = sorted(set(patient_ids))
+    if not patients:
+        raise ValueError("no training cases to take a label fraction of")
+    if fraction == 1.0:
+        return list(range(len(patient_ids)))
+    n_keep = max(1, round(fraction * len(patients)))
+    order = np.random.default_rng(seed).permutation(len(patients))
+    keep = {patients[j] for j in order[:n_keep]}
+    return [i for i, p in enumerate(patient_ids) if p in keep]

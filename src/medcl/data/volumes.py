@@ -1,12 +1,12 @@
-"""3D NIfTI volumes + label maps: readers (MONAI transforms) and source adapters.
+"""3D NIfTI volumes + label maps: loading and source adapters.
 
-Loading (:func:`load_volume`) is MONAI's dictionary pipeline: LoadImaged -> EnsureChannelFirstd ->
-Orientationd (RAS) -> Spacingd (optional; bilinear image, nearest label) -> ScaleIntensityRanged
-(the source's intensity window, e.g. [-150, 250] HU for CT as in the MixCL paper, clipped and
-scaled to [0, 1]; without a window: the volume's 0.5-99.5 percentiles, robust to a few extreme
-voxels as in MRI). A 4D image [X, Y, Z, C] (several MRI modalities) needs ``channel``. Patch
-crops and augmentation happen later (:mod:`medcl.data.mixcl_views`), so whole volumes are
-reusable for supervised segmentation.
+Loading (:func:`load_volume`) is :func:`medcl.data.segfiles.read_volume`, the reader segmentation
+fine-tuning uses too: RAS orientation, optional resampling to ``spacing`` (mm), the source's
+intensity window (e.g. [-150, 250] HU for CT as in the MixCL paper, clipped and scaled to [0, 1];
+without a window: the volume's 0.5-99.5 percentiles, robust to a few extreme voxels as in MRI).
+A 4D image [X, Y, Z, C] (several MRI modalities) needs ``channel``. Patch crops and augmentation
+happen later (:mod:`medcl.data.mixcl_views`), so whole volumes are reusable for supervised
+segmentation.
 
 Adapters (label semantics: :mod:`medcl.data.pool`):
 
@@ -26,71 +26,21 @@ Adapters (label semantics: :mod:`medcl.data.pool`):
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from medcl.data.pool import SegItem, SegSource
-from medcl.data.seg_manifest import PERCENTILES
+from medcl.data.segfiles import read_volume
+from medcl.data.segtypes import SegItem, SegSource
 
 CT_WINDOW = (-150.0, 250.0)
 
 
-@lru_cache(maxsize=16)
-def _pipeline(spacing: tuple[float, ...] | None, window: tuple[float, float] | None, has_label: bool):
-    from monai.transforms import (
-        Compose,
-        EnsureChannelFirstd,
-        LoadImaged,
-        Orientationd,
-        ScaleIntensityRanged,
-        ScaleIntensityRangePercentilesd,
-        Spacingd,
-    )
-
-    keys = ["image", "label"] if has_label else ["image"]
-    steps: list[Any] = [
-        LoadImaged(keys, image_only=True),
-        EnsureChannelFirstd(keys),
-        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-    ]
-    if spacing is not None:
-        steps.append(Spacingd(keys, pixdim=spacing, mode=("bilinear", "nearest")[: len(keys)]))
-    if window is not None:
-        steps.append(ScaleIntensityRanged("image", a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True))
-    else:
-        steps.append(ScaleIntensityRangePercentilesd("image", lower=PERCENTILES[0], upper=PERCENTILES[1],
-                                                     b_min=0.0, b_max=1.0, clip=True, channel_wise=True))
-    return Compose(steps)
-
-
 def load_volume(item: SegItem, source: SegSource, spacing: tuple[float, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(image [1, X, Y, Z] float32 in [0, 1], local label [X, Y, Z] int64)`` in RAS orientation."""
-    has_label = item.mask is not None
-    data = {"image": item.image, **({"label": item.mask} if has_label else {})}
-    window = tuple(source.intensity_range) if source.intensity_range is not None else None
-    try:
-        out = _pipeline(tuple(spacing) if spacing is not None else None, window, has_label)(data)
-    except Exception as exc:  # noqa: BLE001 - name the case in any loading error
-        raise RuntimeError(f"cannot load volume {item.image} / {item.mask}: {exc}") from exc
-    image = np.asarray(out["image"], dtype=np.float32)
-    channel = source.options.get("channel")
-    if image.shape[0] > 1:
-        if channel is None:
-            raise ValueError(f"{item.image}: {image.shape[0]} channels (e.g. several MRI modalities); set the"
-                             " dataset option channel: K (0-based) to choose one")
-        if not 0 <= int(channel) < image.shape[0]:
-            raise ValueError(f"{item.image}: channel {channel} asked but the image has {image.shape[0]} channels")
-        image = image[int(channel) : int(channel) + 1]
-    if has_label:
-        label = np.rint(np.asarray(out["label"])[0]).astype(np.int64)
-        if label.shape != image.shape[1:]:
-            raise ValueError(f"{item.mask}: label shape {label.shape} != image shape {image.shape[1:]} ({item.image})")
-    else:
-        label = np.zeros(image.shape[1:], dtype=np.int64)
-    return image, label
+    return read_volume(item.image, item.mask, spacing=spacing, window=source.intensity_range,
+                       channel=source.options.get("channel"),
+                       how_to_choose_channel="the dataset option channel: K (0-based)")
 
 
 def openkbp_source(root: Path, name: str = "openkbp", window: tuple[float, float] | list[float] | None = CT_WINDOW,

@@ -11,8 +11,14 @@ Differences from the authors' public code, on purpose:
 - frozen parts of the backbone run in eval mode (their BatchNorm statistics stay fixed), which is
   also what makes it valid to compute their output once and reuse it (the feature cache).
 
+This module is the classification *task adapter* on the one fine-tuning protocol
+(:mod:`medcl.evaluate.protocol`: splits, training loop with validation-based selection, run
+folder, comparison of inits): it owns the data (frames of labeled videos), the head
+(:class:`FrameClassifier`), the loss (cross-entropy) and the metrics (frame and video level).
+Inputs follow :mod:`medcl.inputs`; initialisations are read by :mod:`medcl.weights`.
+
 Flow: ``load_frame_data`` (filter, map labels, resize) -> ``make_folds`` -> for each
-initialisation ``run_classification`` (one run folder) -> ``compare`` (paired bootstrap).
+initialisation ``run_classification`` (one run folder) -> paired comparison (patient bootstrap).
 
 >>> from medcl.evaluate.classify import FinetuneConfig, finetune   # doctest: +SKIP
 >>> finetune("ingested/", inits=["scratch", "runs/uscl/checkpoints/final.pt"],
@@ -23,32 +29,32 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from medcl.data.frames import FrameSets
 from medcl.data.manifest import VideoRecord
-from medcl.data.splits import Fold, fixed_split_with_validation, repeated_group_kfold
-from medcl.environment import write_environment
-from medcl.evaluate.metrics import classification_metrics, summarize, video_level
-from medcl.models.backbones import RESNET18_FEATURES, build_backbone, resnet18_backbone
+from medcl.data.splits import Fold, fixed_split_with_validation, repeated_group_kfold, select_label_fraction
+from medcl.evaluate.metrics import classification_metrics, fmt, summarize, video_level
+from medcl.evaluate.protocol import RunResult, Schedule, Validation, compare_inits, train_with_selection, write_run
+from medcl.inputs import InputSpec, resize_frames, to_model_input
+from medcl.models.backbones import RESNET18_FEATURES, resnet18_backbone
 from medcl.sampling.augment import AugmentParams, augment_frames
+from medcl.weights import InitSpec, LoadedBackbone, load_init
 
 Protocol = Literal["last_stage", "linear", "full"]
 
-# Inputs are frames scaled to [0, 1], exactly what pretraining feeds the backbone (see
-# medcl.sampling.augment): frozen BatchNorm statistics are only valid for that input range.
+# Inputs follow medcl.inputs, exactly what pretraining fed the backbone: frozen BatchNorm
+# statistics are only valid for that input convention.
 
 class FinetuneConfig(BaseModel):
     """Everything that defines a fine-tuning run (written to ``config.yaml`` in the run folder)."""
@@ -69,6 +75,7 @@ class FinetuneConfig(BaseModel):
     val_fraction: float = Field(0.2, gt=0, lt=1)
     patience: int = Field(10, ge=1, description="epochs without validation improvement before stopping")
     select_metric: Literal["loss", "accuracy", "balanced_accuracy", "macro_f1"] = "loss"
+    label_fraction: float = Field(1.0, gt=0, le=1, description="share of each fold's training patients whose labels are used")
     augment: bool = False
     feature_cache: bool = Field(True, description="reuse frozen-prefix outputs when augment is off")
     max_train_frames_per_video: int = Field(0, ge=0, description="0 = every kept frame")
@@ -116,6 +123,10 @@ class FrameData:
                 own = own[np.linspace(0, len(own) - 1, max_per_video).round().astype(int)]
             keep.append(own)
         return np.sort(np.concatenate(keep)) if keep else idx[:0]
+
+    def inputs(self, idx: np.ndarray, spec: InputSpec) -> torch.Tensor:
+        """Model inputs of frames ``idx`` under the input convention ``spec`` (no augmentation)."""
+        return to_model_input(self.frames[torch.as_tensor(idx, dtype=torch.long)], spec)
 
     @staticmethod
     def concat(a: FrameData, b: FrameData) -> FrameData:
@@ -215,11 +226,7 @@ def load_frame_data(
             continue
         v = len(kept)
         kept.append(record)
-        x = torch.from_numpy(np.ascontiguousarray(arr)).unsqueeze(1)
-        if x.shape[-2:] != (size, size):
-            x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            x = x.round().clamp(0, 255).to(torch.uint8)
-        frames.append(x)
+        frames.append(resize_frames(torch.from_numpy(np.ascontiguousarray(arr)), size))
         frame_video.append(np.full(len(arr), v))
         frame_index.append(np.arange(len(arr)))
     if not frames:
@@ -235,12 +242,6 @@ def load_frame_data(
     )
 
 
-def to_input(frames_uint8: torch.Tensor, in_channels: int = 1) -> torch.Tensor:
-    """uint8 [B, 1, S, S] -> float [B, in_channels, S, S] in [0, 1] (as in pretraining)."""
-    x = frames_uint8.float() / 255.0
-    return x.expand(-1, in_channels, -1, -1) if in_channels != 1 else x
-
-
 # Fine-tuning augmentation: milder crops than contrastive pretraining (the label must survive).
 FINETUNE_AUGMENT = AugmentParams(crop_scale=(0.8, 1.0), rotate_degrees=10.0, brightness=0.1, contrast=0.1)
 
@@ -249,86 +250,15 @@ FINETUNE_AUGMENT = AugmentParams(crop_scale=(0.8, 1.0), rotate_degrees=10.0, bri
 # initialisation and model parts
 
 
-@dataclass
-class InitSpec:
-    """A backbone initialisation: ``scratch``, a medcl checkpoint (.pt) or exported weights."""
-
-    name: str
-    path: str | None = None  # None = random (scratch)
-
-    @staticmethod
-    def parse(spec: str) -> InitSpec:
-        """``scratch`` | ``PATH`` | ``NAME=PATH``. The default name of a checkpoint inside a
-        ``RUN/checkpoints/`` folder is ``RUN``, otherwise the file stem."""
-        if spec in ("scratch", "random"):
-            return InitSpec("scratch")
-        name, sep, path = spec.partition("=")
-        if sep and path in ("scratch", "random"):
-            return InitSpec(name)
-        if not sep:
-            path, p = spec, Path(spec)
-            if p.parent.name == "checkpoints":
-                name = p.parent.parent.name
-            elif p.suffix == "" or p.name == "backbone.safetensors":  # a run / export folder
-                name = p.name if p.suffix == "" else p.parent.name
-            else:
-                name = p.stem
-        return InitSpec(name, path)
-
-
-def unique_inits(specs: list[str | InitSpec]) -> list[InitSpec]:
-    inits = [s if isinstance(s, InitSpec) else InitSpec.parse(s) for s in specs]
-    seen: dict[str, int] = {}
-    for spec in inits:
-        if spec.name in seen:
-            seen[spec.name] += 1
-            spec.name = f"{spec.name}-{seen[spec.name]}"
-        else:
-            seen[spec.name] = 1
-    return inits
-
-
-def load_backbone(init: InitSpec, seed: int = 0) -> tuple[nn.Module, int]:
-    """Build the backbone for ``init`` and return it with its number of input channels.
-
-    ``init.path``: a medcl checkpoint (read with ``weights_only=True``, never unpickling code),
-    exported ``.safetensors`` weights (``medcl.export.load_backbone``: strict keys and shapes), an
-    export folder, or a pretraining run folder (its ``checkpoints/final.pt``).
-    """
-    if init.path is None:
+def init_backbone(init: InitSpec, seed: int = 0) -> LoadedBackbone:
+    """The backbone of ``init`` (:func:`medcl.weights.load_init`); scratch is a ResNet-18 drawn
+    with ``seed``."""
+    loaded = load_init(init)
+    if loaded.network is None:
         torch.manual_seed(seed)
-        return resnet18_backbone(in_channels=1), 1
-    path = Path(init.path)
-    if path.is_dir():  # an export folder or a pretraining run folder
-        for candidate in ("backbone.safetensors", "checkpoints/final.pt", "checkpoints/last.pt"):
-            if (path / candidate).is_file():
-                path = path / candidate
-                break
-    if not path.is_file():
-        raise FileNotFoundError(f"initialisation {init.name!r}: file not found: {path}")
-    if path.suffix == ".safetensors":
-        from medcl.export import load_backbone as load_exported
-
-        backbone = load_exported(path)  # checks architecture, keys, shapes and checksum
-        conv = getattr(backbone, "conv1", None)
-        return backbone, int(conv.in_channels) if conv is not None else 1
-    from medcl.train.checkpoint import backbone_state_dict, load_checkpoint
-
-    ckpt = load_checkpoint(path)  # weights_only=True; checks format and keys
-    info = ckpt["backbone"]
-    kwargs = dict(info.get("kwargs") or {})
-    backbone = build_backbone(info.get("name", "resnet18"), **kwargs)
-    _load_state(backbone, backbone_state_dict(ckpt), path)
-    return backbone, int(kwargs.get("in_channels", 1))
-
-
-def _load_state(backbone: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    result = backbone.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{path}: weights do not fit the backbone: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
+        loaded.network = resnet18_backbone(in_channels=1)
+        loaded.architecture, loaded.kwargs = "resnet18", {"in_channels": 1}
+    return loaded
 
 
 def split_backbone(backbone: nn.Module, protocol: Protocol) -> tuple[nn.Module, nn.Module]:
@@ -421,11 +351,12 @@ def build_classifier(backbone: nn.Module, protocol: Protocol, n_classes: int, he
 
 class InputSource:
     """What the trainable part sees for a set of frame indices: either the frozen prefix's cached
-    outputs (computed once), or prefix(preprocess(frames)) computed on the fly."""
+    outputs (computed once), or prefix(input(frames)) computed on the fly. ``spec``: the input
+    convention (an int is medcl's own convention with that many channels)."""
 
-    def __init__(self, data: FrameData, model: FrameClassifier, in_channels: int, augment: bool,
+    def __init__(self, data: FrameData, model: FrameClassifier, spec: InputSpec | int, augment: bool,
                  cache: torch.Tensor | None, device: torch.device, seed: int = 0):
-        self.data, self.model, self.in_channels = data, model, in_channels
+        self.data, self.model, self.spec = data, model, _as_spec(spec)
         self.augment, self.cache, self.device = augment, cache, device
         self.rng = np.random.default_rng(seed)
 
@@ -434,22 +365,27 @@ class InputSource:
         if self.cache is not None:
             return self.cache[t].to(self.device)
         if train and self.augment:
-            x = augment_frames(self.data.frames[t, 0], self.data.frames.shape[-1], self.rng, FINETUNE_AUGMENT,
-                               self.in_channels)
+            x = self.spec.normalize(augment_frames(self.data.frames[t, 0], self.data.frames.shape[-1], self.rng,
+                                                   FINETUNE_AUGMENT))
         else:
-            x = to_input(self.data.frames[t], self.in_channels)
+            x = self.data.inputs(idx, self.spec)
         with torch.no_grad():
             return self.model.prefix(x.to(self.device))
 
 
-def compute_feature_cache(prefix: nn.Module, data: FrameData, in_channels: int, device: torch.device,
+def _as_spec(spec: InputSpec | int) -> InputSpec:
+    return spec if isinstance(spec, InputSpec) else InputSpec(in_channels=int(spec))
+
+
+def compute_feature_cache(prefix: nn.Module, data: FrameData, spec: InputSpec | int, device: torch.device,
                           batch_size: int = 128) -> torch.Tensor:
     """Outputs of the frozen prefix (eval mode) for every frame, float32 on CPU."""
     prefix = prefix.to(device).eval()
+    spec = _as_spec(spec)
     outs = []
     with torch.no_grad():
         for start in range(0, len(data.frames), batch_size):
-            x = to_input(data.frames[start:start + batch_size], in_channels).to(device)
+            x = data.inputs(np.arange(start, min(start + batch_size, len(data.frames))), spec).to(device)
             outs.append(prefix(x).float().cpu())
     return torch.cat(outs)
 
@@ -474,15 +410,11 @@ def _val_score(y: np.ndarray, probs: np.ndarray, classes: list[str], metric: str
     return float(classification_metrics(y, probs, classes)[metric]), loss
 
 
-def _trainable_state(model: FrameClassifier) -> dict[str, torch.Tensor]:
-    # the frozen prefix never changes: copying it at every improvement would waste time and memory
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("prefix.")}
-
-
 def train_fold(model: FrameClassifier, source: InputSource, fit_idx: np.ndarray, val_idx: np.ndarray,
                config: FinetuneConfig, seed: int, classes: list[str]) -> tuple[dict, list[dict]]:
-    """Train the suffix + head on ``fit_idx`` frames; select the epoch with the best validation
-    score; return (summary, curve). The model holds the selected weights afterwards."""
+    """Train the suffix + head on ``fit_idx`` frames with the protocol's loop (an epoch per
+    period, early stopping on the validation frames); returns (summary, curve). The model holds
+    the selected weights afterwards."""
     if isinstance(model.suffix, FeatureStandardizer):  # statistics of this fold's training frames only
         model.suffix.fit(torch.cat([source.get(fit_idx[i:i + 256], train=False) for i in range(0, len(fit_idx), 256)]))
     generator = torch.Generator().manual_seed(seed)
@@ -492,39 +424,32 @@ def train_fold(model: FrameClassifier, source: InputSource, fit_idx: np.ndarray,
     else:
         opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(fit_idx) / config.batch_size))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs * steps_per_epoch)
     labels = torch.as_tensor(source.data.frame_labels)
     y_val = source.data.frame_labels[val_idx]
-    best_score, best_state, best_epoch, stale, curve = -math.inf, None, -1, 0, []
-    for epoch in range(config.epochs):
-        model.train()
+
+    def epoch_batches(epoch: int):
         perm = fit_idx[torch.randperm(len(fit_idx), generator=generator).numpy()]
-        total, count = 0.0, 0
         for start in range(0, len(perm), config.batch_size):
             batch = perm[start:start + config.batch_size]
-            if len(batch) < 2 and count:  # a 1-sample BatchNorm batch is undefined; skip the remainder
+            if len(batch) < 2 and start:  # a 1-sample BatchNorm batch is undefined; skip the remainder
                 continue
-            h = source.get(batch, train=True)
-            loss = F.cross_entropy(model.forward_features(h), labels[torch.as_tensor(batch)].to(h.device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
+            yield batch
+
+    def step_loss(batch: np.ndarray) -> tuple[torch.Tensor, int]:
+        h = source.get(batch, train=True)
+        return F.cross_entropy(model.forward_features(h), labels[torch.as_tensor(batch)].to(h.device)), len(batch)
+
+    def validate() -> Validation:
         score, val_loss = _val_score(y_val, predict(model, source, val_idx, config.batch_size * 2), classes,
                                      config.select_metric)
-        curve.append({"epoch": epoch, "train_loss": total / max(count, 1), "val_loss": val_loss,
-                      "val_metric": score if config.select_metric != "loss" else val_loss})
-        if score > best_score:
-            best_score, best_epoch, stale = score, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in _trainable_state(model).items()}
-        else:
-            stale += 1
-            if stale >= config.patience:
-                break
-    model.load_state_dict(best_state, strict=False)
-    return {"best_epoch": best_epoch, "epochs_run": len(curve), "best_val": best_score}, curve
+        return Validation(score, {"val_loss": val_loss, "val_metric": score if config.select_metric != "loss" else val_loss})
+
+    schedule = Schedule(total_steps=config.epochs * steps_per_epoch, periods=config.epochs, patience=config.patience)
+    selection = train_with_selection(model, opt, schedule, epoch_batches, step_loss, validate, frozen_prefixes=("prefix.",))
+    curve = [{"epoch": row["period"], "train_loss": row["train_loss"], "val_loss": row["val_loss"],
+              "val_metric": row["val_metric"]} for row in selection.curve]
+    return {"best_epoch": selection.best_period, "epochs_run": selection.periods_run,
+            "best_val": selection.best_score}, curve
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,21 +457,23 @@ def train_fold(model: FrameClassifier, source: InputSource, fit_idx: np.ndarray,
 
 
 def make_folds(data: FrameData, config: FinetuneConfig) -> list[Fold]:
-    """Repeated stratified group k-fold on the videos (deterministic in data + seed)."""
-    return repeated_group_kfold(data.video_ids, data.video_labels, data.video_patients,
-                                config.folds, config.repeats, config.seed, config.val_fraction)
+    """Repeated stratified group k-fold on the videos (deterministic in data + seed); with a
+    label fraction below 1, each fold's training videos are cut to that share of its patients."""
+    folds = repeated_group_kfold(data.video_ids, data.video_labels, data.video_patients,
+                                 config.folds, config.repeats, config.seed, config.val_fraction)
+    return [_label_fraction(data, f, config) for f in folds]
+
+
+def _label_fraction(data: FrameData, fold: Fold, config: FinetuneConfig) -> Fold:
+    if config.label_fraction >= 1.0:
+        return fold
+    patients = [data.video_patients[v] for v in fold.train]
+    keep = select_label_fraction(patients, config.label_fraction, seed=config.seed * 1000 + fold.repeat * 101 + fold.fold)
+    return Fold(fold.repeat, fold.fold, fold.train[np.asarray(keep, dtype=int)], fold.val, fold.test)
 
 
 def use_feature_cache(config: FinetuneConfig) -> bool:
     return config.feature_cache and not config.augment and config.protocol in ("linear", "last_stage")
-
-
-@dataclass
-class RunResult:
-    init: str
-    out: Path | None
-    results: dict
-    predictions: list[dict] = field(repr=False, default_factory=list)
 
 
 def run_classification(data: FrameData, folds: list[Fold], init: InitSpec, config: FinetuneConfig,
@@ -554,7 +481,8 @@ def run_classification(data: FrameData, folds: list[Fold], init: InitSpec, confi
                        log=print) -> RunResult:
     """Fine-tune from ``init`` on every fold, test each test fold once; write the run folder."""
     device = torch.device(config.device)
-    backbone, in_channels = load_backbone(init, seed=config.seed)
+    loaded = init_backbone(init, seed=config.seed)
+    backbone, spec = loaded.network, loaded.input
     classes = data.classes
     cached = use_feature_cache(config)
     timing = {"feature_cache_s": 0.0, "train_s": 0.0}
@@ -562,14 +490,14 @@ def run_classification(data: FrameData, folds: list[Fold], init: InitSpec, confi
     if cached:
         t0 = time.perf_counter()
         prefix, _ = split_backbone(copy.deepcopy(backbone), config.protocol)
-        cache = compute_feature_cache(prefix, data, in_channels, device)
+        cache = compute_feature_cache(prefix, data, spec, device)
         timing["feature_cache_s"] = time.perf_counter() - t0
     fold_results, predictions, curves = [], [], []
     for fold in folds:
         t0 = time.perf_counter()
         head_seed = config.seed * 100003 + fold.repeat * 101 + fold.fold
         model = build_classifier(backbone, config.protocol, len(classes), head_seed).to(device)
-        source = InputSource(data, model, in_channels, config.augment, cache, device, seed=head_seed)
+        source = InputSource(data, model, spec, config.augment, cache, device, seed=head_seed)
         fit_idx = data.frames_of(fold.train, config.max_train_frames_per_video)
         val_idx, test_idx = data.frames_of(fold.val), data.frames_of(fold.test)
         summary, curve = train_fold(model, source, fit_idx, val_idx, config, head_seed, classes)
@@ -597,7 +525,8 @@ def run_classification(data: FrameData, folds: list[Fold], init: InitSpec, confi
             f"test acc frame {frame_m['accuracy']:.3f} video {video_m['accuracy']:.3f}")
     results = {
         "format": "medcl-classification-v1",
-        "init": {"name": init.name, "path": init.path},
+        "init": init.to_dict(),
+        "input": spec.to_dict(),
         "protocol": config.protocol,
         "classes": classes,
         "feature_cache": cached,
@@ -609,8 +538,9 @@ def run_classification(data: FrameData, folds: list[Fold], init: InitSpec, confi
     }
     result = RunResult(init.name, Path(out) if out else None, results, predictions)
     if out is not None:
-        write_run(Path(out), result, curves, {**config.model_dump(), **(extra_config or {}),
-                                              "init": {"name": init.name, "path": init.path}})
+        run_config = {"task": "classify", **config.model_dump(), **(extra_config or {}), "init": init.to_dict(),
+                      "input": spec.to_dict()}
+        write_run(out, run_config, results, curves, predictions, results_markdown(results))
     return result
 
 
@@ -623,34 +553,6 @@ def _prediction_row(fold: Fold, data: FrameData, video: int, frame: int, label: 
     return row
 
 
-# --------------------------------------------------------------------------------------------
-# run folder
-
-
-def write_run(out: Path, result: RunResult, curves: list[dict], config: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    write_environment(out)
-    (out / "results.json").write_text(json.dumps(result.results, indent=1))
-    with (out / "curves.jsonl").open("w") as handle:
-        for row in curves:
-            handle.write(json.dumps(row) + "\n")
-    if result.predictions:
-        with (out / "predictions.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(result.predictions[0]))
-            writer.writeheader()
-            writer.writerows(result.predictions)
-    (out / "results.md").write_text(results_markdown(result.results))
-
-
-def _fmt(stat: dict) -> str:
-    if stat.get("mean") is None:
-        return "n/a"
-    if stat.get("n", 0) <= 1:  # one test fold (a fixed test set): no spread to show
-        return f"{stat['mean']:.3f}"
-    return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
-
-
 def results_markdown(results: dict) -> str:
     """Mean ± std over folds, per-class scores and the summed confusion matrix."""
     classes = results["classes"]
@@ -660,8 +562,8 @@ def results_markdown(results: dict) -> str:
              "| level | accuracy | balanced accuracy | macro-F1 | ROC-AUC (OvR) |", "|---|---|---|---|---|"]
     for level in ("frame", "video"):
         s = results["summary"][level]
-        lines.append(f"| {level} | {_fmt(s['accuracy'])} | {_fmt(s['balanced_accuracy'])} | "
-                     f"{_fmt(s['macro_f1'])} | {_fmt(s['roc_auc_ovr'])} |")
+        lines.append(f"| {level} | {fmt(s['accuracy'])} | {fmt(s['balanced_accuracy'])} | "
+                     f"{fmt(s['macro_f1'])} | {fmt(s['roc_auc_ovr'])} |")
     for level in ("frame", "video"):
         lines += ["", f"## Per class ({level} level, mean over folds)", "",
                   "| class | precision | recall | F1 | ROC-AUC |", "|---|---|---|---|---|"]
@@ -698,8 +600,7 @@ def finetune(data: str | Path, inits: list[str | InitSpec] = ("scratch",), confi
     folds = make_folds(frame_data, config)
     log(f"{len(frame_data.video_ids)} videos, {len(frame_data.frames)} frames, classes {frame_data.classes}; "
         f"{config.folds} folds x {config.repeats} repeats, protocol {config.protocol}")
-    return _run_all(frame_data, folds, unique_inits(list(inits)), config, out, {"data": str(data)}, log,
-                    compare_metrics, n_boot)
+    return _run_all(frame_data, folds, inits, config, out, {"data": str(data)}, log, compare_metrics, n_boot)
 
 
 def evaluate_fixed(train: str | Path, test: str | Path, inits: list[str | InitSpec] = ("scratch",),
@@ -719,29 +620,23 @@ def evaluate_fixed(train: str | Path, test: str | Path, inits: list[str | InitSp
     n_train = len(train_data.video_ids)
     joined = FrameData.concat(train_data, test_data)
     test_videos = np.arange(n_train, len(joined.video_ids))
-    folds = [Fold(f.repeat, 0, f.train, f.val, test_videos) for f in fixed_split_with_validation(
-        train_data.video_ids, train_data.video_labels, train_data.video_patients, config.repeats, config.seed,
-        config.val_fraction)]
+    folds = [_label_fraction(joined, Fold(f.repeat, 0, f.train, f.val, test_videos), config)
+             for f in fixed_split_with_validation(train_data.video_ids, train_data.video_labels,
+                                                  train_data.video_patients, config.repeats, config.seed,
+                                                  config.val_fraction)]
     log(f"train: {n_train} videos; test: {len(test_videos)} videos; classes {joined.classes}; "
         f"{config.repeats} repeat(s), protocol {config.protocol}")
-    return _run_all(joined, folds, unique_inits(list(inits)), config, out,
-                    {"train": str(train), "test": str(test)}, log, compare_metrics, n_boot)
+    return _run_all(joined, folds, inits, config, out, {"train": str(train), "test": str(test)}, log,
+                    compare_metrics, n_boot)
 
 
-def _run_all(data: FrameData, folds: list[Fold], inits: list[InitSpec], config: FinetuneConfig,
+def _run_all(data: FrameData, folds: list[Fold], inits, config: FinetuneConfig,
              out: str | Path | None, extra: dict, log, compare_metrics, n_boot: int = 2000) -> dict:
     from medcl.evaluate.compare import compare_results, write_comparison
 
-    runs: dict[str, RunResult] = {}
-    for init in inits:
-        run_out = None
-        if out is not None:
-            run_out = Path(out) if len(inits) == 1 else Path(out) / init.name
-        runs[init.name] = run_classification(data, folds, init, config, run_out, extra, log)
-    comparison = None
-    if len(inits) > 1:
-        comparison = compare_results([r.predictions for r in runs.values()], list(runs),
-                                     metrics=compare_metrics, n_boot=n_boot, seed=config.seed)
-        if out is not None:
-            write_comparison(comparison, Path(out))
-    return {"runs": {k: v.results for k, v in runs.items()}, "comparison": comparison}
+    def compare(runs: list[RunResult]) -> dict:
+        return compare_results([r.predictions for r in runs], [r.init for r in runs],
+                               metrics=compare_metrics, n_boot=n_boot, seed=config.seed)
+
+    return compare_inits(inits, lambda init, run_out: run_classification(data, folds, init, config, run_out, extra, log),
+                         compare, write_comparison, out, check=load_init)

@@ -7,6 +7,8 @@ scikit-learn.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
@@ -122,18 +124,26 @@ def video_level(video_ids, y_true, probs) -> tuple[list[str], np.ndarray, np.nda
     return ids[keep].tolist(), labels[keep], (sums / counts)[keep]
 
 
+def mean_std(values) -> dict:
+    """``{"mean", "std" (ddof=1; 0 for one value), "n"}`` of the finite values (None when none):
+    the one summary statistic of results over folds, for every task."""
+    arr = np.asarray([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))],
+                     dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
+
+
+def fmt(stat: dict, digits: int = 3, sep: str = "±") -> str:
+    """``'0.812 ± 0.021'`` from a :func:`mean_std` dict; the mean alone for one value; ``n/a`` when empty."""
+    mean = stat.get("mean")
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)) or stat.get("n", 0) == 0:
+        return "n/a"
+    if stat.get("n", 0) <= 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} {sep} {stat['std']:.{digits}f}"
+
+
 def summarize(per_fold: list[dict], keys=SUMMARY_KEYS) -> dict:
-    """Mean and standard deviation (ddof=1) of scalar metrics over folds (None values skipped)."""
-    out = {}
-    for key in keys:
-        values = [m[key] for m in per_fold if m.get(key) is not None]
-        if not values:
-            out[key] = {"mean": None, "std": None, "n": 0}
-            continue
-        arr = np.asarray(values, dtype=float)
-        out[key] = {
-            "mean": float(arr.mean()),
-            "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
-            "n": int(len(arr)),
-        }
-    return out
+    """:func:`mean_std` of scalar metrics over folds (None values skipped)."""
+    return {key: mean_std(m.get(key) for m in per_fold) for key in keys}

@@ -1,9 +1,10 @@
-"""Segmentation fine-tuning evaluation: the MixCL protocol (Li, Quan, Zhou; METHODS.md section 2).
+"""Segmentation fine-tuning: the segmentation task adapter on the one fine-tuning protocol.
 
-A UNETR (2D or 3D) is initialised from a pretrained encoder (a medcl checkpoint) or from scratch,
-fine-tuned with Dice + cross-entropy (MONAI ``DiceCELoss``) on a *label fraction* of the labeled
-training patients, model-selected on validation patients, and scored with per-class Dice on the
-held-out fold (k-fold by patient) and on an optional separate test set::
+The MixCL protocol (Li, Quan, Zhou; METHODS.md section 2): a UNETR (2D or 3D) is initialised from
+a pretrained encoder (a MixCL checkpoint, run folder or export, read by :mod:`medcl.weights`) or
+from scratch, fine-tuned with Dice + cross-entropy (MONAI ``DiceCELoss``) on a *label fraction*
+of the labeled training patients, model-selected on validation patients, and scored with
+per-class Dice on the held-out fold (k-fold by patient) and on an optional separate test set::
 
     for fold in folds:                          # patient-level folds (predefined or seeded)
         test = patients of this fold; rest -> validation patients (seeded) + training pool
@@ -12,19 +13,25 @@ held-out fold (k-fold by patient) and on an optional separate test set::
             Dice on the fold's test cases (+ the task's separate test cases)
     report mean +- std over folds
 
-Volumes are predicted with ``monai.inferers.sliding_window_inference``; training draws random
-crops centred on foreground with probability ``pos_fraction``. Writes into the run folder:
-``config.yaml``, ``results.json``, ``results.md``, ``curves.jsonl`` and ``overlays/*.npz``
-(keys ``image`` float32 [H, W] in [0, 1], ``pred`` and ``gt`` uint8 [H, W] class indices,
-``classes`` the foreground names, ``dice`` per-class Dice of that case; 3D cases store the axial
-slice with the most ground-truth foreground). Command line: ``medcl finetune DATA --task segment``
-(:mod:`medcl.evaluate.segment_cli`); Python: ``run_segmentation(task, SegmentConfig(...), out)``.
+What is shared with classification lives in :mod:`medcl.evaluate.protocol` (the training loop
+with validation-based selection and the trainer's LR schedule, the run folder, several inits on
+the same folds) and :mod:`medcl.data.splits` (folds, validation patients, label fractions); what
+is here is the task's own: data (:mod:`medcl.data.seg_manifest`), model (UNETR), loss, crops and
+the metrics (Dice, voxel precision / recall). Volumes are predicted with
+``monai.inferers.sliding_window_inference``; training draws random crops centred on foreground
+with probability ``pos_fraction``.
+
+A run folder holds ``config.yaml``, ``results.json``, ``results.md``, ``curves.jsonl``,
+``predictions.csv`` (one row per test case: fold, fraction, split, case, patient, Dice per class)
+and ``overlays/*.npz`` (keys ``image`` float32 [H, W] in [0, 1], ``pred`` and ``gt`` uint8
+[H, W] class indices, ``classes`` the foreground names, ``dice`` per-class Dice of that case; 3D
+cases store the axial slice with the most ground-truth foreground). Python:
+``finetune(task, ["scratch", "mixcl=RUN"], SegmentConfig(...), out)``; one init:
+``run_segmentation(task, SegmentConfig(...), out)``. Command line: ``medcl finetune DATA --task segment``.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import time
 import warnings
@@ -34,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
@@ -46,7 +52,11 @@ from medcl.data.seg_manifest import (
     openkbp_task,
     read_seg_csv,
 )
-from medcl.environment import write_environment
+from medcl.data.splits import kfold_by_patient, select_label_fraction, split_patients
+from medcl.evaluate.metrics import fmt as _fmt_stat
+from medcl.evaluate.metrics import mean_std
+from medcl.evaluate.protocol import RunResult, Schedule, Validation, compare_inits, train_with_selection, write_run
+from medcl.weights import InitSpec, load_init
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -67,7 +77,7 @@ class SegmentConfig(BaseModel):
     model: dict[str, Any] = Field(
         default_factory=dict, description="UNETR kwargs (hidden_size, num_layers, num_heads, ...)"
     )
-    checkpoint: str | None = Field(default=None, description="medcl checkpoint; None = scratch")
+    checkpoint: str | None = Field(default=None, description="init: a MixCL checkpoint, run folder or export; None = scratch")
     iterations: int = 2000
     batch_size: int = 2
     lr: float = 1e-4
@@ -113,57 +123,6 @@ class SegmentConfig(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# splits: k-fold by patient, validation patients, label fractions
-# ---------------------------------------------------------------------------------------------
-
-
-def _unique_in_order(items: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys(items))
-
-
-def kfold_by_patient(patient_ids: Sequence[str], n_folds: int, seed: int) -> list[int]:
-    """1-based fold of every case; all cases of one patient share a fold (seeded shuffle)."""
-    patients = sorted(set(patient_ids))
-    if len(patients) < n_folds:
-        raise ValueError(f"{len(patients)} patients cannot make {n_folds} patient-level folds")
-    order = np.random.default_rng(seed).permutation(len(patients))
-    fold_of = {patients[j]: rank % n_folds + 1 for rank, j in enumerate(order)}
-    return [fold_of[p] for p in patient_ids]
-
-
-def split_patients(patient_ids: Sequence[str], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Split case indices into (held, rest) by patient: ``round(fraction * n_patients)`` patients
-    (at least one when fraction > 0, at most n - 1) go into ``held``."""
-    patients = sorted(set(patient_ids))
-    if fraction <= 0 or len(patients) < 2:
-        return [], list(range(len(patient_ids)))
-    n_held = min(max(1, round(fraction * len(patients))), len(patients) - 1)
-    order = np.random.default_rng(seed).permutation(len(patients))
-    held = {patients[j] for j in order[:n_held]}
-    held_idx = [i for i, p in enumerate(patient_ids) if p in held]
-    rest_idx = [i for i, p in enumerate(patient_ids) if p not in held]
-    return held_idx, rest_idx
-
-
-def select_label_fraction(patient_ids: Sequence[str], fraction: float, seed: int) -> list[int]:
-    """Indices of the cases of ``max(1, round(fraction * n_patients))`` patients.
-
-    Patients are drawn in one seeded order, so for a fixed seed a smaller fraction's patients are
-    a subset of a larger fraction's (the curves compare like with like), and both initialisations
-    of a comparison see exactly the same labeled cases.
-    """
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
-    patients = sorted(set(patient_ids))
-    if not patients:
-        raise ValueError("no training cases to take a label fraction of")
-    n_keep = max(1, round(fraction * len(patients)))
-    order = np.random.default_rng(seed).permutation(len(patients))
-    keep = {patients[j] for j in order[:n_keep]}
-    return [i for i, p in enumerate(patient_ids) if p in keep]
-
-
-# ---------------------------------------------------------------------------------------------
 # model
 # ---------------------------------------------------------------------------------------------
 
@@ -194,18 +153,11 @@ def build_segmentation_model(
 
 
 def load_encoder_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(encoder state dict without prefix, encoder architecture kwargs) of a medcl checkpoint."""
-    from medcl.train.checkpoint import backbone_state_dict, load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    backbone = ckpt.get("backbone") or {}
-    if backbone.get("name") != "unetr_encoder":
-        raise ValueError(
-            f"{path}: backbone is {backbone.get('name')!r}; segmentation fine-tuning needs a"
-            " 'unetr_encoder' checkpoint (e.g. from `medcl pretrain` with method mixcl)"
-        )
-    kwargs = {k: v for k, v in dict(backbone.get("kwargs") or {}).items() if k not in _INPUT_KEYS}
-    return backbone_state_dict(ckpt), kwargs
+    """(encoder state dict, encoder architecture kwargs) of a MixCL init (checkpoint, run folder or
+    export), read by :func:`medcl.weights.load_init`; another backbone is an error naming it."""
+    loaded = load_init(InitSpec("pretrained", str(path)), expect="unetr_encoder")
+    kwargs = {k: v for k, v in loaded.kwargs.items() if k not in _INPUT_KEYS}
+    return loaded.state, kwargs
 
 
 def load_encoder_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
@@ -368,16 +320,6 @@ def summarize_dice(scores: np.ndarray, classes: Sequence[str]) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _lr_lambda(iterations: int, warmup: int) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, iterations - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
 def finetune_once(
     task: SegTask,
     train: tuple[list[np.ndarray], list[np.ndarray]],
@@ -388,7 +330,8 @@ def finetune_once(
     seed: int,
     on_eval: Callable[[dict], None] | None = None,
 ) -> tuple[nn.Module, dict]:
-    """Fine-tune one UNETR; returns the model with the best-validation weights and a record."""
+    """Fine-tune one UNETR with the protocol's loop (``val_every`` iterations per period, warm-up +
+    cosine); returns the model with the best-validation weights and a record."""
     from monai.losses import DiceCELoss
 
     torch.manual_seed(seed)
@@ -403,58 +346,47 @@ def finetune_once(
     # them would otherwise be swamped by background Dice or give 0/0 per-sample terms
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=cfg.dice_background, batch=True)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, int(cfg.warmup_fraction * cfg.iterations))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.iterations, warmup))
 
-    best = {"val_mean_dice": -1.0, "iteration": 0}
-    best_state = copy.deepcopy(model.state_dict())
-    curve: list[dict] = []
-    running, n_running = 0.0, 0
-    t0 = time.time()
-    for it in range(1, cfg.iterations + 1):
-        model.train()
-        xs, ys = [], []
-        for _ in range(cfg.batch_size):
-            k = int(rng.integers(len(train_images)))
-            img, lab = train_images[k], train_labels[k]
-            if roi != tuple(spatial):
-                img, lab = random_crop(img, lab, roi, cfg.pos_fraction, rng)
-            img, lab = augment(img, lab, rng, task.spatial_dims)
-            xs.append(img)
-            ys.append(lab)
-        x, y = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
-        loss = loss_fn(model(x), y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"segmentation loss became {loss.item()} at iteration {it}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        running += float(loss.detach())
-        n_running += 1
-        if it % cfg.val_every == 0 or it == cfg.iterations:
-            scores, _, _ = evaluate_cases(model, val[0], val[1], task.n_classes, cfg.roi_size, cfg)
-            val_dice = summarize_dice(scores, task.classes)["mean_dice"] if len(scores) else float("nan")
-            row = {
-                "iteration": it,
-                "train_loss": running / n_running,
-                "val_mean_dice": val_dice,
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": round(time.time() - t0, 1),
-            }
-            curve.append(row)
-            if on_eval is not None:
-                on_eval(row)
-            running, n_running = 0.0, 0
-            # no validation cases: keep the last weights
-            score = val_dice if not math.isnan(val_dice) else -0.5
-            if score > best["val_mean_dice"] or not len(scores):
-                best = {"val_mean_dice": score if len(scores) else float("nan"), "iteration": it}
-                best_state = copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    model.eval()
-    return model, {"best_iteration": best["iteration"], "val_mean_dice": best["val_mean_dice"],
-                   "curve": curve, "train_seconds": round(time.time() - t0, 1)}
+    def period_batches(period: int):
+        first = period * cfg.val_every + 1
+        for _ in range(first, min(first + cfg.val_every, cfg.iterations + 1)):
+            xs, ys = [], []
+            for _ in range(cfg.batch_size):
+                k = int(rng.integers(len(train_images)))
+                img, lab = train_images[k], train_labels[k]
+                if roi != tuple(spatial):
+                    img, lab = random_crop(img, lab, roi, cfg.pos_fraction, rng)
+                img, lab = augment(img, lab, rng, task.spatial_dims)
+                xs.append(img)
+                ys.append(lab)
+            yield torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+    def step_loss(batch) -> tuple[torch.Tensor, int]:
+        x, y = batch
+        return loss_fn(model(x), y), len(x)
+
+    def validate() -> Validation:
+        scores, _, _ = evaluate_cases(model, val[0], val[1], task.n_classes, cfg.roi_size, cfg)
+        if not len(scores):  # no validation cases: keep the newest weights
+            return Validation(None, {"val_mean_dice": float("nan")})
+        val_dice = summarize_dice(scores, task.classes)["mean_dice"]
+        return Validation(val_dice if not math.isnan(val_dice) else -0.5, {"val_mean_dice": val_dice})
+
+    def on_period(row: dict) -> None:
+        if on_eval is not None:
+            on_eval(_curve_row(row))
+
+    schedule = Schedule(total_steps=cfg.iterations, periods=math.ceil(cfg.iterations / cfg.val_every),
+                        warmup_steps=max(1, int(cfg.warmup_fraction * cfg.iterations)))
+    selection = train_with_selection(model, opt, schedule, period_batches, step_loss, validate, on_period=on_period)
+    return model, {"best_iteration": selection.best_step,
+                   "val_mean_dice": selection.best_score if selection.best_score is not None else float("nan"),
+                   "curve": [_curve_row(r) for r in selection.curve], "train_seconds": selection.train_seconds}
+
+
+def _curve_row(row: dict) -> dict:
+    return {"iteration": row["step"], "train_loss": row["train_loss"], "val_mean_dice": row["val_mean_dice"],
+            "lr": row["lr"], "seconds": row["seconds"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,13 +402,6 @@ def _overlay_slice(image: np.ndarray, pred: np.ndarray, gt: np.ndarray):
     return image[..., z], pred[..., z], gt[..., z]
 
 
-def _mean_std(values: Sequence[float]) -> dict:
-    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=np.float64)
-    if arr.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0, "n": int(arr.size)}
-
-
 def summarize_runs(runs: Sequence[dict], classes: Sequence[str]) -> dict:
     """Mean +- std over folds per label fraction (test fold, external test, validation)."""
     summary: dict[str, dict] = {}
@@ -484,29 +409,25 @@ def summarize_runs(runs: Sequence[dict], classes: Sequence[str]) -> dict:
         rows = [r for r in runs if r["fraction"] == fraction]
         entry = {
             "n_folds": len(rows),
-            "n_train_patients": _mean_std([r["n_train_patients"] for r in rows]),
-            "val_mean_dice": _mean_std([r["val_mean_dice"] for r in rows]),
-            "test_mean_dice": _mean_std([r["test"]["mean_dice"] for r in rows]),
-            "test_per_class": {c: _mean_std([r["test"]["per_class"][c] for r in rows]) for c in classes},
+            "n_train_patients": mean_std([r["n_train_patients"] for r in rows]),
+            "val_mean_dice": mean_std([r["val_mean_dice"] for r in rows]),
+            "test_mean_dice": mean_std([r["test"]["mean_dice"] for r in rows]),
+            "test_per_class": {c: mean_std([r["test"]["per_class"][c] for r in rows]) for c in classes},
         }
         if all("precision" in r["test"] for r in rows):
             for key in ("precision", "recall"):
-                entry[f"test_{key}"] = {c: _mean_std([r["test"][key][c] for r in rows]) for c in classes}
+                entry[f"test_{key}"] = {c: mean_std([r["test"][key][c] for r in rows]) for c in classes}
         if any("external_test" in r for r in rows):
             ext = [r["external_test"] for r in rows if "external_test" in r]
-            entry["external_test_mean_dice"] = _mean_std([e["mean_dice"] for e in ext])
-            entry["external_test_per_class"] = {c: _mean_std([e["per_class"][c] for e in ext]) for c in classes}
+            entry["external_test_mean_dice"] = mean_std([e["mean_dice"] for e in ext])
+            entry["external_test_per_class"] = {c: mean_std([e["per_class"][c] for e in ext]) for c in classes}
         summary[f"{fraction:g}"] = entry
     return summary
 
 
 def fmt(ms: dict, digits: int = 3) -> str:
-    """'0.812 +- 0.021' from a {mean, std, n} dict."""
-    if ms.get("n", 0) == 0 or math.isnan(ms["mean"]):
-        return "n/a"
-    if ms["n"] == 1:
-        return f"{ms['mean']:.{digits}f} (1 fold)"
-    return f"{ms['mean']:.{digits}f} +- {ms['std']:.{digits}f}"
+    """'0.812 +- 0.021' from a {mean, std, n} dict (``medcl.evaluate.metrics.fmt``), '(1 fold)' for one."""
+    return _fmt_stat(ms, digits, sep="+-") + (" (1 fold)" if ms.get("n") == 1 else "")
 
 
 def results_markdown(results: dict) -> str:
@@ -545,19 +466,43 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _prediction_rows(fold: int, fraction: float, split: str, cases: Sequence[SegCase], scores: np.ndarray,
+                     classes: Sequence[str]) -> list[dict]:
+    """One row per case: its Dice per class and their mean (NaN-skipping), for paired comparisons."""
+    rows = []
+    for case, dice in zip(cases, scores):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = float(np.nanmean(dice)) if len(dice) else float("nan")
+        rows.append({"fold": fold, "fraction": fraction, "split": split, "case_id": case.case_id,
+                     "patient_id": case.patient_id, **{f"dice_{c}": float(d) for c, d in zip(classes, dice)},
+                     "mean_dice": mean})
+    return rows
+
+
 def run_segmentation(
     task: SegTask,
     cfg: SegmentConfig,
     out_dir: str | Path | None,
     log: Callable[[str], None] | None = print,
     cache: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    init: InitSpec | None = None,
 ) -> dict:
-    """Run the full protocol on ``task``; write the run folder when ``out_dir`` is given.
+    """Run the full protocol on ``task`` from one initialisation (``cfg.checkpoint``, or ``init``);
+    write the run folder when ``out_dir`` is given.
 
     ``cache``: a dict to keep loaded (image, labels) arrays in; pass the same dict to several
     runs on the same task and size (e.g. scratch vs pretrained) to decode the data once.
     """
+    return _run(task, cfg, out_dir, log, cache, init).results
+
+
+def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Callable[[str], None] | None,
+         cache: dict | None, init: InitSpec | None) -> RunResult:
     log = log or (lambda s: None)
+    if init is not None:
+        cfg = cfg.model_copy(update={"checkpoint": init.path})
+    init = init or (InitSpec("pretrained", cfg.checkpoint) if cfg.checkpoint else InitSpec("scratch"))
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if not task.cases:
@@ -579,7 +524,7 @@ def run_segmentation(
     cache = {} if cache is None else cache
 
     def get(case: SegCase) -> tuple[np.ndarray, np.ndarray]:
-        key = f"{task.name}|{size}|{case.case_id}"
+        key = f"{task.name}|{size}|{task.summary()['intensity']}|{task.channel}|{case.case_id}"
         if key not in cache:
             cache[key] = load_case(case, task, size)
         return cache[key]
@@ -598,10 +543,9 @@ def run_segmentation(
 
     external = [get(c) for c in task.test_cases]
     runs: list[dict] = []
-    curves_path = out / "curves.jsonl" if out is not None else None
-    if curves_path is not None:
-        curves_path.write_text("")
-    init = "pretrained" if cfg.checkpoint else "scratch"
+    curves: list[dict] = []
+    predictions: list[dict] = []
+    kind = "pretrained" if cfg.checkpoint else "scratch"
     for fold in folds:
         test_idx = [i for i, f in enumerate(fold_of) if f == fold]
         rest_idx = [i for i, f in enumerate(fold_of) if f != fold]
@@ -618,15 +562,13 @@ def run_segmentation(
             train = ([get(cases[i])[0] for i in chosen], [get(cases[i])[1] for i in chosen])
             n_train_patients = len({patients[i] for i in chosen})
             log(
-                f"[segment {init}] fold {fold} fraction {fraction:g}: {len(chosen)} train cases"
+                f"[segment {kind}] fold {fold} fraction {fraction:g}: {len(chosen)} train cases"
                 f" ({n_train_patients} patients), {len(val_idx)} val, {len(test_idx)} test"
                 f" ({time.time() - t_load:.0f}s elapsed)"
             )
 
             def on_eval(row: dict, fold=fold, fraction=fraction) -> None:
-                if curves_path is not None:
-                    with curves_path.open("a") as fh:
-                        fh.write(json.dumps({"fold": fold, "fraction": fraction, **row}) + "\n")
+                curves.append({"fold": fold, "fraction": fraction, **row})
 
             model, record = finetune_once(
                 task, train, val, cfg, encoder_state, model_kwargs, seed=cfg.seed * 1000 + fold, on_eval=on_eval
@@ -635,6 +577,7 @@ def run_segmentation(
             scores, kept, counts = evaluate_cases(
                 model, [t[0] for t in test_imgs], [t[1] for t in test_imgs], task.n_classes, cfg.roi_size, cfg, keep
             )
+            predictions += _prediction_rows(fold, fraction, "test", [cases[i] for i in test_idx], scores, task.classes)
             run = {
                 "fold": fold,
                 "fraction": fraction,
@@ -652,9 +595,10 @@ def run_segmentation(
                 )
                 run["external_test"] = {**summarize_dice(ext_scores, task.classes),
                                         **precision_recall(ext_counts, task.classes)}
+                predictions += _prediction_rows(fold, fraction, "external", task.test_cases, ext_scores, task.classes)
             runs.append(run)
             log(
-                f"[segment {init}] fold {fold} fraction {fraction:g}: test mean Dice"
+                f"[segment {kind}] fold {fold} fraction {fraction:g}: test mean Dice"
                 f" {run['test']['mean_dice']:.4f} (best val {record['val_mean_dice']:.4f}"
                 f" at it {record['best_iteration']}, {record['train_seconds']:.0f}s)"
             )
@@ -675,7 +619,8 @@ def run_segmentation(
     results = {
         "format": "medcl-segment-results-v1",
         "task": task.summary(),
-        "init": init,
+        "init": kind,
+        "init_spec": init.to_dict(),
         "checkpoint": cfg.checkpoint,
         "model": {**DEFAULT_MODEL, **model_kwargs},
         "n_folds_run": len(folds),
@@ -683,14 +628,10 @@ def run_segmentation(
         "summary": summarize_runs(runs, task.classes),
     }
     if out is not None:
-        (out / "config.yaml").write_text(
-            yaml.safe_dump({"task": task.summary(), "segment": cfg.model_dump(), "resolved_model": model_kwargs},
-                           sort_keys=False)
-        )
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        write_environment(out)
-        (out / "results.md").write_text(results_markdown(results))
-    return results
+        config = {"task": "segment", "data": task.summary(), "segment": cfg.model_dump(), "init": init.to_dict(),
+                  "resolved_model": model_kwargs}
+        write_run(out, config, results, curves, predictions, results_markdown(results))
+    return RunResult(init.name, out, results, predictions)
 
 
 def comparison_markdown(results_by_init: dict[str, dict]) -> str:
@@ -710,12 +651,71 @@ def comparison_markdown(results_by_init: dict[str, dict]) -> str:
         for n in names[1:]:
             other = {r["fold"]: r["test"]["mean_dice"] for r in results_by_init[n]["runs"] if f"{r['fraction']:g}" == frac}
             diffs = [other[f] - base_runs[f] for f in base_runs if f in other]
-            d = _mean_std(diffs)
+            d = mean_std(diffs)
             spread = f" +- {d['std']:.3f}" if d["n"] > 1 else ""
             row.append(f"{d['mean']:+.3f}{spread} ({sum(x > 0 for x in diffs)}/{len(diffs)} folds better)"
                        if d["n"] else "n/a")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# several initialisations on the same folds (the Python API behind `medcl finetune --task segment`)
+# ---------------------------------------------------------------------------------------------
+
+
+def finetune(
+    task: SegTask,
+    inits: Sequence[str | InitSpec] = ("scratch",),
+    config: SegmentConfig | None = None,
+    out: str | Path | None = None,
+    log: Callable[[str], None] | None = print,
+    cache: dict | None = None,
+    n_boot: int = 2000,
+) -> dict:
+    """Fine-tune every initialisation on the SAME folds, label fractions and cases; with several,
+    write ``comparison.md`` / ``comparison.json`` (per-fold paired differences and a bootstrap over
+    patients) against the first.
+
+    ``out`` is the run folder for one init, or the parent of ``out/<init name>/`` for several.
+    Every init is opened and checked before the first fine-tune starts.
+    Returns ``{"runs": {name: results}, "comparison": dict | None}``.
+    """
+    from medcl.evaluate.compare import compare_segmentation
+
+    config = config or SegmentConfig()
+    cache = {} if cache is None else cache
+
+    def run_one(init: InitSpec, run_out: Path | None) -> RunResult:
+        return _run(task, config, run_out, log, cache, init)
+
+    def compare(runs: list[RunResult]) -> dict:
+        result = compare_segmentation([r.predictions for r in runs], [r.init for r in runs], n_boot=n_boot,
+                                      seed=config.seed)
+        result["results"] = {r.init: r.results for r in runs}
+        return result
+
+    def check(init: InitSpec) -> None:
+        if init.path is not None:
+            load_encoder_checkpoint(init.path)
+
+    return compare_inits(inits, run_one, compare, write_segmentation_comparison, out, check=check)
+
+
+def write_segmentation_comparison(result: dict, out: Path) -> None:
+    """``comparison.md`` (per-fold table + bootstrap table) and ``comparison.json``."""
+    import json
+
+    from medcl.evaluate.compare import segmentation_comparison_markdown
+
+    results = result["results"]
+    name = next(iter(results.values()))["task"]["name"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(f"# {name}: initialisations compared\n\n{comparison_markdown(results)}\n"
+                                       + segmentation_comparison_markdown(result))
+    (out / "comparison.json").write_text(json.dumps(
+        {**{k: v for k, v in result.items() if k != "results"}, "summary": {n: r["summary"] for n, r in results.items()}},
+        indent=2))
 
 
 def build_task(
@@ -725,8 +725,52 @@ def build_task(
     patients: Sequence[str] | None = None,
     test_patients: Sequence[str] = (),
     classes: Sequence[str] | None = None,
+    test_manifest: str | Path | None = None,
+    window: tuple[float, float] | None = None,
+    percentiles: tuple[float, float] | None = None,
+    channel: int | None = None,
 ) -> SegTask:
-    """A task from a named source ('busbra', 'openkbp', 'csv' manifest, or 'auto' to detect)."""
+    """A task from a named source ('busbra', 'openkbp', 'csv' manifest, or 'auto' to detect), with
+    an optional separate test set (a CSV manifest) and the 3D intensity options (see
+    :func:`set_intensity`)."""
+    task = _source_task(source, path, organs, patients, test_patients, classes)
+    if test_manifest is not None:
+        attach_test_manifest(task, test_manifest)
+    set_intensity(task, window, percentiles, channel)
+    return task
+
+
+def attach_test_manifest(task: SegTask, path: str | Path) -> None:
+    """Use every row of a CSV manifest as ``task``'s separate test set (same classes)."""
+    test = read_seg_csv(path, classes=task.classes, label_map=task.label_map)
+    if test.spatial_dims != task.spatial_dims:
+        raise ValueError(f"{path}: {test.spatial_dims}D test images for a {task.spatial_dims}D task")
+    task.test_cases = test.cases + test.test_cases
+
+
+def set_intensity(task: SegTask, window: tuple[float, float] | None = None,
+                  percentiles: tuple[float, float] | None = None, channel: int | None = None) -> None:
+    """3D intensity options: ``window`` (e.g. (-150, 250) HU for CT), else clipping each volume to
+    its ``percentiles``; ``channel`` of 4D multi-modal images. Errors say what is wrong."""
+    if task.spatial_dims != 3 and (window or percentiles or channel is not None):
+        raise ValueError("--window, --percentiles and --channel apply to 3D volumes only")
+    for name, pair in (("--window", window), ("--percentiles", percentiles)):
+        if pair is not None and not pair[0] < pair[1]:
+            raise ValueError(f"{name} needs LO < HI, got {list(pair)}")
+    if percentiles is not None:
+        if not 0 <= percentiles[0] < percentiles[1] <= 100:
+            raise ValueError(f"--percentiles must lie in [0, 100], got {list(percentiles)}")
+        task.percentiles = tuple(percentiles)
+        task.intensity_range = tuple(window) if window is not None else None  # percentiles asked for: no window unless given
+    elif window is not None:
+        task.intensity_range = tuple(window)
+    if channel is not None:
+        if channel < 0:
+            raise ValueError(f"--channel must be >= 0, got {channel}")
+        task.channel = channel
+
+
+def _source_task(source: str, path: str | Path, organs, patients, test_patients, classes) -> SegTask:
     path = Path(path)
     if source == "auto":
         if path.is_file() and path.suffix.lower() == ".csv":

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from medcl.train.distributed import gather_with_grad, rank_and_world
+from medcl.distributed import gather_with_grad, rank_and_world
 
 
 def view_similarity_logits(z1: Tensor, z2: Tensor, temperature: float, gather_distributed: bool) -> tuple[Tensor, Tensor, int]:

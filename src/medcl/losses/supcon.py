@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from medcl.losses.ntxent import view_similarity_logits
-from medcl.train.distributed import gather_no_grad
+from medcl.distributed import gather_no_grad
 
 UNLABELED = -1
 

@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
+from medcl.inputs import InputSpec
+
 if TYPE_CHECKING:
     from medcl.config import Config
 
@@ -70,7 +72,9 @@ class Method(nn.Module):
         spec = getattr(self, "backbone_spec", None)
         if not spec or "name" not in spec:
             raise ValueError(f"{type(self).__name__} must set backbone_spec = {{'name': ..., 'kwargs': {{...}}}}")
-        return {"name": spec["name"], "kwargs": dict(spec.get("kwargs", {})), "prefix": "backbone."}
+        kwargs = dict(spec.get("kwargs", {}))
+        spec_input = spec.get("input") or InputSpec(in_channels=int(kwargs.get("in_channels", 1)))
+        return {"name": spec["name"], "kwargs": kwargs, "prefix": "backbone.", "input": spec_input.to_dict()}
 
 
 def build_method(config: Config, *, rank: int = 0, world_size: int = 1) -> tuple[Method, Any]:

@@ -19,7 +19,7 @@ Switches ``use_label`` / ``use_recon`` give the paper's ablation (identity / + l
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import Field, field_validator
@@ -34,7 +34,19 @@ from medcl.models.unetr import Projector, UNETREncoder, build_decoder, encoder_k
 from medcl.sampling.pixels import PixelSample, gather_tokens, labels_to_grid, sample_pixels
 
 
+class Encoded(NamedTuple):
+    """One encoder pass over the views ``x`` = [V1; V1'; V2] (V2 only when a term needs it)."""
+
+    x: Tensor  # the encoder's input
+    last: Tensor  # last layer's normalised tokens
+    hidden: list[Tensor]  # every layer's tokens
+    z: list[Tensor]  # every layer's projection sigma^l on the token grid [views, 2c, *grid]
+
+
 class MixCL(Method):
+    """See the module docstring. ``training_step`` = :meth:`encode` -> :meth:`sample` ->
+    :meth:`reconstruct` -> :meth:`loss_terms` -> :meth:`combine`."""
+
     name: ClassVar[str] = "mixcl"
 
     def __init__(self, encoder: UNETREncoder, feature_size: int = 16, projector_norm: str = "batch",
@@ -58,28 +70,47 @@ class MixCL(Method):
         self.label_pooling, self.label_min_fraction, self.cross_view_only = label_pooling, label_min_fraction, cross_view_only
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        n = batch["view1"].shape[0]
-        x, last, hidden, z = self.encode(batch)
-        l_id = self.identity_loss([zl[:n] for zl in z], [zl[n:2 * n] for zl in z])  # V1 vs V1', all layers
-        total, out = l_id, {"loss_id": l_id.detach()}
-        if self.use_label:
-            z1, z2 = z[self.label_layer][:n], z[self.label_layer][2 * n:]  # layer 2: P1 and P2
-            l_label = self.label_consistency(z1, z2, batch, self.sample(batch, tuple(z1.shape[2:])))
-            total = total + self.alpha * l_label
-            out["loss_label"] = l_label.detach()
-        if self.use_recon:
-            l_recon = self.recon_loss(self.decoder(x, last, hidden), self.recon_target(batch))
-            total = total + self.beta * l_recon
-            out["loss_recon"] = l_recon.detach()
-        return {"loss": total, **out}
+        """One step from the public sub-steps (``benchmarks/mixcl_step.py`` times each of them)."""
+        encoded = self.encode(batch)
+        grid = tuple(encoded.z[self.label_layer].shape[2:])
+        samples = self.sample(batch, grid) if self.use_label else None
+        restored = self.reconstruct(encoded) if self.use_recon else None
+        return self.combine(self.loss_terms(batch, encoded, samples, restored))
 
-    def encode(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, list[Tensor], list[Tensor]]:
+    def encode(self, batch: dict[str, Any]) -> Encoded:
         """One encoder pass over V1, V1' (and V2): input, last layer, hidden states, projections."""
         views = [batch["view1"], batch["view1b"]] + ([batch["view2"]] if self.use_label or self.use_recon else [])
         x = torch.cat(views)
         last, hidden = self.backbone(x)
         z = [proj(self.backbone.to_grid(h)) for proj, h in zip(self.projectors, hidden)]
-        return x, last, hidden, z
+        return Encoded(x, last, hidden, z)
+
+    def reconstruct(self, encoded: Encoded) -> Tensor:
+        """phi(theta(V)): the decoder's restoration of every encoded view."""
+        return self.decoder(encoded.x, encoded.last, encoded.hidden)
+
+    def loss_terms(self, batch: dict[str, Any], encoded: Encoded, samples: list[PixelSample] | None,
+                   restored: Tensor | None) -> dict[str, Tensor]:
+        """The unweighted terms, with gradients: ``loss_id`` (V1 vs V1', all layers), ``loss_label``
+        (layer ``label_layer``: P1 vs P2 at ``samples``) and ``loss_recon`` when switched on."""
+        n = batch["view1"].shape[0]
+        z = encoded.z
+        terms = {"loss_id": self.identity_loss([zl[:n] for zl in z], [zl[n:2 * n] for zl in z])}
+        if self.use_label:
+            z_label = z[self.label_layer]
+            terms["loss_label"] = self.label_consistency(z_label[:n], z_label[2 * n:], batch, samples)
+        if self.use_recon:
+            terms["loss_recon"] = self.recon_loss(restored, self.recon_target(batch))
+        return terms
+
+    def combine(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``{"loss": L_id + alpha * L_label + beta * L_recon}`` plus every term, detached, for the log."""
+        total = terms["loss_id"]
+        if "loss_label" in terms:
+            total = total + self.alpha * terms["loss_label"]
+        if "loss_recon" in terms:
+            total = total + self.beta * terms["loss_recon"]
+        return {"loss": total, **{key: value.detach() for key, value in terms.items()}}
 
     def recon_target(self, batch: dict[str, Any]) -> Tensor:
         return torch.cat([batch["patch1"], batch["patch1"], batch["patch2"]])
@@ -111,6 +142,8 @@ class DatasetEntry(Section):
 class MixCLConfig(MethodConfig):
     """The ``mixcl:`` section (defaults: the paper; presets: configs/mixcl-2d.yaml, mixcl-3d.yaml)."""
 
+    # only optim, train and this section: data, views and model options are all here
+    shared_sections: ClassVar[tuple[str, ...]] = ()
     needs_manifest: ClassVar[bool] = False
     # data and views
     datasets: list[DatasetEntry] = Field(min_length=1)
@@ -177,7 +210,7 @@ def build(config, *, rank: int = 0, world_size: int = 1):
     """``(method, loader)`` for the shared trainer (medcl.methods.base registry)."""
     from medcl.data.mixcl_views import MixCLViewMaker
     from medcl.data.pool import pool_from_specs
-    from medcl.train.loader import IndexBatchLoader
+    from medcl.sampling.loader import IndexBatchLoader
 
     p: MixCLConfig = config.params
     specs = [entry.model_dump(exclude_none=True) for entry in p.datasets]

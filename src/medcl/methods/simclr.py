@@ -17,9 +17,9 @@ from torch import Tensor
 from medcl.config import Config
 from medcl.losses.ntxent import NTXentLoss
 from medcl.methods.base import Method
-from medcl.models.backbones import RESNET18_FEATURES, build_backbone
+from medcl.models.backbones import build_backbone, feature_dim
 from medcl.models.heads import ProjectionHead
-from medcl.train.distributed import is_distributed
+from medcl.distributed import is_distributed
 
 
 class SimCLR(Method):
@@ -30,7 +30,8 @@ class SimCLR(Method):
         super().__init__()
         self.backbone_spec = {"name": backbone, "kwargs": {"in_channels": in_channels}}
         self.backbone = build_backbone(backbone, in_channels=in_channels)
-        self.projection = ProjectionHead(RESNET18_FEATURES, proj_hidden, proj_dim)
+        features = feature_dim(self.backbone, in_channels)  # 512 for ResNet-18
+        self.projection = ProjectionHead(features, proj_hidden, proj_dim)
         self.contrast = NTXentLoss(temperature, gather_distributed=is_distributed())
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:

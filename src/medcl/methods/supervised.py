@@ -16,7 +16,7 @@ from torch import Tensor
 from medcl.config import Config
 from medcl.losses.masked_ce import MaskedCrossEntropy
 from medcl.methods.base import Method
-from medcl.models.backbones import RESNET18_FEATURES, build_backbone
+from medcl.models.backbones import build_backbone, feature_dim
 from medcl.models.heads import LinearClassifier
 
 
@@ -30,7 +30,8 @@ class Supervised(Method):
             raise ValueError("supervised pretraining needs at least one class")
         self.backbone_spec = {"name": backbone, "kwargs": {"in_channels": in_channels}}
         self.backbone = build_backbone(backbone, in_channels=in_channels)
-        self.classifier = LinearClassifier(RESNET18_FEATURES, len(classes))
+        features = feature_dim(self.backbone, in_channels)  # 512 for ResNet-18
+        self.classifier = LinearClassifier(features, len(classes))
         self.criterion = MaskedCrossEntropy(label_smoothing)
         self.metadata = {"classes": list(classes)}
 

@@ -22,9 +22,9 @@ from medcl.losses.masked_ce import MaskedCrossEntropy
 from medcl.losses.ntxent import NTXentLoss
 from medcl.losses.supcon import SupConLoss
 from medcl.methods.base import Method
-from medcl.models.backbones import RESNET18_FEATURES, build_backbone
+from medcl.models.backbones import build_backbone, feature_dim
 from medcl.models.heads import LinearClassifier, ProjectionHead
-from medcl.train.distributed import is_distributed
+from medcl.distributed import is_distributed
 
 
 class USCL(Method):
@@ -45,8 +45,9 @@ class USCL(Method):
         super().__init__()
         self.backbone_spec = {"name": backbone, "kwargs": {"in_channels": in_channels}}
         self.backbone = build_backbone(backbone, in_channels=in_channels)
-        self.projection = ProjectionHead(RESNET18_FEATURES, proj_hidden, proj_dim)
-        self.classifier = LinearClassifier(RESNET18_FEATURES, len(classes)) if classes else None
+        features = feature_dim(self.backbone, in_channels)  # 512 for ResNet-18
+        self.projection = ProjectionHead(features, proj_hidden, proj_dim)
+        self.classifier = LinearClassifier(features, len(classes)) if classes else None
         gather = is_distributed()
         self.contrast = (SupConLoss if label_aware else NTXentLoss)(temperature, gather_distributed=gather)
         self.label_aware = label_aware

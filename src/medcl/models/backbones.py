@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from monai.networks.nets import ResNet
 from torch import nn
@@ -37,13 +39,20 @@ def unetr_encoder_backbone(**kwargs) -> nn.Module:
     return UNETREncoder(**kwargs)
 
 
-BACKBONES = {"resnet18": resnet18_backbone, "unetr_encoder": unetr_encoder_backbone}
+# The one registry of architectures: name -> builder(**kwargs). Checkpoints and exported files
+# name their architecture; medcl.weights rebuilds it from here.
+BACKBONES: dict[str, Callable[..., nn.Module]] = {"resnet18": resnet18_backbone, "unetr_encoder": unetr_encoder_backbone}
+
+
+def register_backbone(name: str, builder: Callable[..., nn.Module]) -> None:
+    """Make ``build_backbone(name, **kwargs)`` (and so every weights reader) know ``builder``."""
+    BACKBONES[name] = builder
 
 
 def build_backbone(name: str = "resnet18", **kwargs) -> nn.Module:
-    """Build a backbone by name; unknown names fail with the list of known ones."""
+    """Build a backbone by name; an unknown name raises KeyError listing the known ones."""
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+        raise KeyError(f"unknown backbone architecture {name!r}; known: {sorted(BACKBONES)}")
     return BACKBONES[name](**kwargs)
 
 

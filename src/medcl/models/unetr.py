@@ -13,7 +13,8 @@ is composed here from MONAI's own pieces:
   (i = 1..k-1). With patch 16 and depth 12 this is exactly MONAI's UNETR (layers 3/6/9, same
   blocks, same parameter shapes; :func:`monai_unetr_key` maps the parameter names).
 - :class:`UNETR`: encoder + decoder; :func:`build_unetr` builds it and
-  :func:`load_encoder_weights` initialises its encoder from a pretraining checkpoint.
+  :func:`load_encoder_weights` initialises its encoder from pretrained weights (read by
+  :mod:`medcl.weights`).
 
 >>> net = build_unetr(spatial_dims=2, img_size=64, in_channels=1, out_channels=3,
 ...                   hidden_size=64, mlp_dim=128, num_layers=4, num_heads=4)
@@ -220,22 +221,6 @@ def build_unetr(
         dropout_rate=dropout_rate,
     )
     return UNETR(encoder, build_decoder(encoder, out_channels, feature_size, norm_name))
-
-
-def unetr_from_checkpoint(ckpt: Mapping[str, Any], out_channels: int, img_size: int | Sequence[int] | None = None, **kwargs: Any) -> UNETR:
-    """Build a UNETR whose encoder matches (and is loaded from) a medcl pretraining checkpoint."""
-    backbone = ckpt.get("backbone") or {}
-    if backbone.get("name") != "unetr_encoder":
-        raise ValueError(f"checkpoint backbone is {backbone.get('name')!r}, expected 'unetr_encoder'")
-    enc = dict(backbone["kwargs"])
-    if img_size is not None:
-        enc["img_size"] = img_size
-    enc.pop("qkv_bias", None)
-    net = build_unetr(out_channels=out_channels, **enc, **kwargs)
-    prefix = backbone.get("prefix", "backbone.")
-    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
-    load_encoder_weights(net, state)
-    return net
 
 
 def load_encoder_weights(net: UNETR | UNETREncoder, state_dict: Mapping[str, torch.Tensor]) -> None:

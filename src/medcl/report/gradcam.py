@@ -19,18 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def frames_to_tensor(frames: Sequence[np.ndarray], size: int) -> torch.Tensor:
-    """uint8 (or [0, 1] float) [H, W] frames -> float [n, 1, size, size] in [0, 1]."""
-    tensors = []
-    for frame in frames:
-        array = np.asarray(frame)
-        t = torch.as_tensor(array.astype(np.float32) / (255.0 if array.dtype == np.uint8 else 1.0))
-        if t.ndim != 2:
-            raise ValueError(f"expected a [H, W] frame, got shape {tuple(t.shape)}")
-        tensors.append(F.interpolate(t[None, None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0])
-    return torch.stack(tensors).clamp_(0.0, 1.0)
-
-
 @torch.no_grad()
 def backbone_features(backbone: nn.Module, images: torch.Tensor, batch_size: int = 32) -> np.ndarray:
     """Pooled backbone features [n, D] (eval mode, no gradients)."""

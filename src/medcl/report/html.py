@@ -34,13 +34,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from medcl.inputs import InputSpec, resize_frames, to_model_input, unit_range
 from medcl.report import plots
 from medcl.report.runs import Run, flatten_summary, load_run, numeric_series, stat_cell, unique_names
 
-# Inputs as each run's code fed its backbone: pretraining (medcl.sampling.augment) uses x / 255 in
-# [0, 1]; classification fine-tuning (medcl.evaluate.classify.to_input) then standardises with
-# mean 0.5 and std 0.25.
-PIXEL_MEAN, PIXEL_STD = 0.5, 0.25
+# Inputs: exactly what each run's training fed its backbone, through the one convention of
+# medcl.inputs (resize_frames -> to_model_input with the run's recorded InputSpec).
 DEFAULT_SIZE = 112
 GRADCAM_MIN_SIZE = 128  # layer4 (stride 32) then has at least a 4x4 grid: smaller inputs give 1x1/2x2 maps
 PROTOTYPE_FRAMES_PER_CLASS = 12
@@ -64,7 +63,7 @@ class ReportContext:
     log: Callable[[str], None] = print
     gradcam_min_size: int = GRADCAM_MIN_SIZE
     _frames: Any = None
-    _backbones: dict[str, tuple[nn.Module | None, str]] = field(default_factory=dict)
+    _backbones: dict[str, tuple[nn.Module | None, str, InputSpec]] = field(default_factory=dict)
     _features: dict[str, tuple[torch.Tensor, np.ndarray]] = field(default_factory=dict)
 
 
@@ -130,7 +129,7 @@ def markdown_to_html(text: str, heading_offset: int = 3) -> str:
 
 
 def _find_manifest(ctx: ReportContext) -> Path | None:
-    from medcl.export import manifest_path_from_config
+    from medcl.report.model_card import manifest_path_from_config
 
     if ctx.manifest is not None:
         return ctx.manifest
@@ -179,7 +178,7 @@ def load_sample_frames(manifest: Path, max_frames: int, seed: int = 0) -> Sample
 
 
 def _config_value(config: dict | None, *keys: str) -> Any:
-    from medcl.export import find_in_config
+    from medcl.report.model_card import find_in_config
 
     for key in keys:
         value = find_in_config(config, key)
@@ -193,15 +192,18 @@ def run_input_size(run: Run) -> int:
     return int(size) if isinstance(size, (int, float)) and size >= 16 else DEFAULT_SIZE
 
 
-def run_backbone(run: Run) -> tuple[nn.Module | None, str]:
-    """The run's backbone and where it came from, or (None, why not)."""
-    from medcl.export import backbone_from_checkpoint, load_backbone
+def run_backbone(run: Run) -> tuple[nn.Module | None, str, InputSpec]:
+    """The run's backbone, where it came from, and the input convention it was trained with
+    (``None`` network and the reason when there is none)."""
+    from medcl.weights import InitSpec, backbone_from_checkpoint, checkpoint_input, load_init, read_exported
 
+    recorded = (run.config or {}).get("input") or (run.results or {}).get("input")
     if run.exported is not None:
-        return load_backbone(run.exported), f"exported weights {run.exported.name}"
+        network, _, _, spec, file = read_exported(run.exported)
+        return network, f"exported weights {file.name}", spec
     if run.checkpoint is not None:
         network, ckpt = backbone_from_checkpoint(run.checkpoint)
-        return network, f"checkpoint {run.checkpoint.name} (step {ckpt.get('step')})"
+        return network, f"checkpoint {run.checkpoint.name} (step {ckpt.get('step')})", checkpoint_input(ckpt)
     init = (run.config or {}).get("init")
     if isinstance(init, dict):  # a classification fine-tuning run: its initialisation
         path = init.get("path")
@@ -210,49 +212,41 @@ def run_backbone(run: Run) -> tuple[nn.Module | None, str]:
             if not p.is_absolute() and not p.exists():
                 p = run.path / p
             if not p.exists():
-                return None, f"initialisation {path} not found"
-            if p.suffix == ".safetensors" or p.is_dir() and (p / "backbone.safetensors").is_file():
-                return load_backbone(p), f"initialisation {p.name} (pretrained, before fine-tuning)"
-            network, ckpt = backbone_from_checkpoint(p)
-            return network, f"initialisation {p.name} (pretrained, before fine-tuning)"
+                return None, f"initialisation {path} not found", InputSpec()
+            loaded = load_init(InitSpec(str(init.get("name") or p.name), str(p)))
+            spec = InputSpec.from_dict(recorded) if recorded else loaded.input
+            return loaded.network, f"initialisation {p.name} (pretrained, before fine-tuning)", spec
         if init.get("name") in ("scratch", "random"):
             from medcl.models.backbones import resnet18_backbone
 
             seed = int(_config_value(run.config, "seed") or 0)
             torch.manual_seed(seed)
-            return resnet18_backbone(), f"random initialisation (scratch, seed {seed})"
-    return None, "no checkpoint, exported weights or initialisation in this run folder"
+            return resnet18_backbone(), f"random initialisation (scratch, seed {seed})", InputSpec.from_dict(recorded)
+    return None, "no checkpoint, exported weights or initialisation in this run folder", InputSpec()
 
 
-def _backbone_cached(ctx: ReportContext, run: Run) -> tuple[nn.Module | None, str]:
+def _backbone_cached(ctx: ReportContext, run: Run) -> tuple[nn.Module | None, str, InputSpec]:
     key = str(run.path)
     if key not in ctx._backbones:
         try:
             ctx._backbones[key] = run_backbone(run)
         except Exception as exc:  # noqa: BLE001  (the report goes on without this run's backbone)
-            ctx._backbones[key] = (None, f"backbone could not be loaded: {exc}")
+            ctx._backbones[key] = (None, f"backbone could not be loaded: {exc}", InputSpec())
     return ctx._backbones[key]
 
 
-def is_classification_finetune(run: Run) -> bool:
-    return isinstance((run.config or {}).get("init"), dict) and "protocol" in (run.config or {})
-
-
-def model_inputs(run: Run, images: torch.Tensor, network: nn.Module) -> torch.Tensor:
-    """[0, 1] grayscale images [n, 1, S, S] -> what this run's backbone saw in training."""
-    images = (images - PIXEL_MEAN) / PIXEL_STD if is_classification_finetune(run) else images
-    conv = getattr(network, "conv1", None)
-    channels = int(getattr(conv, "in_channels", 1))
-    return images.expand(-1, channels, -1, -1) if channels > 1 else images  # grayscale replicated, as in training
+def model_inputs(frames: Sequence[np.ndarray], size: int, spec: InputSpec) -> torch.Tensor:
+    """uint8 frames [H, W] -> the tensor the run's backbone saw in training for them (at ``size``)."""
+    return to_model_input(resize_frames(frames, size), spec)
 
 
 def _inputs_and_features(ctx: ReportContext, run: Run, network: nn.Module, frames: SampleFrames) -> tuple[torch.Tensor, np.ndarray]:
-    """Model inputs [n, 1, S, S] of the sample frames and their features (cached per run)."""
-    from medcl.report.gradcam import backbone_features, frames_to_tensor
+    """Model inputs [n, C, S, S] of the sample frames and their features (cached per run)."""
+    from medcl.report.gradcam import backbone_features
 
     key = str(run.path)
     if key not in ctx._features:
-        images = model_inputs(run, frames_to_tensor(frames.frames, run_input_size(run)), network)
+        images = model_inputs(frames.frames, run_input_size(run), _backbone_cached(ctx, run)[2])
         ctx._features[key] = (images, backbone_features(network, images))
     return ctx._features[key]
 
@@ -430,7 +424,7 @@ def _frames_or_note(ctx: ReportContext) -> tuple[Any, str | None]:
 def _runs_with_backbones(ctx: ReportContext) -> tuple[list[tuple[Run, nn.Module, str]], list[str]]:
     usable, skipped = [], []
     for run in ctx.runs:
-        network, source = _backbone_cached(ctx, run)
+        network, source, _ = _backbone_cached(ctx, run)
         if network is None and run.is_segmentation:
             skipped.append(f"{run.name}: segmentation run (its encoder is not a 2D classification backbone)")
         elif network is None:
@@ -444,7 +438,7 @@ def _runs_with_backbones(ctx: ReportContext) -> tuple[list[tuple[Run, nn.Module,
 
 
 def section_gradcam(ctx: ReportContext) -> Section:
-    from medcl.report.gradcam import PrototypeClassifier, backbone_features, frames_to_tensor, gradcam_maps
+    from medcl.report.gradcam import PrototypeClassifier, backbone_features, gradcam_maps
 
     section = Section("gradcam", "Grad-CAM (last convolutional stage)")
     frames, why = _frames_or_note(ctx)
@@ -475,12 +469,13 @@ def section_gradcam(ctx: ReportContext) -> Section:
     native = max(max(f.shape) for f in frames.frames)
     cam_sizes = {run.name: max(run_input_size(run), ctx.gradcam_min_size) for run, _, _ in usable}
     display_size = max([min(native, 224), *cam_sizes.values()])
-    display = frames_to_tensor([frames.frames[i] for i in picks], display_size)[:, 0].numpy()
+    display = unit_range(resize_frames([frames.frames[i] for i in picks], display_size))[:, 0].numpy()
     maps: dict[str, list[np.ndarray]] = {}
     sources = []
     for run, network, source in usable:
         size, cam_size = run_input_size(run), cam_sizes[run.name]
-        images = model_inputs(run, frames_to_tensor([frames.frames[i] for i in proto_idx + picks], cam_size), network)
+        spec = _backbone_cached(ctx, run)[2]
+        images = model_inputs([frames.frames[i] for i in proto_idx + picks], cam_size, spec)
         features = backbone_features(network, images[: len(proto_idx)])
         model = PrototypeClassifier.from_features(network, features, proto_labels, frames.classes)
         class_idx = [frames.classes.index(frames.labels[i]) for i in picks]

@@ -5,8 +5,9 @@ image and applied with a single ``grid_sample`` that also resizes to the output 
 and contrast jitter follow. Parameters come from a ``numpy.random.Generator`` so that a run's
 augmentation stream can be checkpointed and resumed exactly.
 
-Output: float32 in [0, 1], shape [n, channels, size, size] (grayscale repeated when channels > 1),
-on the device of the input frames (the random parameters are drawn on the CPU either way).
+Output: float32 in [0, 1] (uint8 frames become x / 255 through :func:`medcl.inputs.unit_range`, the
+one input convention), shape [n, channels, size, size] (grayscale repeated when channels > 1), on
+the device of the input frames (the random parameters are drawn on the CPU either way).
 Regions rotated in from outside the frame are black, like the area around an ultrasound fan.
 """
 
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from medcl.inputs import unit_range
 
 
 @dataclass
@@ -72,8 +75,7 @@ def augment_frames(
     if frames.ndim != 3:
         raise ValueError(f"expected frames [n, H, W], got shape {tuple(frames.shape)}")
     n = frames.shape[0]
-    images = frames.unsqueeze(1)
-    images = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+    images = unit_range(frames.unsqueeze(1))  # the one input convention: x / 255
     theta = random_affine(n, rng, params).to(images.device)
     grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -49,11 +49,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from medcl.environment import resolve_device
 from medcl.sampling.augment import AugmentParams, augment_frames
+from medcl.sampling.loader import IndexBatchLoader
 
 if TYPE_CHECKING:
     from medcl.config import Config
-    from medcl.train.loader import IndexBatchLoader
 
 Pairing = Literal["video", "frame"]
 Mixup = Literal["paper", "shared_lambda", "none"]
@@ -221,8 +222,6 @@ def frame_set_loader(
     """
     from medcl.data.frames import FrameSets
     from medcl.data.splits import label_targets, select_labeled_videos
-    from medcl.train.loader import IndexBatchLoader
-    from medcl.train.trainer import resolve_device
 
     device = resolve_device(config.train.device)
     if device.type == "cuda" and world_size > 1:

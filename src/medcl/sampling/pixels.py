@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-IGNORE_INDEX = -1
+from medcl.data.segtypes import IGNORE_INDEX
 
 
 def boundary_distance(mask: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Training machinery shared by every method: trainer, checkpoints, distributed helpers.
+"""Training machinery shared by every method: the trainer (loop, checkpoints, logging, DDP).
 
 ``pretrain(config) -> run_dir`` is the Python API behind ``medcl pretrain``.
 """

@@ -25,6 +25,7 @@ def pretrain(
     *,
     resume: bool = False,
     out: str | Path | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> Path:
     """Pretrain as ``config`` says and return the run folder.
 
@@ -32,13 +33,15 @@ def pretrain(
     of a YAML preset; ``overrides``: ``key.sub=value`` strings; ``out`` overrides ``config.out``.
     The run folder receives config.yaml, metrics.jsonl and checkpoints/{last,final}.pt (see
     ``medcl.train.trainer``). ``resume=True`` continues from checkpoints/last.pt exactly.
+    ``callbacks``: step hooks (``medcl.train.trainer.TrainerCallback``) passed to the trainer.
     Under torchrun (WORLD_SIZE > 1) each process trains its shard with DDP.
 
     >>> run_dir = pretrain("configs/uscl.yaml", ["data.manifest=ingested/", "optim.epochs=1"], out="runs/x")  # doctest: +SKIP
     """
+    from medcl.distributed import init_from_env
+    from medcl.environment import resolve_device
     from medcl.methods.base import build_method
-    from medcl.train.distributed import init_from_env
-    from medcl.train.trainer import Trainer, resolve_device
+    from medcl.train.trainer import Trainer
 
     if isinstance(config, Config):
         cfg = load_config(None, overrides, **config.to_dict()) if overrides else config
@@ -59,4 +62,5 @@ def pretrain(
     seed_everything(cfg.train.seed)
     method, loader = build_method(cfg, rank=rank, world_size=world_size)
     seed_everything(cfg.train.seed + rank)
-    return Trainer(method, loader, cfg, cfg.out, resume=resume, rank=rank, world_size=world_size, device=device).fit()
+    return Trainer(method, loader, cfg, cfg.out, resume=resume, rank=rank, world_size=world_size, device=device,
+                   callbacks=callbacks).fit()

@@ -1,11 +1,12 @@
 """The one training loop shared by every pretraining method.
 
-    Trainer(method, loader, config, out_dir, resume=False).fit() -> out_dir
+    Trainer(method, loader, config, out_dir, resume=False, callbacks=()).fit() -> out_dir
 
 - ``method``: a ``medcl.methods.base.Method`` (``training_step(batch) -> {"loss": ..., ...}``).
-- ``loader``: a ``BatchLoader`` (below); ``medcl.train.loader.IndexBatchLoader`` is one.
+- ``loader``: a ``BatchLoader`` (below); ``medcl.sampling.loader.IndexBatchLoader`` is one.
 - ``config``: a ``medcl.config.Config``; the trainer reads ``config.optim`` and ``config.train``
   and stores ``config.to_dict()`` in checkpoints.
+- ``callbacks``: objects with step hooks (:class:`TrainerCallback`, below), e.g. to time steps.
 - ``out_dir``: the run folder. It receives ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON
   object per logged step: step, epoch, lr, loss and the method's other loss terms),
   ``checkpoints/last.pt`` every ``train.checkpoint_every`` steps and at the end, plus
@@ -20,14 +21,40 @@ of updates done.
 Resume (``resume=True``): loads ``checkpoints/last.pt`` and continues exactly -- model, optimiser,
 scheduler, every RNG state and the loader position and generator are restored, and metrics logged
 after that checkpoint are dropped from ``metrics.jsonl`` -- so on CPU the resumed loss curve equals
-the uninterrupted one. The config must match the checkpoint's except for ``train.*``, ``out`` and
-the run length (``optim.max_steps`` / ``optim.epochs``: extending a finished run re-spans the cosine).
+the uninterrupted one. The config must match the checkpoint's except for ``train.*``, ``out``,
+the run length (``optim.max_steps`` / ``optim.epochs``: extending a finished run re-spans the cosine)
+and shared sections the method does not use (``Config.unused_sections``; older checkpoints of MixCL
+runs carry USCL's defaults there).
 
 Stop signals: SIGTERM (what schedulers such as SLURM send before killing a job) or SIGINT (Ctrl-C)
 lets the current step finish, writes ``checkpoints/last.pt`` and raises :class:`TrainingInterrupted`
 (``medcl pretrain`` exits with 128 + the signal number); ``--resume`` continues from there exactly.
 A second signal acts at once (the default handlers are back). In distributed runs the ranks agree
 on the stop each step (one all-reduce), so they all save at the same step.
+
+Step hooks (``callbacks``): for every update, in the order given, on every rank,
+
+- ``on_step_start(trainer, step)``: the batch of update ``step`` (1-based: the number of updates
+  done once it is applied) has been built and moved to the device; its forward pass comes next.
+- ``on_step_end(trainer, step, values)``: after the optimiser and scheduler step and after the
+  update was logged (when ``train.log_every`` logs it); ``trainer.step == step``; ``values`` are
+  the method's loss terms as logged (floats, averaged over ranks), whether or not this step is
+  written to ``metrics.jsonl``.
+
+Either method may be left out (:class:`TrainerCallback` has no-op defaults). Hooks run outside the
+autocast region and must not change the method, optimiser or random states if the run is to stay
+reproducible; an exception raised in a hook propagates out of :meth:`Trainer.fit` like one in the
+step (nothing is checkpointed for it). The stop-signal check and the periodic checkpoint follow
+``on_step_end``. Example, the seconds of every step (``benchmarks/throughput.py`` times steps so)::
+
+    class StepTimes(TrainerCallback):
+        def on_step_start(self, trainer, step):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, trainer, step, values):
+            print(step, values["loss"], time.perf_counter() - self.started)
+
+    Trainer(method, loader, config, out_dir, callbacks=[StepTimes()]).fit()
 
 Divergence: a non-finite loss stops training with :class:`TrainingDiverged` before the step is
 applied; the last good checkpoint is left untouched and named in the message.
@@ -46,7 +73,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -54,14 +81,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from medcl.environment import write_environment
-from medcl.train.checkpoint import (
-    CHECKPOINT_FORMAT,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from medcl.environment import resolve_device, write_environment
+from medcl.train.checkpoint import rng_state, set_rng_state
+from medcl.weights import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
     from medcl.config import Config
@@ -88,13 +110,14 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available")
-    return device
+class TrainerCallback:
+    """Step hooks of :class:`Trainer` (see the module docstring); subclass and override either."""
+
+    def on_step_start(self, trainer: Trainer, step: int) -> None:
+        """The batch of update ``step`` is on the device; the forward pass comes next."""
+
+    def on_step_end(self, trainer: Trainer, step: int, values: dict[str, float]) -> None:
+        """Update ``step`` is applied (and logged); ``values``: the loss terms as logged."""
 
 
 def move_to(batch: Any, device: torch.device) -> Any:
@@ -165,8 +188,10 @@ class Trainer:
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str | None = None,
+        callbacks: Sequence[TrainerCallback] = (),
     ) -> None:
         self.method, self.loader, self.config = method, loader, config
+        self.callbacks = list(callbacks)
         self.out_dir = Path(out_dir)
         self.resume, self.rank, self.world_size = resume, rank, world_size
         self.device = torch.device(device) if device is not None else resolve_device(config.train.device)
@@ -249,7 +274,10 @@ class Trainer:
         ckpt = load_checkpoint(self.last_path, map_location=self.device)
         if ckpt["method"] != self.config.method:
             raise ValueError(f"{self.last_path}: method {ckpt['method']!r}, but config says {self.config.method!r}")
-        diffs = _config_differences(ckpt["config"], self.config.to_dict(), ignore=("train", "out", "optim.max_steps", "optim.epochs"))
+        # sections the method does not use had no effect (checkpoints written before sections became
+        # per-method carry USCL's defaults in a MixCL run's config): they never block a resume
+        ignore = ("train", "out", "optim.max_steps", "optim.epochs", *self.config.unused_sections())
+        diffs = _config_differences(ckpt["config"], self.config.to_dict(), ignore=ignore)
         if diffs:
             raise ValueError(f"{self.last_path}: cannot resume with a different configuration: " + "; ".join(diffs))
         if ckpt.get("world_size", 1) != self.world_size:
@@ -321,7 +349,9 @@ class Trainer:
                     epoch, first = divmod(self.step, self.steps_per_epoch)
                     for batch in self.loader.epoch_batches(epoch, start=first):
                         lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
-                        values = self._train_step(move_to(batch, self.device), epoch)
+                        batch = move_to(batch, self.device)
+                        self._call("on_step_start", self.step + 1)
+                        values = self._train_step(batch, epoch)
                         self.step += 1
                         bar.update(1)
                         bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
@@ -329,6 +359,7 @@ class Trainer:
                             elapsed = time.perf_counter() - started
                             self._log({"step": self.step, "epoch": epoch, "lr": lr, **values,
                                        "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9)})
+                        self._call("on_step_end", self.step, dict(values))
                         if self.step == self.total_steps:
                             break
                         signum = self._stop_signal()
@@ -345,6 +376,12 @@ class Trainer:
             if self._tb is not None:
                 self._tb.close()
         return self.out_dir
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(self, *args)
 
     def _train_step(self, batch: Any, epoch: int) -> dict[str, float]:
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):

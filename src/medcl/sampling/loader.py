@@ -1,6 +1,6 @@
-"""Resumable, shardable batch loading without worker processes.
+"""Which items form a batch: resumable, shardable batch loading without worker processes.
 
-The trainer needs three things from a loader (the ``BatchLoader`` protocol of
+The trainer needs three things from a loader (the ``BatchLoader`` protocol documented in
 ``medcl.train.trainer``): a constant number of batches per epoch (``len``), the batches of an
 epoch from any position (``epoch_batches(epoch, start)``), and its random state
 (``state_dict`` / ``load_state_dict``) so that a resumed run draws exactly what the uninterrupted

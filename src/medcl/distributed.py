@@ -1,6 +1,9 @@
 """torch.distributed helpers: process-group setup from torchrun's environment and an all-gather
 that keeps gradients (for contrastive losses whose negatives come from every rank).
 
+A utility below the data flow: losses (cross-rank negatives), methods (whether to gather) and the
+trainer (process-group setup) import it; it imports nothing of medcl.
+
 Launch a multi-GPU run with ``torchrun --nproc_per_node=G -m medcl pretrain ...``: the pretrain
 API calls :func:`init_from_env`, shards batches by rank (``optim.batch_size`` is the GLOBAL batch)
 and the NT-Xent / SupCon losses gather projections from all ranks via :func:`gather_with_grad`.
