@@ -186,8 +186,13 @@ def test_cli_finetune_two_inits_same_folds_and_compare(tiny_data, tmp_path, caps
         compare_runs([out / "scratch", out / "other"], n_boot=20, names=["only one"])
     other_seed = tmp_path / "cv2"
     assert main(["finetune", *args[:3], "--seed", "9", *args[5:-1], str(other_seed)]) == 0
+    capsys.readouterr()
+    # a user error is one line on stderr and exit status 2 (the traceback only with --debug)
+    assert main(["evaluate", "--compare", str(out / "scratch"), str(other_seed), "--n-boot", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "same folds" in err and err.startswith("medcl evaluate: ") and len(err.strip().splitlines()) == 1
     with pytest.raises(ValueError, match="same folds"):
-        main(["evaluate", "--compare", str(out / "scratch"), str(other_seed), "--n-boot", "10"])
+        main(["--debug", "evaluate", "--compare", str(out / "scratch"), str(other_seed), "--n-boot", "10"])
 
 
 def test_every_init_is_checked_before_the_first_fold(tiny_data, tmp_path):

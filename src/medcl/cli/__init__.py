@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     from medcl._version import __version__
 
     parser.add_argument("--version", action="version", version=f"medcl {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line summary")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         try:
@@ -46,13 +48,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user can act on (bad files, keys, values, folders, a full disk): one line and exit 2.
+# Anything else is a bug in medcl and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+EXIT_BAD_INPUT = 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except SystemExit as exc:  # a command module refusing its arguments: SystemExit("message")
+        if not isinstance(exc.code, str):
+            raise
+        message = exc.code if exc.code.startswith("medcl") else f"medcl {args.command}: {exc.code}"
+        print(message, file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        print(f"medcl {args.command}: {user_message(exc)} (--debug shows the traceback)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def user_message(exc: BaseException) -> str:
+    """One line: the message (which names the file or key), never a multi-line dump."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        return f"{where}no space left on device"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{exc.filename}: {text}"
+    return text
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
                               n_boot=args.n_boot, seed=args.seed or 0)
         print(comparison_markdown(result))
         if args.out:
+            from medcl.runfolder import refuse_existing
+
+            refuse_existing(args.out, ["comparison.json", "comparison.md"], args.overwrite, "a comparison")
             write_comparison(result, args.out)
             print(f"comparison written to {args.out}")
         return 0
@@ -52,11 +55,12 @@ def run(args: argparse.Namespace) -> int:
 
         if "repeats" not in config.model_fields_set:  # one fixed split: repeats would only vary the seed
             config = config.model_copy(update={"repeats": 1})
-        result = evaluate_fixed(args.train, args.test, inits, config, args.out, allow_overlap=args.allow_overlap)
+        result = evaluate_fixed(args.train, args.test, inits, config, args.out, allow_overlap=args.allow_overlap,
+                                overwrite=args.overwrite)
     elif args.data:
         from medcl.evaluate.classify import finetune
 
-        result = finetune(args.data, inits, config, args.out)
+        result = finetune(args.data, inits, config, args.out, overwrite=args.overwrite)
     else:
         raise SystemExit("medcl: give DATA (cross-validation), --train and --test, or --compare RUN_DIR...")
     print_summary(result, args.out)

@@ -58,6 +58,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="scratch | PATH.pt (medcl checkpoint) | PATH.safetensors | NAME=PATH; repeat to compare "
                              "several on the same folds (the first is the baseline). Default: scratch")
     parser.add_argument("--out", required=False, help="output folder (one run, or one subfolder per --init)")
+    parser.add_argument("--overwrite", action="store_true", help="replace results already in --out (refused otherwise)")
     parser.add_argument("--config", help="YAML file with fine-tuning settings (flags override it)")
     for name, (flag, typ, help_text) in FIELD_FLAGS.items():
         parser.add_argument(flag, dest=name, type=typ, default=None, help=help_text)
@@ -69,6 +70,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
                         help="recompute the frozen prefix every step (for benchmarking)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--allow-outside-frames", dest="allow_outside_frames", action="store_true", default=None,
+                        help="follow manifest frame paths that lead outside the manifest's folder")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -77,7 +80,7 @@ def config_from_args(args: argparse.Namespace):
     values: dict = {}
     if args.config:
         values.update(yaml.safe_load(Path(args.config).read_text()) or {})
-    for name in list(FIELD_FLAGS) + ["augment", "feature_cache"]:
+    for name in list(FIELD_FLAGS) + ["augment", "feature_cache", "allow_outside_frames"]:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     if args.classes:
@@ -146,6 +149,9 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
                        help="3D without --window: clip each volume to these percentiles (default 0.5,99.5; 0,100 = min-max)")
     group.add_argument("--channel", type=int, default=None, metavar="K",
                        help="3D: channel (modality) of 4D images [X, Y, Z, C] to segment from, 0-based")
+    group.add_argument("--binarize", type=int, default=None, metavar="T",
+                       help="binary masks: foreground = mask value > T (e.g. 127 for 0/255 masks with JPEG noise); "
+                            "without it, mask values the task does not declare are an error")
     group.add_argument("--model", action="append", default=None, metavar="KEY=VALUE",
                        help="UNETR option for scratch runs, e.g. hidden_size=96 (repeatable)")
 
@@ -158,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     apply_threads(args)
-    result = finetune(args.data, args.init or ["scratch"], config, args.out)
+    result = finetune(args.data, args.init or ["scratch"], config, args.out, overwrite=args.overwrite)
     print_summary(result, args.out)
     return 0
 
@@ -250,9 +256,9 @@ def run_segment(args: argparse.Namespace) -> int:
         config = segment_config(args)
         task = build_task(args.seg_source, args.data, organs=_csv_list(args.organs),
                           test_patients=_csv_list(args.test_patients) or (), classes=_csv_list(args.classes),
-                          test_manifest=args.test_manifest)
+                          test_manifest=args.test_manifest, binarize=args.binarize)
         apply_intensity_options(task, args)
-        result = finetune(task, args.init or ["scratch"], config, args.out)
+        result = finetune(task, args.init or ["scratch"], config, args.out, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, ValidationError) as exc:
         raise SystemExit(f"medcl finetune --task segment: {exc}") from None
     for results in result["runs"].values():

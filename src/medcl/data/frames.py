@@ -38,14 +38,19 @@ class FrameSets:
     >>> fs = sets[0]; fs.frames.shape, fs.label, fs.patient_id   # doctest: +SKIP
 
     Frames are loaded lazily from ``frames/<video_id>.npy`` and cached when ``cache=True``
-    (a frame set of a few thousand 224 px frames is a few hundred MB).
+    (a frame set of a few thousand 224 px frames is a few hundred MB). A row's ``frames_file``
+    must resolve inside the manifest's folder (an absolute path or ``../`` in a manifest from
+    elsewhere would read arbitrary files) unless ``allow_outside=True``.
     """
 
-    def __init__(self, manifest: str | Path, *, cache: bool = True, records: list[VideoRecord] | None = None):
+    def __init__(self, manifest: str | Path, *, cache: bool = True, records: list[VideoRecord] | None = None,
+                 allow_outside: bool = False):
         path = Path(manifest)
         self.root = path if path.is_dir() else path.parent
         self.manifest_path = self.root / MANIFEST_NAME if path.is_dir() else path
         self.records: list[VideoRecord] = records if records is not None else read_manifest(self.manifest_path)
+        self.allow_outside = allow_outside
+        self._row = {r.video_id: i + 2 for i, r in enumerate(self.records)}  # line in manifest.csv (1 = header)
         self._cache: dict[str, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -59,18 +64,31 @@ class FrameSets:
         record = self.records[index]
         return FrameSet(record, self.load_frames(record))
 
+    def where(self, record: VideoRecord) -> str:
+        """``manifest.csv line N (video ID)``, for messages."""
+        return f"{self.manifest_path} line {self._row.get(record.video_id, '?')} (video {record.video_id!r})"
+
     def frames_path(self, record: VideoRecord) -> Path:
-        return self.root / (record.frames_file or f"{FRAMES_DIR}/{record.video_id}.npy")
+        path = self.root / (record.frames_file or f"{FRAMES_DIR}/{record.video_id}.npy")
+        if not self.allow_outside and not path.resolve().is_relative_to(self.root.resolve()):
+            raise ManifestError(f"{self.where(record)}: frames_file {record.frames_file!r} points outside the manifest's "
+                                f"folder {self.root}; move the frames there, or allow it explicitly "
+                                "(--allow-outside-frames / allow_outside_frames)")
+        return path
 
     def load_frames(self, record: VideoRecord) -> np.ndarray:
         if self._cache is not None and record.video_id in self._cache:
             return self._cache[record.video_id]
         path = self.frames_path(record)
         if not path.is_file():
-            raise ManifestError(f"{self.manifest_path}: frames of video {record.video_id!r} missing: {path}")
-        frames = np.load(path, allow_pickle=False)
+            raise ManifestError(f"{self.where(record)}: frames missing: {path}")
+        try:
+            frames = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:  # truncated, not an .npy, pickled objects
+            raise ManifestError(f"{path}: cannot read the frames of {self.where(record)}: {exc}") from None
         if frames.ndim != 3 or frames.dtype != np.uint8:
-            raise ManifestError(f"{path}: expected uint8 [n, H, W] frames, got {frames.dtype} {frames.shape}")
+            raise ManifestError(f"{path}: expected uint8 [n, H, W] frames for {self.where(record)}, "
+                                f"got {frames.dtype} {frames.shape}")
         if self._cache is not None:
             self._cache[record.video_id] = frames
         return frames
@@ -78,7 +96,8 @@ class FrameSets:
     def subset(self, indices: list[int] | np.ndarray) -> FrameSets:
         """A view over some videos (shares the frame cache)."""
         view = FrameSets.__new__(FrameSets)
-        view.root, view.manifest_path = self.root, self.manifest_path
+        view.root, view.manifest_path, view.allow_outside = self.root, self.manifest_path, self.allow_outside
+        view._row = self._row
         view.records = [self.records[int(i)] for i in indices]
         view._cache = self._cache
         return view

@@ -9,8 +9,12 @@ A :class:`SegTask` is what ``medcl finetune --task segment`` evaluates. It is bu
   patients on whom every organ of the subset was contoured (label 0 is "background OR not
   contoured" there, so a patient missing one organ cannot supervise it).
 
-Masks are mapped to class indices 0 (background) .. n_classes with ``label_map`` (raw mask value
--> class index; every value not in the map becomes background). Loading (:func:`load_case`)
+Masks must hold only the values the task declares (:meth:`SegTask.allowed_mask_values`: the
+label map's raw values and 0, plus ``mask_values`` a dataset lists as known, e.g. OpenKBP's other
+organs, which become background; a binary task without a map takes 0/1 or 0/255 masks); any other
+value is an error naming the file and the values. ``binarize`` (``--binarize 127``) is the
+explicit way to threshold noisy 8-bit masks (JPEG) into one foreground class. ``label_map`` maps raw
+mask values to class indices 0 (background) .. n_classes. Loading (:func:`load_case`)
 reads files with :mod:`medcl.data.segfiles`, the reader MixCL pretraining uses too, and
 returns channel-first float32 image in [0, 1] and int64 label arrays, resized (2D) or
 resampled (3D) to a fixed grid so batches stack.
@@ -59,6 +63,19 @@ class SegTask:
     percentiles: tuple[float, float] = PERCENTILES
     # 3D: which channel (modality) of a 4D image [X, Y, Z, C] to use; None = images must be 3D
     channel: int | None = None
+    # raw mask values known to the dataset beyond the label map (they become background)
+    mask_values: tuple[int, ...] = ()
+    # binary tasks: foreground = raw mask value > binarize (explicit thresholding of noisy 8-bit masks)
+    binarize: int | None = None
+
+    def allowed_mask_values(self) -> list[set[int]]:
+        """The value sets a mask may draw from (one of them): see the module docstring."""
+        extra = {0, *self.mask_values}
+        if self.label_map is not None:
+            return [extra | set(self.label_map)]
+        if len(self.classes) == 1:
+            return [extra | {1}, extra | {255}]
+        return [extra | set(range(self.n_classes))]
 
     @property
     def n_classes(self) -> int:
@@ -244,6 +261,7 @@ def openkbp_task(
         classes=list(organs),
         cases=[case(p) for p in sorted(pool)],
         label_map=label_map,
+        mask_values=tuple(sorted(OPENKBP_ORGANS.values())),  # the other organs' contours become background
         test_cases=[case(p) for p in sorted(test_ids)],
         intensity_range=intensity_range,
     )
@@ -265,18 +283,39 @@ def map_labels(mask: np.ndarray, label_map: dict[int, int] | None, where: str = 
     return out
 
 
+def labels_from_mask(raw: np.ndarray, task: SegTask, mask_path: str) -> np.ndarray:
+    """Raw mask values -> class indices, refusing values the task does not declare."""
+    raw = np.asarray(raw)
+    if task.binarize is not None:
+        if len(task.classes) != 1:
+            raise ValueError(f"--binarize makes one foreground class, but the task has classes {task.classes}")
+        return (raw > task.binarize).astype(np.int64)
+    uniques, counts = np.unique(raw, return_counts=True)
+    values = set(uniques.tolist())
+    allowed = task.allowed_mask_values()
+    if not any(values <= a for a in allowed):
+        # name the values outside the declared set that covers most pixels (a 0/255 mask with a few
+        # 1s from JPEG noise: the 1s)
+        covered = [sum(int(c) for v, c in zip(uniques.tolist(), counts) if v in a) for a in allowed]
+        bad = sorted(values - allowed[int(np.argmax(covered))])
+        declared = " or ".join(str(sorted(a)) for a in allowed)
+        raise ValueError(f"{mask_path}: mask values {bad[:10]}{' ...' if len(bad) > 10 else ''} are not declared by "
+                         f"task {task.name!r} (mask values {declared}; classes {task.classes}); for 8-bit 0/255 masks "
+                         "with compression noise (JPEG) pass --binarize 127, else give the classes / label map")
+    if task.label_map is None and len(task.classes) == 1:
+        return (raw > 0).astype(np.int64)  # 0/1 or 0/255
+    return map_labels(raw, task.label_map)
+
+
 def _load_2d(case: SegCase, task: SegTask, size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     image, raw = read_image_and_mask(case.image, case.mask, threshold=None, size=size)
-    labels = map_labels(raw, task.label_map)
-    if task.label_map is None and len(task.classes) == 1:
-        labels = (labels > 0).astype(np.int64)  # binary user masks: any non-zero is foreground
-    return image[None], labels[None]
+    return image[None], labels_from_mask(raw, task, case.mask)[None]
 
 
 def _load_3d(case: SegCase, task: SegTask, size: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:
     image, raw = read_volume(case.image, case.mask, window=task.intensity_range, percentiles=task.percentiles,
                              channel=task.channel, size=size, how_to_choose_channel="--channel K (0-based)")
-    return image, map_labels(raw, task.label_map)[None]
+    return image, labels_from_mask(raw, task, case.mask)[None]
 
 
 def load_case(case: SegCase, task: SegTask, size: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray]:

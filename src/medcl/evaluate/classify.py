@@ -31,6 +31,7 @@ import copy
 import csv
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -87,6 +88,7 @@ class FinetuneConfig(BaseModel):
     metadata: str | None = None
     where: dict[str, str] = Field(default_factory=dict)
     device: str = "cpu"
+    allow_outside_frames: bool = Field(False, description="follow manifest frame paths outside the manifest's folder")
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,6 +177,8 @@ def select_records(records: list[VideoRecord], config: FinetuneConfig, where_fro
         if not path.is_file():
             raise FileNotFoundError(f"video list not found: {path}")
         allowed_ids = {line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}
+    if config.classes is not None:
+        check_classes(records, config, where_from)
     metadata = _read_metadata(Path(config.metadata)) if config.metadata else None
     if config.where and metadata is None:
         raise ValueError(f"where={config.where} needs a metadata CSV (--metadata)")
@@ -206,13 +210,43 @@ def select_records(records: list[VideoRecord], config: FinetuneConfig, where_fro
     return out
 
 
+def check_classes(records: list[VideoRecord], config: FinetuneConfig, where_from: str) -> None:
+    """``config.classes`` must name distinct classes that occur in the data (after the label map):
+    a typo would otherwise train a head with a phantom class."""
+    found = sorted({config.label_map.get(r.label, r.label) for r in records} - {""})
+    repeated = sorted({c for c in config.classes if config.classes.count(c) > 1})
+    if repeated:
+        raise ValueError(f"--classes names {repeated} more than once")
+    missing = [c for c in config.classes if c not in found]
+    if missing:
+        raise ValueError(f"{where_from or 'the manifest'}: no labeled videos of class(es) {missing}; classes found: "
+                         f"{', '.join(found) or 'none (no labeled video)'}" + (" (after --map)" if config.label_map else ""))
+
+
+def warn_if_no_patients(patients: list[str], video_ids: list[str], where_from: str) -> bool:
+    """Warn (and return True) when every patient id equals its video id: nothing groups a patient's
+    videos, so videos of one patient can land in different folds."""
+    if len(video_ids) < 2 or any(p != v for p, v in zip(patients, video_ids)):
+        return False
+    warnings.warn(f"{where_from}: every patient_id equals its video_id, so no patient grouping is known: videos of "
+                  "one patient can land in different folds (train on one exam, test on another of the same patient). "
+                  "Give patient ids at ingest (--metadata / --patient-pattern; DICOM PatientID is read automatically).",
+                  UserWarning, stacklevel=3)
+    return True
+
+
 def load_frame_data(
     source: str | Path | FrameSets, config: FinetuneConfig, classes: list[str] | None = None
 ) -> FrameData:
     """Select videos from an ingest folder / manifest and load their frames resized to
-    ``config.image_size``. ``classes`` fixes the class order (else config.classes or sorted labels)."""
-    sets = source if isinstance(source, FrameSets) else FrameSets(source, cache=False)  # resized copies are kept
-    records = select_records(sets.records, config, where_from=str(sets.manifest_path))
+    ``config.image_size``. ``classes`` fixes the class order (else config.classes or sorted labels);
+    when it is given (a separate test set), ``config.classes`` need not all occur in this data."""
+    sets = source if isinstance(source, FrameSets) else FrameSets(
+        source, cache=False, allow_outside=config.allow_outside_frames)  # resized copies are kept
+    checked = config if classes is None else config.model_copy(update={"classes": None})
+    records = select_records(sets.records, checked, where_from=str(sets.manifest_path))
+    if classes is not None and config.classes is not None:
+        records = [r for r in records if r.label in config.classes]
     present = sorted({r.label for r in records})
     classes = list(classes or config.classes or present)
     unknown = sorted(set(present) - set(classes))
@@ -231,6 +265,7 @@ def load_frame_data(
         frame_index.append(np.arange(len(arr)))
     if not frames:
         raise ValueError(f"{sets.manifest_path}: the selected videos hold no frames")
+    warn_if_no_patients([r.patient_id or r.video_id for r in kept], [r.video_id for r in kept], str(sets.manifest_path))
     return FrameData(
         classes=classes,
         video_ids=[r.video_id for r in kept],
@@ -588,11 +623,12 @@ def results_markdown(results: dict) -> str:
 
 def finetune(data: str | Path, inits: list[str | InitSpec] = ("scratch",), config: FinetuneConfig | None = None,
              out: str | Path | None = None, log=print, compare_metrics=("accuracy", "macro_f1"),
-             n_boot: int = 2000) -> dict:
+             n_boot: int = 2000, overwrite: bool = False) -> dict:
     """Cross-validate every initialisation on the SAME folds; with several inits, also write a
     paired comparison (``comparison.json`` / ``.md``) against the first one.
 
-    ``out`` is the run folder for one init, or the parent of ``out/<init name>/`` for several.
+    ``out`` is the run folder for one init, or the parent of ``out/<init name>/`` for several;
+    results already there are refused unless ``overwrite``.
     Returns {"runs": {name: results}, "comparison": dict | None}.
     """
     config = config or FinetuneConfig()
@@ -600,12 +636,14 @@ def finetune(data: str | Path, inits: list[str | InitSpec] = ("scratch",), confi
     folds = make_folds(frame_data, config)
     log(f"{len(frame_data.video_ids)} videos, {len(frame_data.frames)} frames, classes {frame_data.classes}; "
         f"{config.folds} folds x {config.repeats} repeats, protocol {config.protocol}")
-    return _run_all(frame_data, folds, inits, config, out, {"data": str(data)}, log, compare_metrics, n_boot)
+    return _run_all(frame_data, folds, inits, config, out, {"data": str(data)}, log, compare_metrics, n_boot,
+                    overwrite)
 
 
 def evaluate_fixed(train: str | Path, test: str | Path, inits: list[str | InitSpec] = ("scratch",),
                    config: FinetuneConfig | None = None, out: str | Path | None = None, log=print,
-                   allow_overlap: bool = False, compare_metrics=("accuracy", "macro_f1"), n_boot: int = 2000) -> dict:
+                   allow_overlap: bool = False, compare_metrics=("accuracy", "macro_f1"), n_boot: int = 2000,
+                   overwrite: bool = False) -> dict:
     """Train on the ``train`` manifest (validation carved from it, by patient), test once on the
     separate ``test`` manifest. ``config.repeats`` repeats use different validation parts / seeds.
     Refuses videos or patients present in both (leakage) unless ``allow_overlap``."""
@@ -627,11 +665,12 @@ def evaluate_fixed(train: str | Path, test: str | Path, inits: list[str | InitSp
     log(f"train: {n_train} videos; test: {len(test_videos)} videos; classes {joined.classes}; "
         f"{config.repeats} repeat(s), protocol {config.protocol}")
     return _run_all(joined, folds, inits, config, out, {"train": str(train), "test": str(test)}, log,
-                    compare_metrics, n_boot)
+                    compare_metrics, n_boot, overwrite, command="medcl evaluate")
 
 
 def _run_all(data: FrameData, folds: list[Fold], inits, config: FinetuneConfig,
-             out: str | Path | None, extra: dict, log, compare_metrics, n_boot: int = 2000) -> dict:
+             out: str | Path | None, extra: dict, log, compare_metrics, n_boot: int = 2000,
+             overwrite: bool = False, command: str = "medcl finetune") -> dict:
     from medcl.evaluate.compare import compare_results, write_comparison
 
     def compare(runs: list[RunResult]) -> dict:
@@ -639,4 +678,4 @@ def _run_all(data: FrameData, folds: list[Fold], inits, config: FinetuneConfig,
                                metrics=compare_metrics, n_boot=n_boot, seed=config.seed)
 
     return compare_inits(inits, lambda init, run_out: run_classification(data, folds, init, config, run_out, extra, log),
-                         compare, write_comparison, out, check=load_init)
+                         compare, write_comparison, out, check=load_init, overwrite=overwrite, command=command)

@@ -35,6 +35,7 @@ import yaml
 from torch import nn
 
 from medcl.environment import write_environment
+from medcl.runfolder import refuse_existing, run_lock
 from medcl.train.trainer import lr_factor
 from medcl.weights import InitSpec, unique_inits
 
@@ -182,13 +183,16 @@ def compare_inits(
     write_comparison: Callable[[dict[str, Any], Path], None],
     out: str | Path | None,
     check: Callable[[InitSpec], None] | None = None,
+    overwrite: bool = False,
+    command: str = "medcl finetune",
 ) -> dict[str, Any]:
     """Run every init on the same folds (``out`` itself for one init, ``out/<name>/`` for several),
     then compare them pairwise against the first with ``compare``.
 
     ``check`` is called on every init before the first run starts, so a bad second init fails at
-    once rather than after the first init's whole cross-validation.
-    Returns ``{"runs": {name: results}, "comparison": dict | None}``.
+    once rather than after the first init's whole cross-validation. ``out`` is locked for the
+    whole run (a second process is refused), and results already there are refused unless
+    ``overwrite``. Returns ``{"runs": {name: results}, "comparison": dict | None}``.
     """
     specs = unique_inits(list(inits))
     if not specs:
@@ -196,6 +200,18 @@ def compare_inits(
     for spec in specs:
         if check is not None:
             check(spec)
+    if out is None:
+        return _compare_inits(specs, run_one, compare, write_comparison, None)
+    out = Path(out)
+    with run_lock(out, command):
+        names = ["results.json", "comparison.json", "comparison.md"]
+        if len(specs) > 1:
+            names += [f"{spec.name}/results.json" for spec in specs]
+        refuse_existing(out, names, overwrite, "fine-tuning results")
+        return _compare_inits(specs, run_one, compare, write_comparison, out)
+
+
+def _compare_inits(specs: list[InitSpec], run_one, compare, write_comparison, out: Path | None) -> dict[str, Any]:
     runs: list[RunResult] = []
     for spec in specs:
         run_out = None if out is None else (Path(out) if len(specs) == 1 else Path(out) / spec.name)

@@ -672,13 +672,15 @@ def finetune(
     log: Callable[[str], None] | None = print,
     cache: dict | None = None,
     n_boot: int = 2000,
+    overwrite: bool = False,
 ) -> dict:
     """Fine-tune every initialisation on the SAME folds, label fractions and cases; with several,
     write ``comparison.md`` / ``comparison.json`` (per-fold paired differences and a bootstrap over
     patients) against the first.
 
-    ``out`` is the run folder for one init, or the parent of ``out/<init name>/`` for several.
-    Every init is opened and checked before the first fine-tune starts.
+    ``out`` is the run folder for one init, or the parent of ``out/<init name>/`` for several;
+    results already there are refused unless ``overwrite``. Every init is opened and checked
+    before the first fine-tune starts.
     Returns ``{"runs": {name: results}, "comparison": dict | None}``.
     """
     from medcl.evaluate.compare import compare_segmentation
@@ -699,7 +701,7 @@ def finetune(
         if init.path is not None:
             load_encoder_checkpoint(init.path)
 
-    return compare_inits(inits, run_one, compare, write_segmentation_comparison, out, check=check)
+    return compare_inits(inits, run_one, compare, write_segmentation_comparison, out, check=check, overwrite=overwrite)
 
 
 def write_segmentation_comparison(result: dict, out: Path) -> None:
@@ -729,11 +731,16 @@ def build_task(
     window: tuple[float, float] | None = None,
     percentiles: tuple[float, float] | None = None,
     channel: int | None = None,
+    binarize: int | None = None,
 ) -> SegTask:
     """A task from a named source ('busbra', 'openkbp', 'csv' manifest, or 'auto' to detect), with
-    an optional separate test set (a CSV manifest) and the 3D intensity options (see
-    :func:`set_intensity`)."""
+    an optional separate test set (a CSV manifest), the 3D intensity options (see
+    :func:`set_intensity`) and ``binarize`` (foreground = mask value > it; for noisy 8-bit masks)."""
     task = _source_task(source, path, organs, patients, test_patients, classes)
+    if binarize is not None:
+        if len(task.classes) != 1:
+            raise ValueError(f"--binarize makes one foreground class, but task {task.name!r} has classes {task.classes}")
+        task.binarize = int(binarize)
     if test_manifest is not None:
         attach_test_manifest(task, test_manifest)
     set_intensity(task, window, percentiles, channel)
