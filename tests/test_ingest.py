@@ -429,7 +429,7 @@ def test_cli_exit_status(tmp_path):
     assert failed.returncode == 2 and "zero.avi" in failed.stdout
     assert "zero.avi" in (tmp_path / "out" / "errors.csv").read_text()
     bad_column = run("--metadata", str(src / "missing.csv"))
-    assert bad_column.returncode == 1 and "missing.csv" in bad_column.stderr
+    assert bad_column.returncode == 2 and "missing.csv" in bad_column.stderr
 
 
 def test_dicom_jpeg_baseline_ybr_422(tmp_path):

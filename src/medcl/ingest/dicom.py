@@ -9,6 +9,10 @@ Pixels: decoded by pydicom (YBR_FULL / YBR_FULL_422 / palette colour converted t
 luma; MONOCHROME1 inverted). 16-bit data goes to uint8 through the VOI window when the file has
 one, else through the clip's own 0.5-99.5 percentile range (one range for the whole clip, so the
 brightness does not flicker between frames).
+
+Identity: :func:`read_identity` reads PatientID (0010,0020) and StudyInstanceUID (0020,000D)
+from the header alone, so that two cine loops of one patient get one ``patient_id`` whatever
+their file names.
 """
 
 from __future__ import annotations
@@ -33,6 +37,20 @@ def looks_like_dicom(path: str | Path) -> bool:
             return handle.read(4) == b"DICM"
     except OSError:
         return False
+
+
+def read_identity(path: str | Path) -> tuple[str, str]:
+    """``(PatientID, StudyInstanceUID)`` of a DICOM file, ``""`` for each one that is missing or
+    blank, or when the header cannot be read (decoding the file then says what is wrong)."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True, specific_tags=["PatientID", "StudyInstanceUID"])
+    except Exception:  # pydicom raises many types for damaged files
+        return "", ""
+    return str(ds.get("PatientID", "") or "").strip(), str(ds.get("StudyInstanceUID", "") or "").strip()
 
 
 def _frame_times(ds, n_frames: int, default_fps: float) -> tuple[np.ndarray, float, bool]:

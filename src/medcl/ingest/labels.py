@@ -4,7 +4,13 @@ Resolution order for each file (first non-empty value wins):
 
 * label:   ``--metadata`` row's label column -> the ``--patient-metadata`` row of the file's
   patient -> ``--label-pattern`` matched against the file's path relative to SRC -> "" (unlabeled);
-* patient: ``--metadata`` row's patient column -> ``--patient-pattern`` -> the video id.
+* patient: ``--metadata`` row's patient column -> ``--patient-pattern`` -> the DICOM PatientID
+  (for DICOM files; explicit user sources win over the tag) -> the video id.
+
+With ``--hash-patient-ids SALT`` every patient id that came from a table, pattern or DICOM tag
+(and the DICOM StudyInstanceUID) is stored as :func:`hash_id` of it instead; labels are still
+looked up with the raw id. The per-file fallback (the video id) is stored as it is: the manifest
+names the file anyway.
 
 A metadata row is matched to a file by, in order: its path relative to SRC, its path relative to
 the metadata file's folder, its file name, its file name without extension (COVID-BLUES'
@@ -18,6 +24,8 @@ through unchanged.
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
 import os
 import re
 from dataclasses import dataclass, field
@@ -30,11 +38,16 @@ class LabelSourceError(ValueError):
 
 def _read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     if not path.is_file():
-        raise LabelSourceError(f"metadata file not found: {path}")
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
-        return list(reader.fieldnames or []), rows
+        raise LabelSourceError(f"{path}: metadata file not found")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            rows = [{k: (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
+            return list(reader.fieldnames or []), rows
+    except UnicodeDecodeError as exc:
+        raise LabelSourceError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV") from None
+    except (OSError, csv.Error) as exc:
+        raise LabelSourceError(f"{path}: cannot read it as CSV: {exc}") from None
 
 
 def _require_column(path: Path, header: list[str], column: str, flag: str) -> None:
@@ -64,6 +77,18 @@ def _match(pattern: re.Pattern[str] | None, group: str, text: str) -> str:
         return ""
     value = found.group(group) if group in pattern.groupindex else found.group(1)
     return (value or "").strip()
+
+
+HASH_HEX_DIGITS = 16  # 64 bits: a collision among a million patients has odds of about 3e-8
+
+
+def hash_id(value: str, salt: str) -> str:
+    """A salted one-way id: HMAC-SHA256 of ``value`` keyed with ``salt``, first 16 hex digits.
+
+    The same value and salt always give the same id (so one patient keeps one id across runs and
+    files); without the salt, the raw id cannot be recovered or confirmed by hashing guesses.
+    """
+    return hmac.new(salt.encode("utf-8"), value.encode("utf-8"), hashlib.sha256).hexdigest()[:HASH_HEX_DIGITS]
 
 
 def parse_label_map(text: str | None) -> dict[str, str]:
@@ -158,8 +183,10 @@ class LabelSource:
                 return self._rows[key]
         return self._by_name.get(path.name) or self._by_stem.get(path.stem)
 
-    def lookup(self, path: str | Path) -> tuple[str, str, bool]:
-        """``(label, patient_id, found_in_metadata)`` for a file; empty strings when unknown."""
+    def lookup(self, path: str | Path, tag_patient: str = "") -> tuple[str, str, bool]:
+        """``(label, patient_id, found_in_metadata)`` for a file; empty strings when unknown.
+        ``tag_patient``: the patient the file itself names (DICOM PatientID), used when neither
+        the metadata nor the pattern gives one."""
         path = Path(os.path.abspath(path))
         try:
             relative = path.relative_to(self.src_root).as_posix()
@@ -172,6 +199,8 @@ class LabelSource:
         patient = (row.get(self.patient_column, "") if row and self.patient_column else "") or ""
         if not patient:
             patient = _match(self._patient_re, "patient", relative)
+        if not patient:
+            patient = tag_patient
         if not label and patient and self._patient_labels:
             label = self._patient_labels.get(patient, "")
         if not label:

@@ -4,20 +4,36 @@ Crash safety: every frames file is written to ``frames/<video_id>.npy.tmp-<pid>`
 place only when complete; ``manifest.csv`` and ``errors.csv`` are rewritten atomically after
 every video. A run that is killed therefore leaves, at worst, a ``*.tmp-*`` file that the next run
 deletes and never reads. A video counts as done only when the manifest lists it *and* its frames
-file exists with the recorded shape, so a rerun skips exactly the finished work.
+file exists with the recorded shape *and* its source file still has the size and modification
+time recorded then (:func:`source_fingerprint`), so a rerun skips exactly the finished work and
+redoes a file replaced under the same name.
+
+A write into OUT that fails (full disk, quota, read-only file system) raises :class:`OutputError`:
+the run stops, the files written so far stay consistent and a rerun resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from medcl.data.manifest import FRAMES_DIR, MANIFEST_NAME, VideoRecord, read_manifest, write_manifest
+from medcl.data.manifest import (
+    FRAMES_DIR,
+    MANIFEST_NAME,
+    VideoRecord,
+    read_manifest,
+    replaced_atomically,
+    write_manifest,
+)
 from medcl.ingest.dicom import DICOM_EXTENSIONS, looks_like_dicom
 from medcl.ingest.video import VIDEO_EXTENSIONS
 
@@ -25,6 +41,49 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", 
 ERRORS_NAME = "errors.csv"
 SETTINGS_NAME = "ingest.json"
 ERROR_COLUMNS = ["file", "reason"]
+# errors of a frames write that concern the output device, not the file: the run stops on them
+DEVICE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+class OutputError(OSError):
+    """Writing into OUT failed (full disk, quota, permissions): the message names OUT, the reason
+    and what was being written; everything finished before is kept and a rerun resumes."""
+
+    def __init__(self, out: Path, exc: OSError, doing: str):
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc)).lower()
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        hint = "; free some space and rerun: the videos finished so far are kept and skipped" if full else ""
+        super().__init__(f"{out}: {reason} (while {doing}){hint}")
+
+
+@contextlib.contextmanager
+def writing_into(out: Path, doing: str) -> Iterator[None]:
+    """Turn an OSError raised by the block into an :class:`OutputError` about ``out``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError(out, exc, doing) from exc
+
+
+def escape_undecodable(text: str) -> str:
+    """``text`` with the bytes that are not UTF-8 (file names the file system gives as raw bytes,
+    held as surrogates by Python) written as ``\\xNN``: fit for the UTF-8 manifest and messages.
+    Text without such bytes is returned unchanged."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def source_fingerprint(path: Path) -> tuple[int, int]:
+    """``(size in bytes, modification time in ns)`` of a source file: what resume compares.
+
+    Not a content hash: hashing would read every source on every rerun (as slow as ingesting
+    anew for large sets). Size + mtime catch a file replaced or rewritten under the same name, as
+    make and rsync rely on; a replacement with the same size *and* a preserved mtime (``cp -p``)
+    goes unnoticed: ``--overwrite`` redoes everything.
+    """
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def source_kind(path: Path) -> str | None:
@@ -94,18 +153,26 @@ def frames_relpath(video_id: str) -> str:
     return f"{FRAMES_DIR}/{video_id}.npy"
 
 
+class _WriteOnly:
+    """Hides the real file from ``np.save``, which then writes through ``write()`` (the same bytes):
+    its fast path (``tofile``) reports a full disk as "N requested and M written" without errno."""
+
+    def __init__(self, handle: Any):
+        self.write = handle.write
+
+
 def save_frames_atomic(path: Path, frames: np.ndarray) -> None:
     """Write ``frames`` as .npy to a temporary name, then rename into place (safe against a killed
-    process; no fsync, so not against a power cut -- a rerun with --overwrite redoes everything)."""
+    process; no fsync, so not against a power cut -- a rerun with --overwrite redoes everything).
+    Replacing an existing file is atomic: a reader sees the old frames or the new ones."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as handle:
-            np.save(handle, np.ascontiguousarray(frames), allow_pickle=False)
+            np.save(_WriteOnly(handle), np.ascontiguousarray(frames), allow_pickle=False)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def frames_file_ok(path: Path, record: VideoRecord) -> bool:
@@ -130,6 +197,16 @@ def remove_stale_temporaries(out: Path) -> int:
     return removed
 
 
+def is_unchanged(record: VideoRecord, size_and_mtime: tuple[int, int], out: Path) -> bool:
+    """True when the source file is still the one ``record`` was made from (see
+    :func:`source_fingerprint`). A row from before fingerprints were recorded is trusted when its
+    frames file is newer than the source (the source has not been modified since)."""
+    if record.source_mtime_ns:
+        return (record.source_bytes, record.source_mtime_ns) == size_and_mtime
+    frames = out / (record.frames_file or frames_relpath(record.video_id))
+    return size_and_mtime[1] <= frames.stat().st_mtime_ns
+
+
 def load_done(out: Path) -> dict[str, VideoRecord]:
     """Finished videos of an earlier run, keyed by source path; entries whose frames file is
     missing or incomplete are left out (they will be redone)."""
@@ -150,36 +227,44 @@ def check_settings(out: Path, settings: dict[str, object], *, overwrite: bool) -
     path = out / SETTINGS_NAME
     if path.is_file():
         try:
-            previous = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
             previous = None
         if previous != settings:
             if not overwrite:
-                raise ValueError(
-                    f"{out} was ingested with {previous}, this run asks for {settings}: use another OUT "
-                    f"folder, or --overwrite to redo every video"
-                )
+                if isinstance(previous, dict):
+                    was = ", ".join(f"{k}={previous.get(k)!r}" for k in settings if previous.get(k) != settings[k])
+                    now = ", ".join(f"{k}={v!r}" for k, v in settings.items() if previous.get(k) != v)
+                    problem = f"OUT was ingested with {was}, this run asks for {now}"
+                else:
+                    problem = "unreadable (not the JSON settings ingest writes)"
+                raise ValueError(f"{path}: {problem}: use another OUT folder, or --overwrite to redo every video")
             return False
         return True
     return not overwrite
 
 
+def prepare_output(out: Path) -> None:
+    """Create OUT and OUT/frames, and delete the temporaries of an interrupted run."""
+    with writing_into(out, "creating the output folder"):
+        (out / FRAMES_DIR).mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)
+
+
 def write_settings(out: Path, settings: dict[str, object]) -> None:
-    tmp = out / (SETTINGS_NAME + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    tmp.replace(out / SETTINGS_NAME)
+    with writing_into(out, f"writing {SETTINGS_NAME}"), replaced_atomically(out / SETTINGS_NAME) as tmp:
+        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_errors(out: Path, errors: list[tuple[str, str]]) -> None:
     """Rewrite ``errors.csv`` atomically (header only when nothing failed)."""
-    path = out / ERRORS_NAME
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(ERROR_COLUMNS)
-        writer.writerows(sorted(errors))
-    tmp.replace(path)
+    with writing_into(out, f"writing {ERRORS_NAME}"), replaced_atomically(out / ERRORS_NAME) as tmp:
+        with tmp.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(ERROR_COLUMNS)
+            writer.writerows(sorted(errors))
 
 
 def write_records(out: Path, records: dict[str, VideoRecord]) -> None:
-    write_manifest(out / MANIFEST_NAME, [records[k] for k in sorted(records)])
+    with writing_into(out, f"writing {MANIFEST_NAME}"):
+        write_manifest(out / MANIFEST_NAME, [records[k] for k in sorted(records)])
