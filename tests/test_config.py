@@ -70,6 +70,15 @@ def test_overrides_are_typed(manifest):
         ("optimizer.lr=1", "optimizer={'lr': 1}: unknown key"),
         ("simclr.temperature=0.5", "simclr: section of another method"),
         ("method=byol", "method='byol': unknown method"),
+        # non-finite numbers, in any float (or int) field: one rule for every section
+        ("optim.lr=.inf", "optim.lr=inf: must be a finite number"),
+        ("optim.lr=inf", "optim.lr=inf: must be a finite number"),
+        ("optim.lr=.nan", "optim.lr=nan: must be a finite number"),
+        ("sampling.alpha=.inf", "sampling.alpha=inf: must be a finite number"),
+        ("uscl.lambda_sup=.inf", "uscl.lambda_sup=inf: must be a finite number"),
+        ("optim.warmup_epochs=-.inf", "optim.warmup_epochs=-inf: must be a finite number"),
+        ("augment.crop_scale=[0.5, .nan]", "augment.crop_scale.1=nan: must be a finite number"),
+        ("optim.epochs=.inf", "optim.epochs=inf: must be a finite number"),
     ],
 )
 def test_invalid_values_name_key_and_value(manifest, override, message):
@@ -186,3 +195,52 @@ def test_a_method_declares_the_shared_sections_it_uses():
     with pytest.raises(TypeError, match="needs_manifest is set but 'data' is not in its shared_sections"):
         register_method_config("broken", BrokenConfig)
     assert "broken" not in METHOD_CONFIGS
+
+
+# --------------------------------------------------------------------------- non-finite numbers
+
+
+def _sections() -> list[type]:
+    from medcl.config import Section, method_config_class
+
+    for name in METHOD_CONFIGS:
+        method_config_class(name)  # imports the lazily registered ones (MixCL)
+    found, todo = [], [Section]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo += cls.__subclasses__()
+    return found
+
+
+def test_every_float_field_of_every_section_refuses_inf_and_nan():
+    """One rule for all sections, present and future: each float field (alone, in a tuple or list)."""
+    import math
+    import types
+    import typing
+
+    from pydantic import ValidationError
+
+    checked = []
+    for cls in _sections():
+        for name, field in cls.model_fields.items():
+            text = str(field.annotation)
+            if "float" not in text:
+                continue
+            annotation = field.annotation
+            if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
+                annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+            shape = typing.get_origin(annotation)
+            for bad in (math.inf, -math.inf, math.nan):
+                value = [bad] * 3 if shape is list else (bad, bad) if shape is tuple else bad
+                with pytest.raises(ValidationError) as info:
+                    cls.model_validate({name: value})
+                assert any(e["type"] == "finite_number" and e["loc"][0] == name for e in info.value.errors()), (cls, name)
+            checked.append(f"{cls.__name__}.{name}")
+    assert {"OptimConfig.lr", "SamplingConfig.alpha", "AugmentConfig.crop_scale", "USCLConfig.temperature",
+            "MixCLConfig.spacing", "MixCLConfig.alpha"} <= set(checked)
+
+
+def test_free_form_dataset_options_refuse_non_finite_numbers():
+    with pytest.raises(ConfigError, match=r"mixcl\.datasets\.0: window=\[inf, 1\]: must be a finite number"):
+        load_config(PROJECT / "configs/mixcl-2d.yaml", ["mixcl.datasets=[{adapter: x, root: /tmp, window: [.inf, 1]}]"])

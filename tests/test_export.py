@@ -194,12 +194,17 @@ def test_registry_plugs_in_a_builder(tmp_path):
         def forward(self, x):
             return self.conv(x).mean(dim=(2, 3))
 
+    from medcl.models.backbones import BACKBONES
+
     register_backbone_builder("tiny_test_net", Tiny)
-    net = Tiny(width=6)
-    file = save_backbone(net, tmp_path / "tiny.safetensors", "tiny_test_net", {"width": 6})
-    loaded = load_backbone(file)
-    x = torch.rand(1, 1, 8, 8)
-    assert torch.equal(loaded(x), net(x))
+    try:  # the registry is global: later tests (test_config) list its names
+        net = Tiny(width=6)
+        file = save_backbone(net, tmp_path / "tiny.safetensors", "tiny_test_net", {"width": 6})
+        loaded = load_backbone(file)
+        x = torch.rand(1, 1, 8, 8)
+        assert torch.equal(loaded(x), net(x))
+    finally:
+        BACKBONES.pop("tiny_test_net")
 
 
 def test_lazy_top_level_loader_and_cli(exported, tmp_path):
@@ -243,3 +248,138 @@ def test_unetr_encoder_export_loads_in_medcl_and_plain_monai_vit(tmp_path):
     plain.load_state_dict(load_file(str(file)), strict=True)
     markdown = (tmp_path / "out" / "MODEL_CARD.md").read_text()
     assert "ViT(in_channels=1, img_size=(32, 32), patch_size=8" in markdown
+
+
+# --------------------------------------------------------------------------- reliability: what readers refuse
+
+
+def _nan_state() -> dict[str, torch.Tensor]:
+    state = resnet18_backbone().state_dict()
+    state["layer3.1.conv2.weight"][0, 0, 0, 0] = float("nan")
+    return state
+
+
+def test_export_refuses_a_checkpoint_with_non_finite_weights(tmp_path, capsys):
+    from medcl.cli import main
+
+    run = _run(tmp_path)
+    final = run / "checkpoints" / "final.pt"
+    ckpt = torch.load(final, weights_only=True)
+    ckpt["model"]["backbone.layer1.0.bn1.running_var"][3] = float("inf")
+    torch.save(ckpt, final)
+    assert main(["export", str(run), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"medcl export: error: {final}: non-finite weights: tensor 'backbone.layer1.0.bn1.running_var' holds "
+                   "0 NaN and 1 Inf of 64 values (weights of a diverged training run; use an earlier checkpoint or "
+                   "retrain with a lower optim.lr)\n")
+    assert not (tmp_path / "out" / BACKBONE_FILE).exists()
+    with pytest.raises(BackboneLoadError, match=r"nan\.safetensors: non-finite weights: tensor 'layer3\.1\.conv2\.weight'"):
+        save_backbone(_nan_state(), tmp_path / "nan.safetensors", "resnet18", {"in_channels": 1})
+    assert not (tmp_path / "nan.safetensors").exists()
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+def test_a_backbone_file_holding_nan_is_refused_with_or_without_checksum(tmp_path, checksum):
+    from safetensors.torch import save_file
+
+    from medcl.weights import EXPORT_FORMAT, load_init, read_exported, tensor_digest
+
+    state = {k: v.contiguous() for k, v in _nan_state().items()}
+    metadata = {"format": EXPORT_FORMAT, "architecture": "resnet18", "kwargs": json.dumps({"in_channels": 1})}
+    if checksum:  # a checksum only proves the bytes are as written: NaN written is NaN read
+        metadata["sha256"] = tensor_digest(state)
+    file = tmp_path / BACKBONE_FILE
+    save_file(state, str(file), metadata=metadata)
+    message = rf"{file}: non-finite weights: tensor 'layer3\.1\.conv2\.weight' holds 1 NaN and 0 Inf"
+    for read in (load_backbone, read_exported, lambda f: load_init(f"x={f}")):
+        with pytest.raises(BackboneLoadError, match=message):
+            read(file)
+
+
+def _backbone_file(path: Path, architecture: str, kwargs: dict, state: dict | None = None) -> Path:
+    """A safetensors file with medcl's metadata saying ``architecture(**kwargs)``, whatever it holds."""
+    from safetensors.torch import save_file
+
+    from medcl.weights import EXPORT_FORMAT
+
+    state = state if state is not None else {k: v.contiguous() for k, v in resnet18_backbone().state_dict().items()}
+    save_file(state, str(path), metadata={"format": EXPORT_FORMAT, "architecture": architecture,
+                                          "kwargs": json.dumps(kwargs)})
+    return path
+
+
+@pytest.mark.parametrize("architecture, kwargs, message", [
+    ("resnet18", {"in_channels": 10_000_000}, "in_channels=10000000 out of range for 'resnet18': expected whole number(s) from 1 to 64"),
+    ("resnet18", {"in_channels": 0}, "in_channels=0 out of range"),
+    ("resnet18", {"in_channels": 1.5}, "in_channels=1.5 out of range"),
+    ("resnet18", {"in_channels": True}, "in_channels=True out of range"),
+    ("unetr_encoder", {"img_size": [96, 100_000]}, "img_size=[96, 100000] out of range for 'unetr_encoder': expected whole number(s) from 1 to 1024"),
+    ("unetr_encoder", {"num_layers": 1000}, "num_layers=1000 out of range for 'unetr_encoder': expected whole number(s) from 1 to 48"),
+    ("unetr_encoder", {"hidden_size": 65536}, "hidden_size=65536 out of range"),
+    ("some_plugin_net", {"in_channels": 4096}, "in_channels=4096 out of range for 'some_plugin_net'"),
+])
+def test_metadata_kwargs_beyond_bounds_are_refused_before_building(tmp_path, architecture, kwargs, message):
+    file = _backbone_file(tmp_path / "big.safetensors", architecture, kwargs)
+    with pytest.raises(BackboneLoadError) as info:
+        load_backbone(file)
+    assert str(info.value).startswith(f"{file}: kwargs {message}")
+
+
+def test_tensor_shapes_are_checked_before_the_network_is_allocated(tmp_path):
+    """kwargs within bounds but not what the tensors say (a 64-channel conv1 for 1-channel weights):
+    the network is only ever built on the meta device, which allocates nothing."""
+    from medcl.models.backbones import BACKBONES
+
+    devices = []
+
+    def recording_resnet18(**kwargs):
+        devices.append(torch.empty(0).device.type)
+        return resnet18_backbone(**kwargs)
+
+    BACKBONES["recording_resnet18"] = recording_resnet18
+    try:
+        file = _backbone_file(tmp_path / "shapes.safetensors", "recording_resnet18", {"in_channels": 64})
+        with pytest.raises(BackboneLoadError, match=r"shape mismatch.*conv1\.weight: file \(64, 1, 7, 7\) vs "
+                                                    r"recording_resnet18 \(64, 64, 7, 7\)"):
+            load_backbone(file)
+        assert devices == ["meta"]
+        devices.clear()
+        good = _backbone_file(tmp_path / "good.safetensors", "recording_resnet18", {"in_channels": 1})
+        assert load_backbone(good)(torch.rand(1, 1, 32, 32)).shape == (1, 512)
+        assert devices == ["meta", "cpu"]
+    finally:
+        BACKBONES.pop("recording_resnet18")
+
+
+def test_a_training_checkpoint_given_to_load_backbone_says_what_it_is(exported, tmp_path):
+    run, _ = exported
+    final = run / "checkpoints" / "final.pt"
+    with pytest.raises(BackboneLoadError) as info:
+        load_backbone(final)
+    assert str(info.value) == (f"{final}: this is a medcl training checkpoint (method uscl, step 7), not an exported "
+                               "backbone: use `medcl export` first (or pass it to --init)")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")  # some other torch.save file
+    with pytest.raises(BackboneLoadError, match=r"other\.pt: a PyTorch file \(torch\.save\), not an exported backbone"):
+        load_backbone(tmp_path / "other.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(BackboneLoadError, match=r"legacy\.pt: a PyTorch file"):
+        load_backbone(tmp_path / "legacy.pt")
+
+
+def test_export_refuses_an_existing_export_unless_overwrite(exported, tmp_path, capsys):
+    from medcl.cli import main
+    from medcl.runfolder import RunFolderError, run_lock
+
+    run, out = exported
+    before = (out / BACKBONE_FILE).read_bytes()
+    with pytest.raises(RunFolderError, match=r"already holds an export \(backbone\.safetensors, model_card\.json, "
+                                             r"MODEL_CARD\.md\); pass --overwrite"):
+        export_backbone(run, out)
+    assert main(["export", str(run), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"medcl export: error: {out}: already holds an export") and err.count("\n") == 1
+    assert (out / BACKBONE_FILE).read_bytes() == before
+    assert main(["export", str(run), "-o", str(out), "--overwrite"]) == 0
+    with run_lock(tmp_path / "busy", "medcl export"):
+        assert main(["export", str(run), "-o", str(tmp_path / "busy")]) == 2
+    assert "in use by pid" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -308,3 +309,161 @@ def test_batchnorm_warning_only_for_short_runs_of_batchnorm_models():
         assert warn_if_batchnorm_unsettled(resnet18_backbone(), BATCHNORM_SETTLE_STEPS - 1)
     assert not warn_if_batchnorm_unsettled(resnet18_backbone(), BATCHNORM_SETTLE_STEPS)
     assert not warn_if_batchnorm_unsettled(torch.nn.Linear(2, 2), 1)
+
+
+# --------------------------------------------------------------------------- reliability: divergence, run folder
+
+
+def _poison_update(method, at: int):
+    """Make update ``at`` write NaN into backbone.conv1.weight while its loss stays finite
+    (0 * sqrt(0) is 0, its gradient 0 / 0 is NaN): what an exploding step does."""
+    original = method.training_step
+    calls = {"n": 0}
+
+    def poisoned(batch):
+        calls["n"] += 1
+        out = original(batch)
+        if calls["n"] == at:
+            s = method.backbone.conv1.weight.sum()
+            out["loss"] = out["loss"] + 0.0 * torch.sqrt(s - s)
+        return out
+
+    method.training_step = poisoned
+
+
+def test_non_finite_weights_after_an_update_stop_the_run_and_are_never_saved(frames_dir, tmp_path):
+    """The loss of update 4 is finite but the update makes the weights NaN: training stops at once,
+    last.pt stays the finite state of step 2 and the message names it (not a NaN checkpoint)."""
+    cfg = load_config(PROJECT / "configs/uscl.yaml", tiny_overrides(frames_dir, tmp_path / "run"))
+    seed_everything(0)
+    method, loader = build_method(cfg)
+    _poison_update(method, at=4)
+    trainer = Trainer(method, loader, cfg, cfg.out)
+    with pytest.raises(TrainingDiverged, match=r"non-finite in the update of step 4.*'backbone\.conv1\.weight' holds "
+                                               r"\d+ NaN.*last\.pt \(step 2\), finite") as info:
+        trainer.fit()
+    assert "\n" not in str(info.value)
+    last = load_checkpoint(cfg.out / "checkpoints" / "last.pt")  # load_checkpoint refuses NaN weights
+    assert last["step"] == 2
+    assert not (cfg.out / "checkpoints" / "final.pt").exists()
+    assert [s for s, _ in losses(cfg.out)] == [1, 2, 3]  # the diverged update is not logged
+    assert list((cfg.out / "checkpoints").iterdir()) == [cfg.out / "checkpoints" / "last.pt"]
+
+
+def test_divergence_before_any_checkpoint_says_there_is_none(frames_dir, tmp_path):
+    cfg = load_config(PROJECT / "configs/uscl.yaml", tiny_overrides(frames_dir, tmp_path / "run"))
+    seed_everything(0)
+    method, loader = build_method(cfg)
+    _poison_update(method, at=1)
+    with pytest.raises(TrainingDiverged, match="step 1 .*No checkpoint was written before"):
+        Trainer(method, loader, cfg, cfg.out).fit()
+    assert not (cfg.out / "checkpoints").exists()
+
+
+def test_an_overflowing_learning_rate_ends_with_the_divergence_message(frames_dir, tmp_path, capsys):
+    """lr=1e38: Adam's step size lr / (1 - 0.9) is beyond float range; that is divergence, not a traceback."""
+    from medcl.cli import main
+
+    overrides = tiny_overrides(frames_dir, tmp_path / "run", **{"optim.lr": 1e38, "optim.warmup_epochs": 0})
+    with pytest.raises(TrainingDiverged, match=r"update of step 1 .*overflowed in the optimiser.*No checkpoint"):
+        pretrain(PROJECT / "configs/uscl.yaml", overrides)
+    code = main(["pretrain", "--config", str(PROJECT / "configs/uscl.yaml"), *tiny_overrides(
+        frames_dir, tmp_path / "cli", **{"optim.lr": 1e38, "optim.warmup_epochs": 0})])
+    err = capsys.readouterr().err
+    assert code == 3 and "Traceback" not in err
+    assert err.startswith("medcl pretrain: stopped: the update of step 1") and err.count("\n") == 1
+
+
+def test_a_stalled_loss_with_an_exploding_weight_norm_warns(frames_dir, tmp_path):
+    """lr=1e6 on SimCLR: the loss sits at log(2N - 1) while the weights grow to ~1e25; the run
+    would otherwise end 'successfully'. The warning states the window and both thresholds."""
+    from medcl.train.trainer import NORM_GROWTH, STALL_STEPS, DivergenceWarning
+
+    overrides = tiny_overrides(frames_dir, tmp_path / "run", **{
+        "optim.lr": 1e6, "optim.max_steps": 2 * STALL_STEPS + 2, "train.checkpoint_every": 100})
+    with pytest.warns(DivergenceWarning) as record:
+        pretrain(PROJECT / "configs/simclr.yaml", overrides)
+    messages = [str(w.message) for w in record if issubclass(w.category, DivergenceWarning)]
+    assert len(messages) == 1, messages  # once per run
+    assert re.search(rf"step {2 * STALL_STEPS}: the loss stopped improving \(median \S+ over steps "
+                     rf"{STALL_STEPS + 1}-{2 * STALL_STEPS}, \S+ over the {STALL_STEPS} steps before: less than 1% "
+                     rf"lower\) while the weight norm grew from \S+ to \S+ \(more than {NORM_GROWTH:g} times\)",
+                     messages[0]), messages[0]
+
+
+def test_divergence_watch_needs_both_a_stalled_loss_and_an_exploded_norm():
+    from medcl.train.trainer import DivergenceWatch
+
+    def run(losses_, norms):
+        watch = DivergenceWatch(initial_norm=10.0, steps=3)
+        return [watch.update(i + 1, loss, norm) for i, (loss, norm) in enumerate(zip(losses_, norms))]
+
+    flat, falling = [2.0] * 8, [2.0 - 0.1 * i for i in range(8)]
+    assert not any(run(flat, [20.0] * 8))  # flat loss, weights grow 2x: a plateau, not divergence
+    assert not any(run(falling, [1e6] * 8))  # huge weights but learning
+    warned = run(flat, [1e6] * 8)
+    assert warned[:5] == [None] * 5 and warned[5] and not any(warned[6:])  # after 2 x 3 steps, once
+
+
+def test_checkpoint_writer_refuses_non_finite_weights(tmp_path):
+    from medcl.weights import save_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"last\.pt: non-finite weights: tensor 'b' holds 1 NaN and 1 Inf of 3"):
+        save_checkpoint(tmp_path / "last.pt", {"model": {"a": torch.ones(2), "b": torch.tensor([1.0, math.nan, math.inf])}})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_readers_refuse_a_checkpoint_with_non_finite_weights(frames_dir, tmp_path):
+    """A NaN checkpoint written by an older medcl is refused by every reader (export, --init)."""
+    from medcl.report.model_card import export_backbone
+    from medcl.weights import load_init
+
+    run = pretrain(PROJECT / "configs/uscl.yaml", tiny_overrides(frames_dir, tmp_path / "run", **{"optim.max_steps": 2}))
+    final = run / "checkpoints" / "final.pt"
+    ckpt = torch.load(final, weights_only=True)
+    ckpt["model"]["backbone.layer2.0.conv1.weight"][0, 0, 0, 0] = math.nan
+    torch.save(ckpt, final)
+    message = rf"{re.escape(str(final))}: non-finite weights: tensor 'backbone\.layer2\.0\.conv1\.weight' holds 1 NaN"
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(final)
+    with pytest.raises(CheckpointError, match=message):
+        load_init(f"x={final}")
+    with pytest.raises(CheckpointError, match=message):
+        export_backbone(final, tmp_path / "export")
+    assert not (tmp_path / "export" / "backbone.safetensors").exists()
+    from medcl.weights import build_checked
+
+    state = backbone_state_dict(torch.load(final, weights_only=True))
+    with pytest.raises(CheckpointError, match=r"memory: non-finite weights: tensor 'layer2\.0\.conv1\.weight'"):
+        build_checked("resnet18", {"in_channels": 1}, state, "memory")
+
+
+def test_a_second_process_on_the_run_folder_is_refused_before_writing(frames_dir, tmp_path):
+    from medcl.runfolder import RunFolderError, run_lock
+
+    out = tmp_path / "run"
+    with run_lock(out, "medcl pretrain"):
+        with pytest.raises(RunFolderError, match=rf"in use by pid {os.getpid()} .*medcl pretrain"):
+            pretrain(PROJECT / "configs/uscl.yaml", tiny_overrides(frames_dir, out))
+        assert sorted(p.name for p in out.iterdir()) == [".medcl.lock"]  # nothing written
+
+
+def test_stale_temporary_checkpoints_are_removed_when_a_run_resumes(frames_dir, tmp_path):
+    """A kill -9 during torch.save leaves .last.pt.PID.tmp (up to a checkpoint's size); the next
+    run of the folder, holding its lock, deletes every such file."""
+    from medcl.weights import remove_stale_temporaries
+
+    overrides = tiny_overrides(frames_dir, tmp_path / "run", **{"optim.max_steps": 2})
+    run = pretrain(PROJECT / "configs/uscl.yaml", overrides)
+    ckpts = run / "checkpoints"
+    dead = ckpts / ".last.pt.999999999.tmp"  # beyond pid_max: never alive
+    alive = ckpts / f".last.pt.{os.getpid()}.tmp"
+    other = ckpts / "notes.tmp"
+    for path in (dead, alive, other):
+        path.write_bytes(b"partial")
+    assert remove_stale_temporaries(ckpts) == [dead]  # without the lock: only dead writers' files
+    dead.write_bytes(b"partial")
+    longer = [o for o in overrides if not o.startswith("optim.max_steps=")] + ["optim.max_steps=3"]
+    pretrain(PROJECT / "configs/uscl.yaml", longer, resume=True)
+    assert not dead.exists() and not alive.exists() and other.exists()
+    assert load_checkpoint(ckpts / "last.pt")["step"] == 3

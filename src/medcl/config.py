@@ -33,6 +33,7 @@ The trainer ignores sections the method does not use when it compares a checkpoi
 ``--resume``, so such old runs resume too.
 
 Validation happens before anything is trained: unknown keys, wrong types, out-of-range values,
+non-finite numbers in any section (``optim.lr=inf: must be a finite number``),
 an unknown ``model.backbone`` (the names of ``medcl.models.backbones.BACKBONES``) and a missing
 manifest raise :class:`ConfigError`, whose message lists every problem as ``key=value: reason``.
 
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import math
 import re
 import warnings
 from collections.abc import Mapping, Sequence
@@ -78,7 +80,18 @@ class ConfigWarning(UserWarning):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Base of every configuration section: unknown keys are errors, and no number anywhere may be
+    NaN or infinite (``optim.lr=.inf`` would otherwise pass ``gt=0`` and train to NaN)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _finite_extra_values(self) -> Section:
+        """Sections that accept free-form keys (``extra="allow"``) hold only finite numbers too."""
+        for key, value in (self.model_extra or {}).items():
+            if not _all_finite(value):
+                raise ValueError(f"{key}={value}: must be a finite number")
+        return self
 
 
 class DataConfig(Section):
@@ -381,6 +394,16 @@ def _holds_old_defaults(name: str, section: Any) -> bool:
         return False
 
 
+def _all_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, Mapping):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    return True
+
+
 def _describe(exc: ValidationError, prefix: str = "") -> list[str]:
     lines = []
     for err in exc.errors():
@@ -394,6 +417,8 @@ def _describe(exc: ValidationError, prefix: str = "") -> list[str]:
             lines.append(msg)
         elif err["type"] == "missing":
             lines.append(f"{key}: required")
+        elif err["type"] == "finite_number":  # `inf`, not `'inf'`: the value as the user typed it
+            lines.append(f"{key}={value}: must be a finite number")
         elif isinstance(value, Mapping) and err["type"] not in ("extra_forbidden",):
             lines.append(f"{key}: {msg}")
         else:

@@ -21,7 +21,11 @@ a :class:`LoadedBackbone`: the network with its weights, its architecture and kw
 :class:`~medcl.inputs.InputSpec` its inputs must follow.
 
 Architectures are built through the one registry, :func:`medcl.models.backbones.build_backbone`.
-Every problem raises :class:`WeightsError` naming the file and what is wrong.
+Every problem raises :class:`WeightsError` naming the file and what is wrong. Weights are checked
+before they are used or written: no reader or writer accepts a tensor holding NaN or Inf (the
+message names the file and the first such tensor), and no network is built from a file before its
+kwargs are within :data:`KWARG_LIMITS` and its tensors' shapes match the architecture (checked on
+PyTorch's ``meta`` device, which allocates nothing).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,15 +66,79 @@ BackboneLoadError = WeightsError
 register_backbone_builder = backbones.register_backbone
 
 
+# --------------------------------------------------------------------------- finite weights
+
+
+def first_non_finite(state: Mapping[str, Any]) -> str | None:
+    """The key of the first floating-point tensor of ``state`` (in its order) that holds NaN or
+    Inf, or None. One fused norm over all tensors answers the common case; only when that norm is
+    not finite (a NaN / Inf, or finite values so large that their squares overflow) is each
+    tensor looked at."""
+    floats = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    if not floats or bool(torch.isfinite(torch.nn.utils.get_total_norm(list(floats.values())))):
+        return None
+    return next((k for k, v in floats.items() if not bool(torch.isfinite(v).all())), None)
+
+
+def describe_non_finite(name: str, tensor: torch.Tensor) -> str:
+    """``tensor 'name' holds 3 NaN and 0 Inf of 9408 values``."""
+    nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    return f"tensor {name!r} holds {nan} NaN and {inf} Inf of {tensor.numel()} values"
+
+
+def check_finite(state: Mapping[str, Any], source: str | Path) -> None:
+    """Raise :class:`WeightsError` naming ``source`` and the first tensor holding NaN / Inf."""
+    bad = first_non_finite(state)
+    if bad is not None:
+        raise WeightsError(f"{source}: non-finite weights: {describe_non_finite(bad, state[bad])} (weights of a "
+                           "diverged training run; use an earlier checkpoint or retrain with a lower optim.lr)")
+
+
 # --------------------------------------------------------------------------- checkpoints
+
+# ``save_checkpoint`` writes ``DIR/.NAME.PID.tmp`` first; a process killed while writing leaves it
+_TEMPORARY = re.compile(r"\.(?P<name>.+\.pt)\.(?P<pid>\d+)\.tmp")
+
+
+def _temporary_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def remove_stale_temporaries(folder: str | Path, *, all_stale: bool = False) -> list[Path]:
+    """Delete the temporary checkpoint files (``.NAME.pt.PID.tmp``) in ``folder`` that no live
+    process is writing: those of dead pids, or every one when ``all_stale`` (the caller holds the
+    run folder's lock, so nobody else writes there). Returns the removed paths."""
+    removed = []
+    for path in sorted(Path(folder).glob(".*.pt.*.tmp")):
+        match = _TEMPORARY.fullmatch(path.name)
+        if match is None or not (all_stale or not _pid_alive(int(match["pid"]))):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> Path:
     """Write ``checkpoint`` to ``path`` atomically (temporary file beside it, fsync, rename):
-    a crash while writing leaves the previous file intact."""
+    a crash while writing leaves the previous file intact. A checkpoint whose ``model`` holds
+    NaN / Inf is refused (:class:`WeightsError`): a file on disk is always a usable state."""
     path = Path(path)
+    check_finite(checkpoint.get("model") or {}, path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temporary_path(path)
     try:
         torch.save(checkpoint, tmp)
         with open(tmp, "rb") as handle:
@@ -110,6 +179,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise WeightsError(f"{path}: missing key(s) {missing}")
     if not isinstance(ckpt["backbone"], Mapping) or "name" not in ckpt["backbone"]:
         raise WeightsError(f"{path}: 'backbone' entry has no 'name': {ckpt['backbone']!r}")
+    if not isinstance(ckpt["model"], Mapping):
+        raise WeightsError(f"{path}: 'model' is a {type(ckpt['model']).__name__}, expected a state dict")
+    check_finite(ckpt["model"], path)
     return ckpt
 
 
@@ -144,16 +216,57 @@ def backbone_from_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any
 # --------------------------------------------------------------------------- building
 
 
+# Largest value of each size-like kwarg a weights file may ask for, per architecture (``"*"``: any
+# other architecture, e.g. one added with ``register_backbone``). A file's metadata is untrusted:
+# ``in_channels: 10000000`` would otherwise allocate ~125 GB before any check. img_size and
+# patch_size bound every element of a list.
+KWARG_LIMITS: dict[str, dict[str, int]] = {
+    "resnet18": {"in_channels": 64, "spatial_dims": 3},
+    "unetr_encoder": {"in_channels": 64, "spatial_dims": 3, "img_size": 1024, "patch_size": 1024,
+                      "hidden_size": 4096, "mlp_dim": 16384, "num_layers": 48, "num_heads": 64},
+    "*": {"in_channels": 64, "spatial_dims": 3, "img_size": 1024, "hidden_size": 4096, "num_layers": 48},
+}
+
+
+def check_backbone_kwargs(architecture: str, kwargs: Any, source: str | Path) -> dict[str, Any]:
+    """``kwargs`` as a dict, after checking each size-like value is a whole number in
+    ``1..KWARG_LIMITS[architecture][key]``; raises :class:`WeightsError` naming the file."""
+    if not isinstance(kwargs, Mapping):
+        raise WeightsError(f"{source}: kwargs of {architecture!r} must be a mapping, got {kwargs!r}")
+    limits = KWARG_LIMITS.get(architecture, KWARG_LIMITS["*"])
+    for key, limit in limits.items():
+        if key not in kwargs:
+            continue
+        value = kwargs[key]
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= limit for v in values):
+            raise WeightsError(f"{source}: kwargs {key}={value!r} out of range for {architecture!r}: expected "
+                               f"whole number(s) from 1 to {limit}; the file's metadata is corrupted or not medcl's")
+    return dict(kwargs)
+
+
+def _build(architecture: str, kwargs: Mapping[str, Any], source: str | Path) -> nn.Module:
+    try:
+        return backbones.build_backbone(architecture, **dict(kwargs))
+    except KeyError as exc:
+        raise WeightsError(f"{source}: {exc.args[0]}") from None
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"{source}: cannot build {architecture!r} with kwargs {dict(kwargs)}: {exc}") from None
+
+
 def build_checked(architecture: str, kwargs: Mapping[str, Any], state: Mapping[str, torch.Tensor],
                   source: str | Path) -> nn.Module:
     """Build ``architecture(**kwargs)`` from the registry and load ``state`` strictly; one readable
-    message for unknown architectures, bad kwargs, missing / unexpected keys and bad shapes."""
+    message for unknown architectures, bad or out-of-range kwargs, non-finite weights, missing /
+    unexpected keys and bad shapes. Everything is checked before the network is allocated: it is
+    first built on the ``meta`` device (no memory), so its size is at most that of ``state``."""
+    kwargs = check_backbone_kwargs(architecture, kwargs, source)
+    check_finite(state, source)
     try:
-        network = backbones.build_backbone(architecture, **dict(kwargs))
-    except KeyError as exc:
-        raise WeightsError(f"{source}: {exc.args[0]}") from None
-    except TypeError as exc:
-        raise WeightsError(f"{source}: cannot build {architecture!r} with kwargs {dict(kwargs)}: {exc}") from None
+        with torch.device("meta"):
+            network = _build(architecture, kwargs, source)
+    except (NotImplementedError, RuntimeError):  # a builder that computes on its tensors: check after building
+        network = _build(architecture, kwargs, source)
     expected = network.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -171,6 +284,8 @@ def build_checked(architecture: str, kwargs: Mapping[str, Any], state: Mapping[s
         problems.append(f"{len(bad_shapes)} shape mismatch(es): {'; '.join(bad_shapes[:5])}")
     if problems:
         raise WeightsError(f"{source}: weights do not fit architecture {architecture!r}: " + "; ".join(problems))
+    if any(t.is_meta for t in expected.values()):
+        network = _build(architecture, kwargs, source)
     network.load_state_dict(dict(state), strict=True)
     return network
 
@@ -200,6 +315,7 @@ def save_backbone(
     from safetensors.torch import save_file
 
     state = network_or_state.state_dict() if isinstance(network_or_state, nn.Module) else network_or_state
+    check_finite(state, path)
     # safetensors refuses shared or strided storage: give every tensor its own contiguous copy
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     kwargs = dict(kwargs or {})
@@ -236,6 +352,8 @@ def read_backbone_file(path: str | Path, device: str = "cpu") -> tuple[dict[str,
     file = path / BACKBONE_FILE if path.is_dir() else path
     if not file.is_file():
         raise MissingWeightsError(f"backbone file not found: {file}")
+    if _file_kind(file) == "torch":
+        raise WeightsError(_torch_file_message(file))
     try:
         with safe_open(str(file), framework="pt", device=str(device)) as handle:
             metadata = dict(handle.metadata() or {})
@@ -249,7 +367,31 @@ def read_backbone_file(path: str | Path, device: str = "cpu") -> tuple[dict[str,
     expected = metadata.get("sha256")
     if expected and tensor_digest(tensors) != expected:
         raise WeightsError(f"{file}: weights do not match the stored sha256 checksum: the file was corrupted or modified")
+    check_finite(tensors, file)  # with or without a checksum: a checksum proves integrity, not usability
     return tensors, metadata, file
+
+
+def _file_kind(file: Path) -> str:
+    """``"safetensors"`` (an 8-byte little-endian header length, then the JSON header), ``"torch"``
+    (``torch.save``: a zip archive, or a pickle in the legacy format) or ``"unknown"``."""
+    with open(file, "rb") as handle:
+        head = handle.read(9)
+    size = file.stat().st_size
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "torch"
+    return "unknown"
+
+
+def _torch_file_message(file: Path) -> str:
+    try:
+        ckpt = load_checkpoint(file)
+    except WeightsError:
+        return (f"{file}: a PyTorch file (torch.save), not an exported backbone: load_backbone reads only the "
+                f"{BACKBONE_FILE} that `medcl export` writes")
+    return (f"{file}: this is a medcl training checkpoint (method {ckpt.get('method')}, step {ckpt.get('step')}), "
+            "not an exported backbone: use `medcl export` first (or pass it to --init)")
 
 
 def _metadata_json(metadata: Mapping[str, str], key: str, file: Path, default: str) -> Any:
@@ -262,8 +404,11 @@ def _metadata_json(metadata: Mapping[str, str], key: str, file: Path, default: s
 def read_exported(path: str | Path) -> tuple[nn.Module, str, dict[str, Any], InputSpec, Path]:
     """(network in eval mode, architecture, its kwargs, input convention, file) of an exported backbone."""
     tensors, metadata, file = read_backbone_file(path)  # read on CPU: the checksum is computed there
-    kwargs = _metadata_json(metadata, "kwargs", file, "{}")
-    spec = InputSpec.from_dict(_metadata_json(metadata, "input", file, "null"), int(kwargs.get("in_channels", 1)))
+    kwargs = check_backbone_kwargs(metadata["architecture"], _metadata_json(metadata, "kwargs", file, "{}"), file)
+    try:
+        spec = InputSpec.from_dict(_metadata_json(metadata, "input", file, "null"), int(kwargs.get("in_channels", 1)))
+    except (TypeError, ValueError) as exc:
+        raise WeightsError(f"{file}: metadata 'input' is not a valid input convention: {exc}") from None
     network = build_checked(metadata["architecture"], kwargs, tensors, file)
     return network.eval(), metadata["architecture"], kwargs, spec, file
 
@@ -399,7 +544,7 @@ def unetr_from_checkpoint(ckpt: Mapping[str, Any], out_channels: int, img_size: 
     backbone = ckpt.get("backbone") or {}
     if backbone.get("name") != "unetr_encoder":
         raise WeightsError(f"checkpoint backbone is {backbone.get('name')!r}, expected 'unetr_encoder'")
-    enc = dict(backbone["kwargs"])
+    enc = check_backbone_kwargs("unetr_encoder", backbone.get("kwargs") or {}, "<checkpoint>")
     if img_size is not None:
         enc["img_size"] = img_size
     enc.pop("qkv_bias", None)

@@ -1,4 +1,7 @@
-"""`medcl export CHECKPOINT -o DIR`: backbone weights as safetensors plus a model card."""
+"""`medcl export CHECKPOINT -o DIR [--overwrite]`: backbone weights as safetensors plus a model card.
+
+A DIR that already holds an export is refused (exit 2) unless ``--overwrite``; so are checkpoints
+with non-finite weights (a diverged run)."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("-o", "--out", required=True, help="output folder")
     parser.add_argument("--results", action="append", default=[], metavar="FINETUNE_RUN",
                         help="a fine-tuning run folder (with results.json) to include in the model card; repeatable")
+    parser.add_argument("--overwrite", action="store_true", help="replace an export already in DIR")
     parser.set_defaults(func=run)
     return parser
 
@@ -29,9 +33,9 @@ def run(args: argparse.Namespace) -> int:
     from medcl.weights import WeightsError, load_backbone
 
     try:
-        file = export_backbone(args.checkpoint, args.out, args.results)
+        file = export_backbone(args.checkpoint, args.out, args.results, overwrite=args.overwrite)
         load_backbone(file)  # proves the export loads before we report success
-    except WeightsError as exc:
+    except (WeightsError, FileExistsError) as exc:  # FileExistsError: DIR in use or holds an export
         print(f"medcl export: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {file} (+ model_card.json, MODEL_CARD.md)")

@@ -3,6 +3,8 @@
     medcl pretrain --config configs/uscl.yaml data.manifest=PATH out=DIR [key.sub=value ...] [--resume]
 
 Writes DIR/config.yaml (resolved), DIR/metrics.jsonl and DIR/checkpoints/{last,final}.pt.
+A second process on the same DIR is refused at once (exit 2, naming the holder's pid); a run whose
+loss or weights become NaN / Inf stops (exit 3) and names the last finite checkpoint.
 Multi-GPU: ``torchrun --nproc_per_node=G -m medcl pretrain ...`` (optim.batch_size is global).
 """
 

@@ -24,6 +24,7 @@ import torch
 
 from medcl.inputs import InputSpec
 from medcl.report.runs import flatten_summary
+from medcl.runfolder import refuse_existing, run_lock
 from medcl.weights import (
     BACKBONE_FILE,
     WeightsError,
@@ -36,6 +37,7 @@ from medcl.weights import (
 
 MODEL_CARD_JSON = "model_card.json"
 MODEL_CARD_MD = "MODEL_CARD.md"
+EXPORT_FILES = (BACKBONE_FILE, MODEL_CARD_JSON, MODEL_CARD_MD)
 
 
 # --------------------------------------------------------------------------- model card
@@ -256,35 +258,40 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def export_backbone(checkpoint: str | Path, out_dir: str | Path, evaluation_runs: list[str | Path] = ()) -> Path:
+def export_backbone(checkpoint: str | Path, out_dir: str | Path, evaluation_runs: list[str | Path] = (),
+                    overwrite: bool = False) -> Path:
     """Export a checkpoint's (or run folder's) backbone to ``out_dir``; returns the safetensors path.
 
     The model card includes the ``results.json`` summary of the checkpoint's run folder and of each
     fine-tuning run folder in ``evaluation_runs`` (e.g. ``medcl finetune`` runs started from it).
+    ``out_dir`` is locked while it is written (:func:`medcl.runfolder.run_lock`); one that already
+    holds an export is refused (:class:`~medcl.runfolder.RunFolderError`) unless ``overwrite``.
+    Non-finite weights (a diverged run) are refused with :class:`WeightsError` naming the tensor.
     """
     missing = [str(d) for d in evaluation_runs if not (Path(d) / "results.json").is_file()]
     if missing:
         raise WeightsError(f"no results.json in evaluation run folder(s) {missing}")
     checkpoint_path = resolve_checkpoint(checkpoint)
-    network, ckpt = backbone_from_checkpoint(checkpoint_path)
+    network, ckpt = backbone_from_checkpoint(checkpoint_path)  # refuses NaN / Inf weights
     spec = ckpt["backbone"]
     run_dir = checkpoint_path.parent.parent if checkpoint_path.parent.name == "checkpoints" else checkpoint_path.parent
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = network.state_dict()
-    from medcl._version import __version__
+    with run_lock(out_dir, "medcl export"):
+        refuse_existing(out_dir, EXPORT_FILES, overwrite, "an export")
+        state = network.state_dict()
+        from medcl._version import __version__
 
-    file = save_backbone(
-        state,
-        out_dir / BACKBONE_FILE,
-        spec["name"],
-        spec.get("kwargs") or {},
-        extra_metadata={"method": str(ckpt.get("method")), "step": str(ckpt.get("step")), "medcl_version": __version__},
-        input_spec=checkpoint_input(ckpt),
-    )
-    n_parameters = sum(p.numel() for p in network.parameters())
-    card = build_model_card(ckpt, checkpoint_path, run_dir, n_parameters, tensor_digest(state),
-                            [Path(d) for d in evaluation_runs])
-    (out_dir / MODEL_CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
-    (out_dir / MODEL_CARD_MD).write_text(model_card_markdown(card))
+        file = save_backbone(
+            state,
+            out_dir / BACKBONE_FILE,
+            spec["name"],
+            spec.get("kwargs") or {},
+            extra_metadata={"method": str(ckpt.get("method")), "step": str(ckpt.get("step")), "medcl_version": __version__},
+            input_spec=checkpoint_input(ckpt),
+        )
+        n_parameters = sum(p.numel() for p in network.parameters())
+        card = build_model_card(ckpt, checkpoint_path, run_dir, n_parameters, tensor_digest(state),
+                                [Path(d) for d in evaluation_runs])
+        (out_dir / MODEL_CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
+        (out_dir / MODEL_CARD_MD).write_text(model_card_markdown(card))
     return file
