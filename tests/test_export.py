@@ -55,8 +55,40 @@ def _run(root: Path, in_channels: int = 1, results: bool = True) -> Path:
 def exported(tmp_path) -> tuple[Path, Path]:
     run = _run(tmp_path)
     out = tmp_path / "export"
-    export_backbone(run / "checkpoints" / "final.pt", out)
+    export_backbone(run / "checkpoints" / "final.pt", out, layout="monai")  # MONAI's own keys (bit-exact)
     return run, out
+
+
+def test_default_export_is_torchvision_layout_and_loads_back(tmp_path):
+    """ResNets export in torchvision's layout by default; medcl reads it back to the same network
+    (the shortcut bias folded into the BatchNorm: equal up to float rounding)."""
+    import json
+
+    from safetensors import safe_open
+
+    from medcl.weights import build_pretrained_backbone, load_checkpoint
+
+    run = _run(tmp_path)
+    out = tmp_path / "tv"
+    file = export_backbone(run / "checkpoints" / "final.pt", out)
+    fixture = json.loads((Path(__file__).parent / "fixtures" / "torchvision_resnet18_state_dict.json").read_text())
+    with safe_open(str(file), framework="pt") as handle:
+        assert handle.metadata()["layout"] == "torchvision"
+        shapes = {k: list(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    expected = {k: v for k, v in fixture.items() if not k.startswith("fc.")}
+    expected["conv1.weight"] = [64, 1, 7, 7]
+    assert shapes == expected
+    reference = build_pretrained_backbone(load_checkpoint(run / "checkpoints" / "final.pt")).eval()
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(load_backbone(out)(x), reference(x), rtol=1e-5, atol=1e-5)
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "torchvision.models.resnet18()" in card and "net.fc = torch.nn.Identity()" in card
+    rgb = export_backbone(run / "checkpoints" / "final.pt", tmp_path / "rgb", in_channels=3)
+    loaded = load_backbone(rgb)
+    assert loaded.conv1.in_channels == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x.repeat(1, 3, 1, 1)), reference(x), rtol=1e-4, atol=1e-5)
 
 
 def test_round_trip_gives_identical_outputs(exported):

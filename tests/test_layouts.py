@@ -129,3 +129,52 @@ def test_import_from_torchvision_layout_folds_rgb_to_gray():
         torchvision_to_monai(resnet18_backbone().state_dict())
     with pytest.raises(LayoutError, match="cannot adapt"):
         adapt_conv1({"conv1.weight": torch.zeros(64, 3, 7, 7)}, 2)
+
+
+@pytest.mark.parametrize("kind", ["pth", "pth-wrapped", "safetensors"])
+def test_init_from_a_torchvision_state_dict_on_disk(tmp_path, kind):
+    """--init imagenet=PATH: a plain torchvision / timm resnet18 state dict (no medcl metadata) is
+    folded to gray and recorded as expecting ImageNet normalisation, which the input convention
+    applies: the result equals the RGB network fed the replicated, normalised gray image."""
+    from safetensors.torch import save_file
+
+    from medcl.inputs import to_model_input
+    from medcl.models.layouts import IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD
+    from medcl.weights import InitSpec, WeightsError, load_init
+
+    torch.manual_seed(6)
+    plain = _trained_like(PlainResNet18(), 7).eval()
+    path = tmp_path / ("resnet18.safetensors" if kind == "safetensors" else "resnet18.pth")
+    if kind == "safetensors":
+        save_file({k: v.contiguous() for k, v in plain.state_dict().items()}, str(path))
+    else:
+        torch.save({"state_dict": plain.state_dict()} if kind == "pth-wrapped" else plain.state_dict(), path)
+    loaded = load_init(InitSpec.parse(f"imagenet={path}"))
+    assert loaded.architecture == "resnet18" and loaded.input.in_channels == 1
+    assert loaded.input.mean == IMAGENET_GRAY_MEAN and loaded.input.std == IMAGENET_GRAY_STD
+    frames = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    x = to_model_input(frames, loaded.input)
+    plain.fc = nn.Identity()
+    rgb = ((frames.float() / 255 - 0.449) / 0.226).repeat(1, 3, 1, 1)
+    torch.testing.assert_close(loaded.network(x), plain(rgb), rtol=1e-4, atol=1e-5)
+    other = tmp_path / "other.pth"
+    torch.save({"encoder.weight": torch.zeros(3)}, other)
+    with pytest.raises(WeightsError, match="not in torchvision / timm ResNet-18 layout"):
+        load_init(InitSpec.parse(f"x={other}"))
+
+
+def test_finetuning_from_imagenet_weights_applies_their_normalisation(tmp_path):
+    import yaml
+
+    from medcl.evaluate.classify import FinetuneConfig, finetune
+    from tiny_frames import make_frame_sets
+
+    torch.manual_seed(8)
+    path = tmp_path / "resnet18.pth"
+    torch.save(_trained_like(PlainResNet18(), 9).state_dict(), path)
+    data = make_frame_sets(tmp_path / "frames", n_patients=6, n_frames=2)
+    config = FinetuneConfig(protocol="linear", epochs=1, image_size=32, folds=3, repeats=1, batch_size=16,
+                            save_models=False)
+    result = finetune(data, [f"imagenet={path}"], config, tmp_path / "ft", log=lambda *_: None)
+    assert result["runs"]["imagenet"]["input"]["mean"] == [0.449]
+    assert yaml.safe_load((tmp_path / "ft" / "config.yaml").read_text())["input"]["std"] == [0.226]

@@ -181,7 +181,7 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(500, ge=1)  # steps
     log_every: int = Field(1, ge=1)  # steps
     progress: bool = True
-    tensorboard: bool = True  # only when the tensorboard package is installed
+    tensorboard: bool = False  # TensorBoard events under OUT/tb (pip install "medcl[tensorboard]"; warns once when missing)
     sync_batchnorm: bool = False  # distributed runs only
 
     @field_validator("device")

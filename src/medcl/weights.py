@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from medcl.inputs import InputSpec
-from medcl.models import backbones
+from medcl.models import backbones, layouts
 
 CHECKPOINT_FORMAT = "medcl-checkpoint-v1"
 EXPORT_FORMAT = "medcl-backbone-v1"
@@ -310,19 +310,40 @@ def save_backbone(
     kwargs: Mapping[str, Any] | None = None,
     extra_metadata: Mapping[str, str] | None = None,
     input_spec: InputSpec | None = None,
+    layout: str = "monai",
+    in_channels: int | None = None,
 ) -> Path:
-    """Write a backbone state dict as safetensors with the metadata :func:`load_backbone` needs."""
+    """Write a backbone state dict as safetensors with the metadata :func:`load_backbone` needs.
+
+    ``layout="torchvision"`` (ResNets) stores torchvision's / timm's keys and shapes
+    (:mod:`medcl.models.layouts`); ``in_channels`` adapts the stem (e.g. 3: a gray image
+    replicated to RGB gives the same features). :func:`load_backbone` reads either layout back."""
     from safetensors.torch import save_file
 
     state = network_or_state.state_dict() if isinstance(network_or_state, nn.Module) else network_or_state
     check_finite(state, path)
+    kwargs = dict(kwargs or {})
+    if layout not in layouts.LAYOUTS:
+        raise WeightsError(f"{path}: unknown layout {layout!r}; choose one of {list(layouts.LAYOUTS)}")
+    if layout == "torchvision" or in_channels is not None:
+        if not architecture.startswith("resnet"):
+            raise WeightsError(f"{path}: layout {layout!r} / in_channels apply to ResNets, not {architecture!r}")
+        spec = input_spec or InputSpec(in_channels=int(kwargs.get("in_channels", 1)))
+        if layout == "torchvision":
+            state = layouts.monai_to_torchvision(state, in_channels)
+        else:
+            state = layouts.adapt_conv1(state, in_channels)
+        if in_channels is not None and in_channels != spec.in_channels:
+            kwargs["in_channels"] = in_channels
+            input_spec = InputSpec(in_channels, spec.mean if len(spec.mean) == 1 else spec.mean[:1],
+                                   spec.std if len(spec.std) == 1 else spec.std[:1])
     # safetensors refuses shared or strided storage: give every tensor its own contiguous copy
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    kwargs = dict(kwargs or {})
     spec = input_spec or InputSpec(in_channels=int(kwargs.get("in_channels", 1)))
     metadata = {
         "format": EXPORT_FORMAT,
         "architecture": architecture,
+        "layout": layout,
         "kwargs": json.dumps(kwargs, sort_keys=True),
         "input": json.dumps(spec.to_dict(), sort_keys=True),
         "sha256": tensor_digest(tensors),
@@ -409,6 +430,14 @@ def read_exported(path: str | Path) -> tuple[nn.Module, str, dict[str, Any], Inp
         spec = InputSpec.from_dict(_metadata_json(metadata, "input", file, "null"), int(kwargs.get("in_channels", 1)))
     except (TypeError, ValueError) as exc:
         raise WeightsError(f"{file}: metadata 'input' is not a valid input convention: {exc}") from None
+    layout = metadata.get("layout", "monai")
+    if layout == "torchvision":
+        try:
+            tensors = layouts.torchvision_to_monai(tensors, in_channels=None)
+        except layouts.LayoutError as exc:
+            raise WeightsError(f"{file}: {exc}") from None
+    elif layout != "monai":
+        raise WeightsError(f"{file}: metadata 'layout' is {layout!r}, expected one of {list(layouts.LAYOUTS)}")
     network = build_checked(metadata["architecture"], kwargs, tensors, file)
     return network.eval(), metadata["architecture"], kwargs, spec, file
 
@@ -520,7 +549,18 @@ def load_init(init: InitSpec | str, expect: str | None = None) -> LoadedBackbone
         if expect is not None and architecture != expect:
             raise WeightsError(f"{path}: backbone is {architecture!r}, but this task needs {expect!r}")
 
-    if path.suffix == ".safetensors":
+    plain = _plain_state_dict(path)
+    if plain is not None:  # a torchvision / timm ResNet-18 state dict (e.g. ImageNet weights on disk)
+        check("resnet18")
+        try:
+            state = layouts.torchvision_to_monai(plain, in_channels=1)
+        except layouts.LayoutError as exc:
+            raise WeightsError(f"{path}: {exc}") from None
+        architecture, kwargs = "resnet18", {"in_channels": 1}
+        network = build_checked(architecture, kwargs, state, path).eval()
+        spec = InputSpec(1, layouts.IMAGENET_GRAY_MEAN, layouts.IMAGENET_GRAY_STD)
+        source = f"torchvision/timm state dict {path} (RGB stem folded to gray; ImageNet normalisation)"
+    elif path.suffix == ".safetensors":
         check(read_backbone_file(path)[1]["architecture"])
         network, architecture, kwargs, spec, file = read_exported(path)
         state = dict(network.state_dict())
@@ -535,6 +575,41 @@ def load_init(init: InitSpec | str, expect: str | None = None) -> LoadedBackbone
         spec = checkpoint_input(ckpt)
         source = f"checkpoint {path} (method {ckpt.get('method')}, step {ckpt.get('step')})"
     return LoadedBackbone(init, network, architecture, kwargs, state, spec, source)
+
+
+def _plain_state_dict(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors of ``path`` when it is a plain (not medcl) state dict in torchvision / timm
+    ResNet layout: safetensors without medcl metadata, or a ``torch.save``-d dict read with
+    ``weights_only=True`` (also under a ``state_dict`` / ``model`` key). None for medcl files."""
+    kind = _file_kind(path)
+    if kind == "safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                if (handle.metadata() or {}).get("format") == EXPORT_FORMAT:
+                    return None
+                state = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
+            raise WeightsError(f"{path}: not a readable safetensors file (corrupted or truncated?): {exc}") from None
+    elif kind == "torch":
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+            raise WeightsError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {exc})") from None
+        if not isinstance(loaded, Mapping) or loaded.get("format") == CHECKPOINT_FORMAT:
+            return None
+        state = loaded.get("state_dict", loaded.get("model", loaded))
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            return None
+    else:
+        return None
+    if not layouts.looks_like_torchvision_resnet(state):
+        raise WeightsError(f"{path}: a plain state dict, but not in torchvision / timm ResNet-18 layout "
+                           f"(keys {sorted(state)[:4]} ...); medcl reads medcl checkpoints, medcl exports and "
+                           "torchvision / timm resnet18 state dicts")
+    check_finite(state, path)
+    return dict(state)
 
 
 def unetr_from_checkpoint(ckpt: Mapping[str, Any], out_channels: int, img_size: Any = None, **kwargs: Any) -> nn.Module:

@@ -24,6 +24,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--results", action="append", default=[], metavar="FINETUNE_RUN",
                         help="a fine-tuning run folder (with results.json) to include in the model card; repeatable")
     parser.add_argument("--overwrite", action="store_true", help="replace an export already in DIR")
+    parser.add_argument("--layout", choices=["torchvision", "monai"], default=None,
+                        help="key layout of the weights: torchvision (default for ResNets: loads into torchvision's / "
+                             "timm's resnet18 with strict=True, fc left out) or monai")
+    parser.add_argument("--in-channels", type=int, default=None, dest="in_channels",
+                        help="adapt a ResNet's stem, e.g. 3: a gray image replicated to RGB gives the same features")
     parser.set_defaults(func=run)
     return parser
 
@@ -33,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from medcl.weights import WeightsError, load_backbone
 
     try:
-        file = export_backbone(args.checkpoint, args.out, args.results, overwrite=args.overwrite)
+        file = export_backbone(args.checkpoint, args.out, args.results, overwrite=args.overwrite, layout=args.layout,
+                               in_channels=args.in_channels)
         load_backbone(file)  # proves the export loads before we report success
     except (WeightsError, FileExistsError) as exc:  # FileExistsError: DIR in use or holds an export
         print(f"medcl export: error: {exc}", file=sys.stderr)

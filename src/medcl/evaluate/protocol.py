@@ -36,6 +36,7 @@ from torch import nn
 
 from medcl.environment import write_environment
 from medcl.runfolder import refuse_existing, run_lock
+from medcl.train.scalars import write_curves
 from medcl.train.trainer import lr_factor
 from medcl.weights import InitSpec, unique_inits
 
@@ -142,8 +143,11 @@ def train_with_selection(
 
 
 def write_run(out: str | Path, config: dict[str, Any], results: dict[str, Any], curves: Sequence[dict[str, Any]],
-              predictions: Sequence[dict[str, Any]], markdown: str) -> Path:
-    """Write a fine-tuning run folder (see the module docstring); returns it."""
+              predictions: Sequence[dict[str, Any]], markdown: str,
+              tensorboard: tuple[str, Sequence[str]] | None = None) -> Path:
+    """Write a fine-tuning run folder (see the module docstring); returns it. ``tensorboard``
+    ``(step key, group keys)`` also writes the curves as TensorBoard scalars under ``out/tb``, as
+    pretraining does."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -159,6 +163,8 @@ def write_run(out: str | Path, config: dict[str, Any], results: dict[str, Any], 
             writer.writeheader()
             writer.writerows(predictions)
     (out / "results.md").write_text(markdown)
+    if tensorboard is not None:
+        write_curves(out / "tb", curves, *tensorboard)
     return out
 
 

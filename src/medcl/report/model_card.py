@@ -30,6 +30,7 @@ from medcl.weights import (
     WeightsError,
     backbone_from_checkpoint,
     checkpoint_input,
+    read_backbone_file,
     resolve_checkpoint,
     save_backbone,
     tensor_digest,
@@ -117,8 +118,21 @@ def evaluation_entry(run_dir: Path) -> dict[str, Any] | None:
     }
 
 
-def plain_monai_snippet(architecture: str, kwargs: Mapping[str, Any]) -> str | None:
-    """Python that loads the exported weights into the plain MONAI network (no medcl needed)."""
+def plain_monai_snippet(architecture: str, kwargs: Mapping[str, Any], layout: str = "monai") -> str | None:
+    """Python that loads the exported weights into the plain network (no medcl needed)."""
+    if architecture == "resnet18" and layout == "torchvision":
+        channels = kwargs.get("in_channels", 1)
+        stem = ("" if channels == 3 else
+                f"\nnet.conv1 = torch.nn.Conv2d({channels}, 64, 7, 2, 3, bias=False)  # medcl's {channels}-channel stem")
+        return f"""import torch
+import torchvision  # or: net = timm.create_model("resnet18", num_classes=0{'' if channels == 3 else f', in_chans={channels}'})
+from safetensors.torch import load_file
+
+net = torchvision.models.resnet18()
+net.fc = torch.nn.Identity()  # the export holds the backbone, not ImageNet's classifier{stem}
+net.load_state_dict(load_file("backbone.safetensors"))  # strict: every key and shape matches
+net.eval()
+features = net(image)  # image: float [batch, {channels}, H, W] -> features [batch, 512]"""
     if architecture == "resnet18":
         dims, channels = kwargs.get("spatial_dims", 2), kwargs.get("in_channels", 1)
         return f"""from monai.networks.nets import ResNet
@@ -241,10 +255,11 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
               "report and prediction all feed it exactly this; see medcl.inputs)."]
     lines += ["", "## Loading", "", "With medcl:", "", "```python", "import medcl",
               'net = medcl.load_backbone("path/to/export_dir")  # or the .safetensors file', "```", ""]
-    snippet = plain_monai_snippet(card["architecture"], kwargs)
+    layout = card.get("layout", "monai")
+    snippet = plain_monai_snippet(card["architecture"], kwargs, layout)
     if snippet is not None:
         lines += [
-            "With plain MONAI (no medcl; the keys match the MONAI network's state dict exactly):",
+            f"Without medcl ({layout} layout: the keys match that network's state dict exactly):",
             "",
             "```python",
             snippet,
@@ -259,7 +274,7 @@ def model_card_markdown(card: Mapping[str, Any]) -> str:
 
 
 def export_backbone(checkpoint: str | Path, out_dir: str | Path, evaluation_runs: list[str | Path] = (),
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, layout: str | None = None, in_channels: int | None = None) -> Path:
     """Export a checkpoint's (or run folder's) backbone to ``out_dir``; returns the safetensors path.
 
     The model card includes the ``results.json`` summary of the checkpoint's run folder and of each
@@ -267,6 +282,8 @@ def export_backbone(checkpoint: str | Path, out_dir: str | Path, evaluation_runs
     ``out_dir`` is locked while it is written (:func:`medcl.runfolder.run_lock`); one that already
     holds an export is refused (:class:`~medcl.runfolder.RunFolderError`) unless ``overwrite``.
     Non-finite weights (a diverged run) are refused with :class:`WeightsError` naming the tensor.
+    ``layout``: ``"torchvision"`` (the default for ResNets: torchvision's / timm's keys and shapes)
+    or ``"monai"``; ``in_channels`` adapts a ResNet's stem (3: gray replicated to RGB).
     """
     missing = [str(d) for d in evaluation_runs if not (Path(d) / "results.json").is_file()]
     if missing:
@@ -281,6 +298,7 @@ def export_backbone(checkpoint: str | Path, out_dir: str | Path, evaluation_runs
         state = network.state_dict()
         from medcl._version import __version__
 
+        layout = layout or ("torchvision" if str(spec["name"]).startswith("resnet") else "monai")
         file = save_backbone(
             state,
             out_dir / BACKBONE_FILE,
@@ -288,10 +306,16 @@ def export_backbone(checkpoint: str | Path, out_dir: str | Path, evaluation_runs
             spec.get("kwargs") or {},
             extra_metadata={"method": str(ckpt.get("method")), "step": str(ckpt.get("step")), "medcl_version": __version__},
             input_spec=checkpoint_input(ckpt),
+            layout=layout,
+            in_channels=in_channels,
         )
+        stored, metadata, _ = read_backbone_file(file)
         n_parameters = sum(p.numel() for p in network.parameters())
-        card = build_model_card(ckpt, checkpoint_path, run_dir, n_parameters, tensor_digest(state),
+        card = build_model_card(ckpt, checkpoint_path, run_dir, n_parameters, tensor_digest(stored),
                                 [Path(d) for d in evaluation_runs])
+        card["layout"] = layout
+        card["kwargs"] = json.loads(metadata["kwargs"])
+        card["input"] = json.loads(metadata["input"])
         (out_dir / MODEL_CARD_JSON).write_text(json.dumps(card, indent=2) + "\n")
         (out_dir / MODEL_CARD_MD).write_text(model_card_markdown(card))
     return file

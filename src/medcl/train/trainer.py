@@ -97,6 +97,7 @@ from tqdm.auto import tqdm
 from medcl.environment import resolve_device, write_environment
 from medcl.runfolder import RunFolderError, run_lock
 from medcl.train.checkpoint import rng_state, set_rng_state
+from medcl.train.scalars import numeric_items, open_tensorboard
 from medcl.weights import (
     CHECKPOINT_FORMAT,
     describe_non_finite,
@@ -366,18 +367,13 @@ class Trainer:
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, record["step"])
+            for key, value in numeric_items(record, skip=("step", "epoch")):
+                self._tb.add_scalar(key, value, record["step"])
 
     def _open_tensorboard(self) -> None:
         if not (self.is_main and self.config.train.tensorboard):
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception:  # noqa: BLE001 - tensorboard not installed: JSONL only
-            return
-        self._tb = SummaryWriter(str(self.out_dir / "tb"), purge_step=self.step + 1 if self.step else None)
+        self._tb = open_tensorboard(self.out_dir / "tb", purge_step=self.step + 1 if self.step else None)
 
     def _reduce(self, values: dict[str, Tensor]) -> dict[str, float]:
         keys = sorted(values)
