@@ -137,7 +137,7 @@ def finetune(task, cfg_values: Mapping[str, Any], checkpoint: str | None, out: P
     from medcl.evaluate.segment import SegmentConfig, run_segmentation
 
     t0 = time.time()
-    cfg = SegmentConfig(**{**cfg_values, "checkpoint": checkpoint})
+    cfg = SegmentConfig(**{**cfg_values, "checkpoint": checkpoint, "save_models": False})  # benchmarks need numbers only
     results = run_segmentation(task, cfg, out, cache=_DATA_CACHE)
     results["seconds"] = time.time() - t0
     return results

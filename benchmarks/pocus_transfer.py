@@ -171,7 +171,13 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=None, help="run folders (default benchmarks/work/pocus_transfer[_quick])")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--imagenet", type=Path, default=os.environ.get("MEDCL_IMAGENET_WEIGHTS") or None,
+                        help="a torchvision / timm resnet18 state dict on disk (.pth or .safetensors; default: env "
+                             "MEDCL_IMAGENET_WEIGHTS): adds the paper's ImageNet row; nothing is downloaded")
     args = parser.parse_args(argv)
+    if args.imagenet is not None and not Path(args.imagenet).is_file():
+        print(f"pocus_transfer: --imagenet {args.imagenet}: file not found", file=sys.stderr)
+        return 2
     s = Settings.quick() if args.quick else Settings()
     suffix = "_quick" if args.quick else ""
     work = args.work or ROOT / "benchmarks" / "work" / f"pocus_transfer{suffix}"
@@ -203,14 +209,20 @@ def main(argv=None) -> int:
 
     base = dict(image_size=s.size, folds=s.folds, repeats=s.repeats, seed=s.seed, classes=CLASSES,
                 max_train_frames_per_video=s.max_train_frames_per_video, patience=s.patience,
-                device="cuda" if torch.cuda.is_available() else "cpu")
+                device="cuda" if torch.cuda.is_available() else "cpu",
+                save_models=False)  # ~90 fold models of 45 MB each would serve no one here
     quiet = lambda msg: None  # noqa: E731
     inits_all = [InitSpec("scratch")] + [InitSpec(n, str(p)) for n, p in checkpoints.items()]
+    if args.imagenet is not None:
+        inits_all.append(InitSpec("imagenet", str(args.imagenet)))
+    else:
+        log("no --imagenet weights file (or MEDCL_IMAGENET_WEIGHTS): the ImageNet row is skipped")
+    with_imagenet = ["imagenet"] if args.imagenet is not None else []
     results = {}
     sections = []
     for protocol, inits, epochs in (
         ("last_stage", inits_all, s.finetune_epochs_last_stage),
-        ("full", [i for i in inits_all if i.name in ("scratch", "simclr", "uscl")], s.finetune_epochs_full),
+        ("full", [i for i in inits_all if i.name in ("scratch", "simclr", "uscl", *with_imagenet)], s.finetune_epochs_full),
         ("linear", [InitSpec("scratch")], s.finetune_epochs_last_stage),
     ):
         t0 = time.perf_counter()
@@ -231,6 +243,8 @@ def main(argv=None) -> int:
          [ft / "last_stage" / n for n in ("simclr", "plus_i1", "plus_i2", "uscl")], None),
         ("full: SimCLR and USCL vs scratch", [ft / "full" / n for n in ("scratch", "simclr", "uscl")], None),
         ("full: USCL vs SimCLR", [ft / "full" / n for n in ("simclr", "uscl")], None),
+        *([("last_stage: USCL vs ImageNet", [ft / "last_stage" / n for n in ("imagenet", "uscl")], None),
+           ("full: USCL vs ImageNet", [ft / "full" / n for n in ("imagenet", "uscl")], None)] if with_imagenet else []),
         ("random backbone: linear probe vs last_stage", [ft / "linear", ft / "last_stage" / "scratch"],
          ["linear probe (random)", "last_stage (random)"]),
     ]
@@ -238,7 +252,8 @@ def main(argv=None) -> int:
     for title, dirs, names in comparisons:
         result = compare_runs(dirs, metrics=("accuracy", "macro_f1"), n_boot=s.n_boot, seed=s.seed, names=names)
         for pair in result["levels"]["video"]["pairs"]:
-            if pair["metric"] == "macro_f1" and pair["run"] == "uscl" and pair["baseline"] in ("scratch", "simclr"):
+            if pair["metric"] == "macro_f1" and pair["run"] == "uscl" and pair["baseline"] in ("scratch", "simclr",
+                                                                                                "imagenet"):
                 ok = pair["ci_low"] > 0
                 verdict.append(
                     f"| {title.split(':')[0]} | USCL vs {pair['baseline']} | {pair['value']:.3f} vs "
@@ -254,7 +269,8 @@ def main(argv=None) -> int:
         return (f"| {protocol} | {label} | {cell(v, 'accuracy')} | {cell(v, 'macro_f1')} | {cell(v, 'roc_auc_ovr')} | "
                 f"{cell(f, 'accuracy')} | {cell(f, 'macro_f1')} |")
 
-    labels = {"scratch": "random init (scratch)"} | {n: lbl for n, lbl, _ in pretrain_variants(s)}
+    labels = ({"scratch": "random init (scratch)", "imagenet": "ImageNet (torchvision weights from --imagenet)"}
+              | {n: lbl for n, lbl, _ in pretrain_variants(s)})
     table = ["| protocol | initialisation | video acc | video macro-F1 | video AUC | frame acc | frame macro-F1 |",
              "|---|---|---|---|---|---|---|"]
     for protocol in ("last_stage", "full"):

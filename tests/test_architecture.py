@@ -24,7 +24,7 @@ STAGES = {
     "config": 6, "methods": 6,
     "train": 7,
     "evaluate": 8,
-    "report": 9,
+    "report": 9, "predict": 9,
     "cli": 10, "demo": 10, "__main__": 10, "__init__": 10,
 }
 MODULES = {".".join(p.relative_to(SRC.parent).with_suffix("").parts).removesuffix(".__init__")

@@ -132,7 +132,7 @@ def run_demo(out: str | Path = "medcl-demo", settings: DemoSettings | None = Non
         # The frozen-feature comparison isolates what pretraining learned: with last_stage the
         # trainable layer4 (8.4 M of ResNet-18's 11 M weights) can make up for random frozen layers.
         t0 = stage("4b/5 linear probe", "frozen backbone + linear head, same folds, scratch vs USCL")
-        lin_config = config.model_copy(update={"protocol": "linear", "epochs": s.linear_epochs,
+        lin_config = config.model_copy(update={"protocol": "linear", "epochs": s.linear_epochs, "save_models": False,
                                                "patience": max(5, s.linear_epochs // 2)})
         linear = finetune(out / "ingested",
                           [InitSpec("scratch"), InitSpec("uscl", str(run_dir / "checkpoints" / "final.pt"))],

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "medcl.cli.evaluate",
     "report": "medcl.cli.report",
     "export": "medcl.cli.export",
+    "predict": "medcl.cli.predict",
     "demo": "medcl.cli.demo",
 }
 

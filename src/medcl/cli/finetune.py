@@ -72,6 +72,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--allow-outside-frames", dest="allow_outside_frames", action="store_true", default=None,
                         help="follow manifest frame paths that lead outside the manifest's folder")
+    parser.add_argument("--no-save-models", dest="save_models", action="store_false", default=None,
+                        help="do not keep each fold's selected model in OUT/models/ (kept by default, with a model card)")
+    parser.add_argument("--final-model", dest="final_model", action="store_true", default=None,
+                        help="classification: also train one model on all labeled videos for the median selected "
+                             "epoch over folds: OUT/models/final.safetensors (for `medcl predict`)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -80,7 +85,7 @@ def config_from_args(args: argparse.Namespace):
     values: dict = {}
     if args.config:
         values.update(yaml.safe_load(Path(args.config).read_text()) or {})
-    for name in list(FIELD_FLAGS) + ["augment", "feature_cache", "allow_outside_frames"]:
+    for name in list(FIELD_FLAGS) + ["augment", "feature_cache", "allow_outside_frames", "save_models", "final_model"]:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     if args.classes:
@@ -241,6 +246,11 @@ def segment_config(args: argparse.Namespace):
         data["roi_size"] = [int(v) for v in _csv_list(args.roi_size)]
     if getattr(args, "model", None):
         data["model"] = {**data.get("model", {}), **_model_kwargs(args.model)}
+    if getattr(args, "final_model", None):
+        raise SystemExit("medcl finetune --task segment: --final-model applies to classification only; "
+                         "each (fold, fraction) model is kept in OUT/models/")
+    if getattr(args, "save_models", None) is not None:
+        data["save_models"] = args.save_models
     return SegmentConfig(**data)
 
 

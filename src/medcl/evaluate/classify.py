@@ -14,11 +14,14 @@ Differences from the authors' public code, on purpose:
 This module is the classification *task adapter* on the one fine-tuning protocol
 (:mod:`medcl.evaluate.protocol`: splits, training loop with validation-based selection, run
 folder, comparison of inits): it owns the data (frames of labeled videos), the head
-(:class:`FrameClassifier`), the loss (cross-entropy) and the metrics (frame and video level).
+(:class:`FrameClassifier`, defined with the other fine-tuned networks in
+:mod:`medcl.evaluate.models`), the loss (cross-entropy) and the metrics (frame and video level).
 Inputs follow :mod:`medcl.inputs`; initialisations are read by :mod:`medcl.weights`.
 
 Flow: ``load_frame_data`` (filter, map labels, resize) -> ``make_folds`` -> for each
-initialisation ``run_classification`` (one run folder) -> paired comparison (patient bootstrap).
+initialisation ``run_classification`` (one run folder, each fold's selected model kept in its
+``models/``; ``final_model`` adds one trained on all labeled videos) -> paired comparison
+(patient bootstrap).
 
 >>> from medcl.evaluate.classify import FinetuneConfig, finetune   # doctest: +SKIP
 >>> finetune("ingested/", inits=["scratch", "runs/uscl/checkpoints/final.pt"],
@@ -29,12 +32,13 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -43,16 +47,30 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from medcl.data.frames import FrameSets
-from medcl.data.manifest import VideoRecord
+from medcl.data.manifest import VideoRecord, read_manifest
 from medcl.data.splits import Fold, fixed_split_with_validation, repeated_group_kfold, select_label_fraction
-from medcl.evaluate.metrics import classification_metrics, fmt, summarize, video_level
+from medcl.evaluate.metrics import SUMMARY_KEYS, classification_metrics, fmt, summarize, video_level
+from medcl.evaluate.models import (
+    ARCHITECTURES,
+    FINAL_MODEL,
+    FRAME_CLASSIFIER,
+    FeatureStandardizer,
+    FrameClassifier,
+    Protocol,
+    base_card,
+    classifier_parts,
+    file_sha256,
+    finish_models,
+    models_folder,
+    save_finetuned,
+    split_backbone,  # noqa: F401 (defined with the network in evaluate.models; imported from here too)
+    with_intervals,
+)
 from medcl.evaluate.protocol import RunResult, Schedule, Validation, compare_inits, train_with_selection, write_run
 from medcl.inputs import InputSpec, resize_frames, to_model_input
 from medcl.models.backbones import RESNET18_FEATURES, resnet18_backbone
 from medcl.sampling.augment import AugmentParams, augment_frames
-from medcl.weights import InitSpec, LoadedBackbone, load_init
-
-Protocol = Literal["last_stage", "linear", "full"]
+from medcl.weights import InitSpec, LoadedBackbone, WeightsError, load_init, read_backbone_file, resolve_init_path
 
 # Inputs follow medcl.inputs, exactly what pretraining fed the backbone: frozen BatchNorm
 # statistics are only valid for that input convention.
@@ -89,6 +107,10 @@ class FinetuneConfig(BaseModel):
     where: dict[str, str] = Field(default_factory=dict)
     device: str = "cpu"
     allow_outside_frames: bool = Field(False, description="follow manifest frame paths outside the manifest's folder")
+    # what the run keeps (RUN/models/, see medcl.evaluate.models)
+    save_models: bool = Field(True, description="keep each fold's selected model in RUN/models/ (with a model card)")
+    final_model: bool = Field(False, description="also train one model on all labeled videos for the median selected "
+                                                 "epoch over folds: RUN/models/final.safetensors")
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,6 +128,7 @@ class FrameData:
     frames: torch.Tensor  # uint8 [N, 1, S, S]
     frame_video: np.ndarray  # int [N] index into videos
     frame_index: np.ndarray  # int [N] index of the frame inside its video
+    manifests: list[str] = field(default_factory=list)  # the manifest file(s) the videos come from
 
     @property
     def frame_labels(self) -> np.ndarray:
@@ -142,6 +165,7 @@ class FrameData:
             torch.cat([a.frames, b.frames]),
             np.concatenate([a.frame_video, b.frame_video + len(a.video_ids)]),
             np.concatenate([a.frame_index, b.frame_index]),
+            a.manifests + b.manifests,
         )
 
 
@@ -274,6 +298,7 @@ def load_frame_data(
         frames=torch.cat(frames),
         frame_video=np.concatenate(frame_video),
         frame_index=np.concatenate(frame_index),
+        manifests=[str(sets.manifest_path)],
     )
 
 
@@ -285,10 +310,25 @@ FINETUNE_AUGMENT = AugmentParams(crop_scale=(0.8, 1.0), rotate_degrees=10.0, bri
 # initialisation and model parts
 
 
+def check_init(init: InitSpec) -> LoadedBackbone:
+    """:func:`medcl.weights.load_init`, saying so when the file is a fine-tuned model (of a run's
+    ``models/``) rather than a backbone."""
+    try:
+        return load_init(init)
+    except WeightsError:
+        path = resolve_init_path(init) if init.path is not None else None
+        if path is not None and path.suffix == ".safetensors":
+            architecture = read_backbone_file(path)[1].get("architecture")
+            if architecture in ARCHITECTURES:
+                raise WeightsError(f"initialisation {init.name!r}: {path} is a fine-tuned {architecture}, not a "
+                                   "backbone; initialise from pretraining weights (a checkpoint, run folder or "
+                                   "export)") from None
+        raise
+
+
 def init_backbone(init: InitSpec, seed: int = 0) -> LoadedBackbone:
-    """The backbone of ``init`` (:func:`medcl.weights.load_init`); scratch is a ResNet-18 drawn
-    with ``seed``."""
-    loaded = load_init(init)
+    """The backbone of ``init`` (:func:`check_init`); scratch is a ResNet-18 drawn with ``seed``."""
+    loaded = check_init(init)
     if loaded.network is None:
         torch.manual_seed(seed)
         loaded.network = resnet18_backbone(in_channels=1)
@@ -296,86 +336,8 @@ def init_backbone(init: InitSpec, seed: int = 0) -> LoadedBackbone:
     return loaded
 
 
-def split_backbone(backbone: nn.Module, protocol: Protocol) -> tuple[nn.Module, nn.Module]:
-    """(frozen prefix, trainable suffix) with ``suffix(prefix(x)) == backbone(x)``.
-
-    ``last_stage``: prefix = stem + layer1..3, suffix = layer4 + pooling (USCL's protocol);
-    ``linear``: the whole backbone is the prefix; ``full``: nothing is frozen.
-    """
-    if protocol == "full":
-        return nn.Identity(), backbone
-    if protocol == "linear":
-        return backbone, nn.Identity()
-    if protocol != "last_stage":
-        raise ValueError(f"unknown protocol {protocol!r}; choose last_stage, linear or full")
-    needed = ["conv1", "bn1", "act", "layer1", "layer2", "layer3", "layer4", "avgpool"]
-    missing = [n for n in needed if not hasattr(backbone, n)]
-    if missing or getattr(backbone, "fc", None) is not None:
-        raise ValueError(f"protocol last_stage needs a ResNet backbone without fc; missing {missing}")
-    stem = [backbone.conv1, backbone.bn1, backbone.act]
-    if not getattr(backbone, "no_max_pool", False):
-        stem.append(backbone.maxpool)
-    prefix = nn.Sequential(*stem, backbone.layer1, backbone.layer2, backbone.layer3)
-    suffix = nn.Sequential(backbone.layer4, backbone.avgpool, nn.Flatten(1))
-    return prefix, suffix
-
-
-class FrameClassifier(nn.Module):
-    """Frozen prefix -> trainable suffix -> linear head. ``forward_features`` starts after the prefix."""
-
-    def __init__(self, prefix: nn.Module, suffix: nn.Module, n_features: int, n_classes: int):
-        super().__init__()
-        self.prefix, self.suffix = prefix, suffix
-        self.head = nn.Linear(n_features, n_classes)
-        for p in self.prefix.parameters():
-            p.requires_grad_(False)
-        self.prefix.eval()  # frozen from the start: nothing may run it with batch statistics
-
-    def train(self, mode: bool = True) -> FrameClassifier:
-        super().train(mode)
-        self.prefix.eval()  # frozen: BatchNorm statistics stay those of the initialisation
-        return self
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in list(self.suffix.parameters()) + list(self.head.parameters()) if p.requires_grad]
-
-    def forward_features(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(self.suffix(h))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            h = self.prefix(x)
-        return self.forward_features(h)
-
-
-class FeatureStandardizer(nn.Module):
-    """``(h - mean) / std`` with statistics fitted once on the training frames' features (buffers,
-    not trained). The linear protocol needs it: a frozen network's features (above all a random
-    one's) have arbitrary per-channel scales, and an unstandardised linear head then learns little
-    more than the majority class within a fine-tuning budget, which says nothing about the features."""
-
-    def __init__(self, n_features: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(n_features))
-        self.register_buffer("std", torch.ones(n_features))
-        self.eps = 1e-5
-
-    @torch.no_grad()
-    def fit(self, h: torch.Tensor) -> None:
-        h = h.float().flatten(1)
-        self.mean.copy_(h.mean(0))
-        # sqrt(var + eps) as BatchNorm does: a near-constant (e.g. dead ReLU) channel is not blown
-        # up into float rounding noise
-        self.std.copy_(torch.sqrt(h.var(0, unbiased=False) + self.eps))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return (h.flatten(1) - self.mean) / self.std
-
-
 def build_classifier(backbone: nn.Module, protocol: Protocol, n_classes: int, head_seed: int) -> FrameClassifier:
-    prefix, suffix = split_backbone(copy.deepcopy(backbone), protocol)
-    if protocol == "linear":
-        suffix = FeatureStandardizer(RESNET18_FEATURES)
+    prefix, suffix = classifier_parts(copy.deepcopy(backbone), protocol)
     torch.manual_seed(head_seed)
     return FrameClassifier(prefix, suffix, RESNET18_FEATURES, n_classes)
 
@@ -446,10 +408,12 @@ def _val_score(y: np.ndarray, probs: np.ndarray, classes: list[str], metric: str
 
 
 def train_fold(model: FrameClassifier, source: InputSource, fit_idx: np.ndarray, val_idx: np.ndarray,
-               config: FinetuneConfig, seed: int, classes: list[str]) -> tuple[dict, list[dict]]:
+               config: FinetuneConfig, seed: int, classes: list[str],
+               epochs: int | None = None) -> tuple[dict, list[dict]]:
     """Train the suffix + head on ``fit_idx`` frames with the protocol's loop (an epoch per
     period, early stopping on the validation frames); returns (summary, curve). The model holds
-    the selected weights afterwards."""
+    the selected weights afterwards. With ``epochs`` (the final model): exactly that many epochs
+    of the same learning-rate schedule, no validation, the last weights kept."""
     if isinstance(model.suffix, FeatureStandardizer):  # statistics of this fold's training frames only
         model.suffix.fit(torch.cat([source.get(fit_idx[i:i + 256], train=False) for i in range(0, len(fit_idx), 256)]))
     generator = torch.Generator().manual_seed(seed)
@@ -475,11 +439,14 @@ def train_fold(model: FrameClassifier, source: InputSource, fit_idx: np.ndarray,
         return F.cross_entropy(model.forward_features(h), labels[torch.as_tensor(batch)].to(h.device)), len(batch)
 
     def validate() -> Validation:
+        if epochs is not None:
+            return Validation(None, {"val_loss": float("nan"), "val_metric": float("nan")})
         score, val_loss = _val_score(y_val, predict(model, source, val_idx, config.batch_size * 2), classes,
                                      config.select_metric)
         return Validation(score, {"val_loss": val_loss, "val_metric": score if config.select_metric != "loss" else val_loss})
 
-    schedule = Schedule(total_steps=config.epochs * steps_per_epoch, periods=config.epochs, patience=config.patience)
+    schedule = Schedule(total_steps=config.epochs * steps_per_epoch, periods=epochs or config.epochs,
+                        patience=config.patience)
     selection = train_with_selection(model, opt, schedule, epoch_batches, step_loss, validate, frozen_prefixes=("prefix.",))
     curve = [{"epoch": row["period"], "train_loss": row["train_loss"], "val_loss": row["val_loss"],
               "val_metric": row["val_metric"]} for row in selection.curve]
@@ -514,11 +481,17 @@ def use_feature_cache(config: FinetuneConfig) -> bool:
 def run_classification(data: FrameData, folds: list[Fold], init: InitSpec, config: FinetuneConfig,
                        out: str | Path | None = None, extra_config: dict | None = None,
                        log=print) -> RunResult:
-    """Fine-tune from ``init`` on every fold, test each test fold once; write the run folder."""
+    """Fine-tune from ``init`` on every fold, test each test fold once; write the run folder.
+
+    With ``out``, ``config.save_models`` keeps each fold's selected model in ``out/models/`` and
+    ``config.final_model`` adds one trained on all labeled videos (:mod:`medcl.evaluate.models`)."""
     device = torch.device(config.device)
     loaded = init_backbone(init, seed=config.seed)
     backbone, spec = loaded.network, loaded.input
     classes = data.classes
+    models_dir = models_folder(out, config.save_models or config.final_model)
+    card = classification_card(data, init, loaded, config) if models_dir is not None else {}
+    kept: list[dict] = []
     cached = use_feature_cache(config)
     timing = {"feature_cache_s": 0.0, "train_s": 0.0}
     cache = None
@@ -556,6 +529,8 @@ def run_classification(data: FrameData, folds: list[Fold], init: InitSpec, confi
                                                int(data.frame_index[frame_no]), int(y[i]), probs[i]))
         for v, label, p in zip(v_order, v_y, v_probs):
             predictions.append(_prediction_row(fold, data, int(v), -1, int(label), p))
+        if models_dir is not None and config.save_models:
+            kept.append(_keep_fold_model(model, models_dir, card, fold, summary, frame_m, video_m, loaded, config))
         log(f"[{init.name}] repeat {fold.repeat} fold {fold.fold}: best epoch {summary['best_epoch']}, "
             f"test acc frame {frame_m['accuracy']:.3f} video {video_m['accuracy']:.3f}")
     results = {
@@ -571,12 +546,109 @@ def run_classification(data: FrameData, folds: list[Fold], init: InitSpec, confi
             level: summarize([f[level] for f in fold_results]) for level in ("frame", "video")
         },
     }
+    if models_dir is not None:
+        card["cross_validation"] = results["summary"]
+        if config.final_model:
+            t0 = time.perf_counter()
+            kept.append(train_final_model(data, folds, fold_results, loaded, cache, card, models_dir, config))
+            timing["final_model_s"] = time.perf_counter() - t0
+            log(f"[{init.name}] {kept[-1]['selection']}")
+        finish_models(models_dir, card, kept, lambda entry: results["summary"])
     result = RunResult(init.name, Path(out) if out else None, results, predictions)
     if out is not None:
         run_config = {"task": "classify", **config.model_dump(), **(extra_config or {}), "init": init.to_dict(),
                       "input": spec.to_dict()}
         write_run(out, run_config, results, curves, predictions, results_markdown(results))
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# the models a run keeps (RUN/models/, medcl.evaluate.models)
+
+
+def ingest_settings(manifest: str | Path | None) -> dict[str, Any]:
+    """How the training frames were made (``ingest.json`` beside the manifest), so that new videos
+    are decoded the same way; without that file: 3 fps, sector crop, the frames' stored size."""
+    from medcl.ingest.store import SETTINGS_NAME
+
+    if manifest is None:
+        return {"fps": 3.0, "size": None, "crop": True, "source": "assumed (no manifest)"}
+    path = Path(manifest).parent / SETTINGS_NAME
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, ValueError):
+        sizes = {max(r.width, r.height) for r in read_manifest(manifest) if r.width}
+        return {"fps": 3.0, "size": sizes.pop() if len(sizes) == 1 else None, "crop": True,
+                "source": f"assumed (no readable {SETTINGS_NAME} beside {manifest})"}
+    return {"fps": settings.get("fps", 3.0), "size": settings.get("size"), "crop": settings.get("crop", True),
+            "source": str(path)}
+
+
+def classification_card(data: FrameData, init: InitSpec, loaded: LoadedBackbone, config: FinetuneConfig) -> dict:
+    """The card fields every model of a classification run shares (see :mod:`medcl.evaluate.models`)."""
+    size, spec = config.image_size, loaded.input
+    inputs = {
+        "kind": "2D grayscale ultrasound frames: videos, DICOM cine, still images or an ingest folder",
+        "spatial_dims": 2,
+        "ingest": ingest_settings(data.manifests[0] if data.manifests else None),
+        "image_size": size,
+        "normalization": spec.to_dict(),
+        "description": f"frames as ingest makes them, resized to {size} x {size} (medcl.inputs), then {spec.describe()}",
+    }
+    selection = (f"Each fold's model is the epoch with the best validation {config.select_metric} on patients carved "
+                 f"from that fold's training folds (at most {config.epochs} epochs, early stop after {config.patience} "
+                 "without improvement), then tested once on the fold's held-out patients.")
+    manifests = [{"path": m, "sha256": file_sha256(m)} for m in data.manifests if Path(m).is_file()]
+    return base_card("classify", data.classes, inputs,
+                     {**init.to_dict(), "architecture": loaded.architecture, "source": loaded.source}, selection,
+                     {"manifests": manifests, "videos": len(data.video_ids), "frames": int(len(data.frames)),
+                      "patients": len(set(data.video_patients))},
+                     protocol=config.protocol,
+                     prediction="class probabilities per frame (softmax); a video's are the mean of its frames'")
+
+
+def _classifier_kwargs(loaded: LoadedBackbone, config: FinetuneConfig, n_classes: int) -> dict:
+    return {"backbone": loaded.architecture, "protocol": config.protocol, "n_classes": n_classes, **loaded.kwargs}
+
+
+def _keep_fold_model(model: FrameClassifier, folder: Path, card: dict, fold: Fold, summary: dict, frame_m: dict,
+                     video_m: dict, loaded: LoadedBackbone, config: FinetuneConfig) -> dict:
+    entry = {"file": f"repeat{fold.repeat}_fold{fold.fold}.safetensors", "repeat": fold.repeat, "fold": fold.fold,
+             "best_epoch": summary["best_epoch"],
+             "selection": f"repeat {fold.repeat} fold {fold.fold}: epoch {summary['best_epoch'] + 1} of "
+                          f"{summary['epochs_run']} run",
+             "test": f"video accuracy {video_m['accuracy']:.3f}, macro-F1 {video_m['macro_f1']:.3f} "
+                     f"({video_m['n']} held-out videos)"}
+    own = {level: {k: m[k] for k in SUMMARY_KEYS} for level, m in (("frame", frame_m), ("video", video_m))}
+    save_finetuned(model, folder / entry["file"], FRAME_CLASSIFIER, _classifier_kwargs(loaded, config, len(card["classes"])),
+                   {**card, "model": {**entry, "test_metrics": own}}, loaded.input)
+    return entry
+
+
+def train_final_model(data: FrameData, folds: list[Fold], fold_results: list[dict], loaded: LoadedBackbone,
+                      cache: torch.Tensor | None, card: dict, folder: Path, config: FinetuneConfig) -> dict:
+    """Train one model on every video the folds trained or validated on (every labeled video in
+    cross-validation; the training set with a fixed test set) for the median selected epoch over
+    the folds, with the folds' schedule; save it as ``folder/final.safetensors``. Its draws of
+    random numbers are its own: the caller's generators are left as they were."""
+    selected = [int(r["best_epoch"]) + 1 for r in fold_results]
+    epochs = max(1, int(np.median(selected) + 0.5))
+    videos = np.unique(np.concatenate([np.concatenate([f.train, f.val]) for f in folds]))
+    seed = config.seed * 100003 + 99991
+    device = torch.device(config.device)
+    with torch.random.fork_rng(devices=[]):
+        model = build_classifier(loaded.network, config.protocol, len(data.classes), seed).to(device)
+        source = InputSource(data, model, loaded.input, config.augment, cache, device, seed=seed)
+        fit_idx = data.frames_of(videos, config.max_train_frames_per_video)
+        train_fold(model, source, fit_idx, fit_idx[:0], config, seed, data.classes, epochs=epochs)
+    entry = {"file": FINAL_MODEL, "final": True, "epochs": epochs, "fold_selected_epochs": selected,
+             "n_videos": int(len(videos)), "n_frames": int(len(fit_idx)),
+             "selection": f"final model: {epochs} epoch(s), the median over the folds of the selected epoch "
+                          f"({', '.join(map(str, selected))}), on all {len(videos)} labeled training videos",
+             "test": "none of its own: the cross-validation above estimates models trained this way"}
+    save_finetuned(model, folder / FINAL_MODEL, FRAME_CLASSIFIER, _classifier_kwargs(loaded, config, len(data.classes)),
+                   {**card, "cross_validation": with_intervals(card["cross_validation"]), "model": entry}, loaded.input)
+    return entry
 
 
 def _prediction_row(fold: Fold, data: FrameData, video: int, frame: int, label: int, probs) -> dict:
@@ -678,4 +750,4 @@ def _run_all(data: FrameData, folds: list[Fold], inits, config: FinetuneConfig,
                                metrics=compare_metrics, n_boot=n_boot, seed=config.seed)
 
     return compare_inits(inits, lambda init, run_out: run_classification(data, folds, init, config, run_out, extra, log),
-                         compare, write_comparison, out, check=load_init, overwrite=overwrite, command=command)
+                         compare, write_comparison, out, check=check_init, overwrite=overwrite, command=command)

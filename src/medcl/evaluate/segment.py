@@ -25,13 +25,17 @@ A run folder holds ``config.yaml``, ``results.json``, ``results.md``, ``curves.j
 ``predictions.csv`` (one row per test case: fold, fraction, split, case, patient, Dice per class)
 and ``overlays/*.npz`` (keys ``image`` float32 [H, W] in [0, 1], ``pred`` and ``gt`` uint8
 [H, W] class indices, ``classes`` the foreground names, ``dice`` per-class Dice of that case; 3D
-cases store the axial slice with the most ground-truth foreground). Python:
+cases store the axial slice with the most ground-truth foreground) and ``models/`` (each
+(fold, fraction) model with its model card, :mod:`medcl.evaluate.models`; ``save_models=False``
+keeps none). Python:
 ``finetune(task, ["scratch", "mixcl=RUN"], SegmentConfig(...), out)``; one init:
 ``run_segmentation(task, SegmentConfig(...), out)``. Command line: ``medcl finetune DATA --task segment``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 import warnings
@@ -55,7 +59,9 @@ from medcl.data.seg_manifest import (
 from medcl.data.splits import kfold_by_patient, select_label_fraction, split_patients
 from medcl.evaluate.metrics import fmt as _fmt_stat
 from medcl.evaluate.metrics import mean_std
+from medcl.evaluate.models import UNETR_SEGMENTER, base_card, finish_models, models_folder, save_finetuned
 from medcl.evaluate.protocol import RunResult, Schedule, Validation, compare_inits, train_with_selection, write_run
+from medcl.inputs import InputSpec
 from medcl.weights import InitSpec, load_init
 
 # ---------------------------------------------------------------------------------------------
@@ -96,6 +102,7 @@ class SegmentConfig(BaseModel):
     n_overlays: int = 2
     seed: int = 0
     num_threads: int | None = None
+    save_models: bool = Field(default=True, description="keep each (fold, fraction) model in RUN/models/ with a model card")
 
     @field_validator("fractions")
     @classmethod
@@ -339,7 +346,8 @@ def finetune_once(
     train_images, train_labels = train
     spatial = train_images[0].shape[1:]
     roi = tuple(cfg.roi_size) if cfg.roi_size else tuple(spatial)
-    model = build_segmentation_model(task.spatial_dims, roi, 1, task.n_classes, **model_kwargs)
+    architecture = segmenter_kwargs(task, roi, model_kwargs)
+    model = build_segmentation_model(**architecture)
     if encoder_state is not None:
         load_encoder_into(model, encoder_state, cfg.checkpoint or "checkpoint")
     # Dice over foreground classes only and over the whole batch: small organs in crops that miss
@@ -381,7 +389,14 @@ def finetune_once(
     selection = train_with_selection(model, opt, schedule, period_batches, step_loss, validate, on_period=on_period)
     return model, {"best_iteration": selection.best_step,
                    "val_mean_dice": selection.best_score if selection.best_score is not None else float("nan"),
-                   "curve": [_curve_row(r) for r in selection.curve], "train_seconds": selection.train_seconds}
+                   "curve": [_curve_row(r) for r in selection.curve], "train_seconds": selection.train_seconds,
+                   "architecture_kwargs": architecture}
+
+
+def segmenter_kwargs(task: SegTask, roi: Sequence[int], model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What builds (and, saved with the model, rebuilds) the UNETR of ``task`` on ``roi`` inputs."""
+    return {"spatial_dims": task.spatial_dims, "img_size": [int(r) for r in roi], "in_channels": 1,
+            "out_channels": task.n_classes, **{**DEFAULT_MODEL, **model_kwargs}}
 
 
 def _curve_row(row: dict) -> dict:
@@ -546,6 +561,9 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
     curves: list[dict] = []
     predictions: list[dict] = []
     kind = "pretrained" if cfg.checkpoint else "scratch"
+    models_dir = models_folder(out, cfg.save_models)
+    card = segmentation_card(task, cfg, init, kind) if models_dir is not None else {}
+    saved: list[dict] = []  # the model files of this run
     for fold in folds:
         test_idx = [i for i, f in enumerate(fold_of) if f == fold]
         rest_idx = [i for i, f in enumerate(fold_of) if f != fold]
@@ -597,6 +615,8 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
                                         **precision_recall(ext_counts, task.classes)}
                 predictions += _prediction_rows(fold, fraction, "external", task.test_cases, ext_scores, task.classes)
             runs.append(run)
+            if models_dir is not None:
+                saved.append(_keep_model(model, models_dir, card, run, record, len(test_idx)))
             log(
                 f"[segment {kind}] fold {fold} fraction {fraction:g}: test mean Dice"
                 f" {run['test']['mean_dice']:.4f} (best val {record['val_mean_dice']:.4f}"
@@ -627,11 +647,53 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
         "runs": runs,
         "summary": summarize_runs(runs, task.classes),
     }
+    if models_dir is not None:
+        card["cross_validation"] = results["summary"]
+        finish_models(models_dir, card, saved, lambda entry: results["summary"][f"{entry['fraction']:g}"])
     if out is not None:
         config = {"task": "segment", "data": task.summary(), "segment": cfg.model_dump(), "init": init.to_dict(),
                   "resolved_model": model_kwargs}
         write_run(out, config, results, curves, predictions, results_markdown(results))
     return RunResult(init.name, out, results, predictions)
+
+
+def segmentation_card(task: SegTask, cfg: SegmentConfig, init: InitSpec, kind: str) -> dict:
+    """The card fields every model of a segmentation run shares (see :mod:`medcl.evaluate.models`)."""
+    if task.spatial_dims == 2:
+        inputs = {"kind": "2D images (PNG, JPEG, BMP, TIFF)", "spatial_dims": 2, "size": cfg.size,
+                  "description": f"grayscale (8-bit / 255, 16-bit min-max) in [0, 1], resized to {cfg.size} "
+                                 "(bilinear); masks come back at the image's own size (nearest)"}
+    else:
+        intensity = (f"clipped to the window {list(task.intensity_range)}" if task.intensity_range is not None
+                     else f"clipped to each volume's {list(task.percentiles)} percentiles")
+        inputs = {"kind": "3D NIfTI volumes (.nii, .nii.gz)", "spatial_dims": 3, "size": cfg.size,
+                  "window": list(task.intensity_range) if task.intensity_range is not None else None,
+                  "percentiles": list(task.percentiles), "channel": task.channel,
+                  "description": f"RAS orientation, {intensity} and scaled to [0, 1]"
+                                 + (f", channel {task.channel} of 4D images" if task.channel is not None else "")
+                                 + (f", resampled to {cfg.size} (trilinear)" if cfg.size else "")
+                                 + "; masks come back in the volume's own grid and affine (nearest)"}
+    inputs["sliding_window"] = {"roi_size": cfg.roi_size, "sw_batch_size": cfg.sw_batch_size, "overlap": cfg.sw_overlap}
+    cases = [[c.case_id, c.patient_id, c.image, c.mask, c.fold] for c in [*task.cases, *task.test_cases]]
+    selection = (f"Each (fold, label fraction) model is the iteration with the best validation mean Dice on patients "
+                 f"carved from that fold's training folds (validated every {cfg.val_every} of {cfg.iterations} "
+                 "iterations), then tested once on the fold's held-out patients.")
+    data = {"task": task.summary(), "case_list_sha256": hashlib.sha256(json.dumps(cases).encode()).hexdigest(),
+            "case_list": "sha256 of the JSON list [case_id, patient_id, image, mask, fold] of every case"}
+    return base_card("segment", task.classes, inputs, {**init.to_dict(), "kind": kind}, selection, data,
+                     prediction="class index per pixel / voxel (argmax of the softmax), 0 = background")
+
+
+def _keep_model(model: nn.Module, folder: Path, card: dict, run: dict, record: dict, n_test: int) -> dict:
+    fold, fraction = run["fold"], run["fraction"]
+    entry = {"file": f"fold{fold}_frac{fraction * 100:g}.safetensors", "fold": fold, "fraction": fraction,
+             "best_iteration": record["best_iteration"],
+             "selection": f"fold {fold}, {fraction * 100:g}% of the training patients ({run['n_train_patients']}): "
+                          f"iteration {record['best_iteration']} (validation mean Dice {record['val_mean_dice']:.3f})",
+             "test": f"mean Dice {run['test']['mean_dice']:.3f} ({n_test} held-out cases)"}
+    save_finetuned(model, folder / entry["file"], UNETR_SEGMENTER, record["architecture_kwargs"],
+                   {**card, "model": {**entry, "test_metrics": run["test"]}}, InputSpec())
+    return entry
 
 
 def comparison_markdown(results_by_init: dict[str, dict]) -> str:
@@ -706,8 +768,6 @@ def finetune(
 
 def write_segmentation_comparison(result: dict, out: Path) -> None:
     """``comparison.md`` (per-fold table + bootstrap table) and ``comparison.json``."""
-    import json
-
     from medcl.evaluate.compare import segmentation_comparison_markdown
 
     results = result["results"]
