@@ -30,6 +30,15 @@ def test_tiny_demo_end_to_end(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["timings"]) >= {"synthesize_s", "ingest_s", "pretrain_s", "finetune_s", "linear_probe_s", "total_s"}
     assert summary["linear"]["comparison"]["runs"] == ["scratch", "uscl"] and summary["cpu_s"] > 0
+    # what a user does next: a torchvision-layout export and predictions for videos of new patients
+    from safetensors import safe_open
+
+    with safe_open(str(out / "export" / "backbone.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["layout"] == "torchvision" and "layer2.0.downsample.0.bias" not in handle.keys()
+    assert summary["use"]["n_videos"] >= 6 and summary["use"]["failed"] == 0
+    assert 0.0 <= summary["use"]["video_accuracy"] <= 1.0
+    rows = (out / "predictions" / "videos.csv").read_text().splitlines()
+    assert len(rows) == summary["use"]["n_videos"] + 1
     if importlib.util.find_spec("medcl.report.html") is not None:
         assert (out / "report.html").is_file()
     # a second run into the same folder refuses instead of mixing outputs

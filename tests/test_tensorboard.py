@@ -66,3 +66,14 @@ def test_pretraining_losses_go_to_tensorboard(fake_tensorboard, tmp_path):
     pretrain(preset, tiny_overrides(frames, tmp_path / "run", **{"optim.max_steps": 2, "train.tensorboard": "true"}))
     steps = {step for _, tag, _, step in fake_tensorboard.events if tag == "loss"}
     assert steps == {1, 2}
+
+
+def test_cli_finetune_tensorboard_flag(fake_tensorboard, tmp_path):
+    from medcl.cli import main
+    from tiny_frames import make_frame_sets
+
+    data = make_frame_sets(tmp_path / "frames", n_patients=6, n_frames=2)
+    assert main(["finetune", str(data), "--protocol", "linear", "--epochs", "2", "--image-size", "32", "--folds", "3",
+                 "--repeats", "1", "--no-save-models", "--tensorboard", "--out", str(tmp_path / "ft")]) == 0
+    tags = {tag for _, tag, _, _ in fake_tensorboard.events}
+    assert {"repeat0/fold0/train_loss", "repeat0/fold2/val_loss"} <= tags

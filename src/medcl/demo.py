@@ -24,7 +24,7 @@ import torch
 
 # folders the demo writes inside its output folder (and removes again with overwrite=True)
 DEMO_PARTS = ("videos", "ingested", "pretrain", "finetune", "finetune-linear", "report.html", "summary.md",
-              "summary.json")
+              "summary.json", "export", "new-videos", "predictions")
 
 
 @dataclass
@@ -76,6 +76,34 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def use_models(out: Path, run_dir: Path, s: DemoSettings, log) -> dict:
+    """What a user does next: export the pretrained backbone for other code (torchvision layout),
+    and predict videos of new patients with the model fine-tuned on all labeled videos."""
+    import csv
+
+    from medcl.data.synthetic import write_synthetic_videos
+    from medcl.predict import predict
+    from medcl.report.model_card import export_backbone
+
+    exported = export_backbone(run_dir / "checkpoints" / "final.pt", out / "export", layout="torchvision")
+    n_new = max(6, s.n_videos // 5)
+    metadata = write_synthetic_videos(out / "new-videos", n_videos=n_new, seed=s.seed + 1000, size=s.video_size,
+                                      videos_per_patient=s.videos_per_patient)
+    model = out / "finetune" / "uscl" / "models" / "final.safetensors"
+    summary = predict(model, [out / "new-videos"], out / "predictions", progress=False)
+    with open(metadata, newline="") as handle:
+        truth = {row["file"]: row["label"] for row in csv.DictReader(handle)}
+    with open(out / "predictions" / "videos.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    label_of = {Path(r["input"]).name: r for r in rows}
+    hits = [label_of[name]["pred"] == label for name, label in truth.items() if name in label_of]
+    accuracy = sum(hits) / len(hits) if hits else float("nan")
+    log(f"exported {exported}; predicted {summary.n_predicted} new videos -> {out / 'predictions'}/videos.csv, "
+        f"video accuracy {accuracy:.3f}")
+    return {"export": str(exported), "model": str(model), "n_videos": summary.n_predicted,
+            "video_accuracy": accuracy, "failed": len(summary.failed)}
+
+
 def run_demo(out: str | Path = "medcl-demo", settings: DemoSettings | None = None, *, overwrite: bool = False,
              report: bool = True, log=print) -> dict:
     """Run every stage into ``out``; returns a summary dict (also written to summary.json/.md)."""
@@ -122,7 +150,8 @@ def run_demo(out: str | Path = "medcl-demo", settings: DemoSettings | None = Non
     t0 = stage("4/5 fine-tune", f"{s.protocol}, {s.folds}-fold CV by patient x {s.repeats}, scratch vs USCL")
     config = FinetuneConfig(protocol=s.protocol, epochs=s.finetune_epochs, image_size=s.image_size, folds=s.folds,
                             repeats=s.repeats, seed=s.seed, batch_size=32, patience=max(5, s.finetune_epochs // 2),
-                            device="cuda" if torch.cuda.is_available() else "cpu")
+                            device="cuda" if torch.cuda.is_available() else "cpu",
+                            save_models=False, final_model=True)  # one model per init, trained on every labeled video
     result = finetune(out / "ingested", [InitSpec("scratch"), InitSpec("uscl", str(run_dir / "checkpoints" / "final.pt"))],
                       config, out / "finetune", log=log, n_boot=s.n_boot)
     timings["finetune_s"] = time.perf_counter() - t0
@@ -140,8 +169,12 @@ def run_demo(out: str | Path = "medcl-demo", settings: DemoSettings | None = Non
         timings["linear_probe_s"] = time.perf_counter() - t0
         table += "\n\nProtocol **linear** (frozen backbone, linear head).\n\n" + comparison_markdown(linear["comparison"])
 
+    t0 = stage("5/6 use", "export the USCL backbone (torchvision layout); predict new patients with the fine-tuned model")
+    used = use_models(out, run_dir, s, log)
+    timings["use_s"] = time.perf_counter() - t0
+
     report_path = None
-    t0 = stage("5/5 report", "HTML report")
+    t0 = stage("6/6 report", "HTML report")
     if report:
         try:
             from medcl.report import write_report
@@ -167,12 +200,16 @@ def run_demo(out: str | Path = "medcl-demo", settings: DemoSettings | None = Non
                     "processor": platform.processor() or platform.machine()},
         "runs": {name: r["summary"] for name, r in result["runs"].items()},
         "comparison": result["comparison"],
+        "use": used,
         "linear": None if linear is None else {
             "runs": {name: r["summary"] for name, r in linear["runs"].items()}, "comparison": linear["comparison"]},
     }
     (out / "summary.json").write_text(json.dumps(summary_dict, indent=1))
     lines = ["# medcl demo", "", "Synthetic data, toy budget: this shows the pipeline, not USCL's real effect.", "",
              "| stage | seconds |", "|---|---|"] + [f"| {k[:-2]} | {v:.1f} |" for k, v in timings.items()]
+    table += (f"\n\nNew patients (never trained on): the final USCL model ({s.protocol}) predicted "
+              f"{used['n_videos']} synthetic videos, video accuracy {used['video_accuracy']:.3f}; "
+              f"backbone exported to {used['export']} (torchvision layout).")
     (out / "summary.md").write_text("\n".join(lines) + "\n\n" + table)
     log("\n" + table)
     log(f"total {timings['total_s']:.0f} s wall, {cpu_s:.0f} s CPU; everything is in {out}/ (summary.md, finetune/, "

@@ -70,6 +70,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
                         help="recompute the frozen prefix every step (for benchmarking)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--tensorboard", action="store_true", default=None,
+                        help='also write the curves as TensorBoard scalars under OUT/tb (pip install "medcl[tensorboard]")')
     parser.add_argument("--allow-outside-frames", dest="allow_outside_frames", action="store_true", default=None,
                         help="follow manifest frame paths that lead outside the manifest's folder")
     parser.add_argument("--no-save-models", dest="save_models", action="store_false", default=None,
@@ -85,7 +87,7 @@ def config_from_args(args: argparse.Namespace):
     values: dict = {}
     if args.config:
         values.update(yaml.safe_load(Path(args.config).read_text()) or {})
-    for name in list(FIELD_FLAGS) + ["augment", "feature_cache", "allow_outside_frames", "save_models", "final_model"]:
+    for name in list(FIELD_FLAGS) + ["augment", "feature_cache", "allow_outside_frames", "save_models", "final_model", "tensorboard"]:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
     if args.classes:
@@ -231,7 +233,7 @@ def segment_config(args: argparse.Namespace):
             raise SystemExit(f"medcl: config not found: {path}")
         loaded = yaml.safe_load(path.read_text()) or {}
         data.update(loaded.get("segment", loaded))
-    simple = {"seed": "seed", "lr": "lr", "batch_size": "batch_size", "val_fraction": "val_fraction",
+    simple = {"tensorboard": "tensorboard", "seed": "seed", "lr": "lr", "batch_size": "batch_size", "val_fraction": "val_fraction",
               "iterations": "iterations", "folds": "n_folds", "threads": "num_threads"}
     for attr, field in simple.items():
         if getattr(args, attr, None) is not None:

@@ -111,6 +111,7 @@ class FinetuneConfig(BaseModel):
     save_models: bool = Field(True, description="keep each fold's selected model in RUN/models/ (with a model card)")
     final_model: bool = Field(False, description="also train one model on all labeled videos for the median selected "
                                                  "epoch over folds: RUN/models/final.safetensors")
+    tensorboard: bool = Field(False, description="also write the curves as TensorBoard scalars under RUN/tb")
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,7 +559,8 @@ def run_classification(data: FrameData, folds: list[Fold], init: InitSpec, confi
     if out is not None:
         run_config = {"task": "classify", **config.model_dump(), **(extra_config or {}), "init": init.to_dict(),
                       "input": spec.to_dict()}
-        write_run(out, run_config, results, curves, predictions, results_markdown(results))
+        write_run(out, run_config, results, curves, predictions, results_markdown(results),
+                  tensorboard=("epoch", ("repeat", "fold")) if config.tensorboard else None)
     return result
 
 

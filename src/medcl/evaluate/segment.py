@@ -102,6 +102,7 @@ class SegmentConfig(BaseModel):
     n_overlays: int = 2
     seed: int = 0
     num_threads: int | None = None
+    tensorboard: bool = False  # also write the curves as TensorBoard scalars under RUN/tb
     save_models: bool = Field(default=True, description="keep each (fold, fraction) model in RUN/models/ with a model card")
 
     @field_validator("fractions")
@@ -653,7 +654,8 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
     if out is not None:
         config = {"task": "segment", "data": task.summary(), "segment": cfg.model_dump(), "init": init.to_dict(),
                   "resolved_model": model_kwargs}
-        write_run(out, config, results, curves, predictions, results_markdown(results))
+        write_run(out, config, results, curves, predictions, results_markdown(results),
+                  tensorboard=("iteration", ("fold", "fraction")) if cfg.tensorboard else None)
     return RunResult(init.name, out, results, predictions)
 
 
