@@ -1,7 +1,14 @@
-"""Steady-state throughput of the real USCL pretraining path against a bare PyTorch loop.
+"""Steady-state throughput of the real USCL pretraining path against a bare PyTorch loop, in fp32
+and in medcl's automatic precision (bf16 autocast + channels_last where the CPU does bf16 natively).
 
-    python benchmarks/throughput.py [--size 112] [--batch 32] [--steps 12] [--warmup 3] [--rounds 2]
+    python benchmarks/throughput.py [--sizes 112,224] [--batch 32] [--steps 12] [--warmup 3] [--rounds 2]
                                     [--threads 2] [--out benchmarks/results/throughput.md]
+
+Rows per input size: bare fp32, bare bf16 + channels_last, medcl fp32 (train.precision=fp32,
+channels_last off: the old path), medcl auto (the default). Goals of the performance issue on a
+bf16-capable CPU: medcl auto >= 1.8x the fp32 bare loop, and >= 0.95x the bf16 bare loop. Then one
+fine-tuning epoch (classification, ``full`` protocol) and one segmentation step (UNETR 2D), each
+fp32 vs auto.
 
 Real path: ``medcl.train.Trainer.fit`` on frame sets read through ``FrameSets`` (a synthetic
 manifest of 224 px frames written under benchmarks/work/, like ``medcl ingest``'s default output):
@@ -68,18 +75,23 @@ def write_frames(root: Path, n_videos: int, n_frames: int, size: int = 224, seed
     return root
 
 
-def bare_loop(size: int, images: int, steps: int, warmup: int) -> tuple[float, float]:
-    """(images per second of forward + backward + Adam on an in-memory batch, forward s/step)."""
+def bare_loop(size: int, images: int, steps: int, warmup: int, fast: bool = False) -> tuple[float, float]:
+    """(images per second of forward + backward + Adam on an in-memory batch, forward s/step);
+    ``fast``: bf16 autocast + channels_last, written directly with torch (no medcl code)."""
     torch.manual_seed(0)
     model = resnet18_backbone(in_channels=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=1e-4)
     x = torch.rand(images, 1, size, size)
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=1e-4)
     forward = []
     for i in range(warmup + steps):
         if i == warmup:
             start = time.perf_counter()
         t0 = time.perf_counter()
-        loss = model(x).pow(2).mean()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+            loss = model(x).float().pow(2).mean()
         forward.append(time.perf_counter() - t0)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,14 +145,17 @@ def time_forward(module: torch.nn.Module) -> list[float]:
     return seconds
 
 
-def real_path(manifest: Path, work: Path, size: int, batch: int, steps: int, warmup: int) -> tuple[float, float, float]:
-    """(images per second of Trainer.fit in steady state, batch building s/step, forward + losses s/step)."""
+def real_path(manifest: Path, work: Path, size: int, batch: int, steps: int, warmup: int,
+              precision: str = "auto") -> tuple[float, float, float]:
+    """(images per second of Trainer.fit in steady state, batch building s/step, forward + losses s/step).
+    ``precision``: ``fp32`` (channels_last off: the path before medcl.precision) or ``auto``."""
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(ROOT / "configs/uscl.yaml", [
         f"data.manifest={manifest}", f"out={out}", f"data.size={size}", f"optim.batch_size={batch}",
         f"optim.max_steps={warmup + steps}", "optim.warmup_epochs=0", f"train.checkpoint_every={10**6}",
-        "train.progress=false", "train.device=cpu", "data.label_fraction=0.1"])
+        "train.progress=false", "train.device=cpu", "data.label_fraction=0.1", f"train.precision={precision}",
+        f"train.channels_last={precision != 'fp32'}"])
     torch.manual_seed(0)
     method, loader = build_method(cfg)
     loader = TimedLoader(loader)
@@ -152,10 +167,63 @@ def real_path(manifest: Path, work: Path, size: int, batch: int, steps: int, war
     return rate, statistics.median(loader.seconds[warmup:]), statistics.median(forward_times[warmup:])
 
 
+def finetune_epoch(precision: str, size: int = 112, frames: int = 256, batch: int = 64) -> float:
+    """Seconds of one classification fine-tuning epoch (``full`` protocol: every layer trains) on
+    random frames, plus its validation pass."""
+    from medcl.evaluate.classify import FinetuneConfig, FrameData, InputSource, build_classifier, compute_settings, train_fold
+    from medcl.precision import channels_last
+
+    rng = np.random.default_rng(0)
+    n_videos = frames // 8
+    data = FrameData(["a", "b", "c"], [f"v{i}" for i in range(n_videos)], np.arange(n_videos) % 3,
+                     [f"p{i}" for i in range(n_videos)],
+                     torch.from_numpy(rng.integers(0, 256, (frames, 1, size, size), dtype=np.uint8)),
+                     np.repeat(np.arange(n_videos), 8), np.tile(np.arange(8), n_videos))
+    config = FinetuneConfig(protocol="full", epochs=2, batch_size=batch, precision=precision,
+                            channels_last=precision != "fp32", save_models=False, patience=5)
+    device, dtype, memory_format = compute_settings(config)
+    torch.manual_seed(0)
+    model = build_classifier(resnet18_backbone(), "full", 3, head_seed=1)
+    if memory_format:
+        channels_last(model)
+    source = InputSource(data, model, 1, False, None, device, dtype=dtype, memory_format=memory_format)
+    fit, val = np.arange(0, frames - 32), np.arange(frames - 32, frames)
+    t0 = time.perf_counter()
+    train_fold(model, source, fit, val, config, seed=2, classes=data.classes)  # epoch 1 warms up
+    return (time.perf_counter() - t0) / 2
+
+
+def segment_steps(precision: str, size: int = 64, batch: int = 8, steps: int = 8) -> float:
+    """Seconds per UNETR 2D training step (the segmentation benchmarks' model) in ``precision``."""
+    from monai.losses import DiceCELoss
+
+    from medcl.evaluate.segment import build_segmentation_model
+    from medcl.precision import autocast, resolve_precision
+
+    torch.manual_seed(0)
+    model = build_segmentation_model(2, (size, size), 1, 2)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    x, y = torch.rand(batch, 1, size, size), torch.randint(0, 2, (batch, 1, size, size))
+    dtype = resolve_precision(precision, "cpu")
+    times = []
+    for _ in range(steps + 2):
+        t0 = time.perf_counter()
+        with autocast("cpu", dtype):
+            logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=112)
-    parser.add_argument("--batch", type=int, default=32, help="videos per step (2x images)")
+    parser.add_argument("--sizes", default="112,224", help="input sizes, comma-separated")
+    parser.add_argument("--batch", type=int, default=32, help="videos per step at 112 px (2x images); scaled by "
+                                                              "(112 / size)^2 at other sizes, at least 8")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
@@ -163,67 +231,70 @@ def main() -> int:
     parser.add_argument("--videos", type=int, default=96)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/throughput.md")
     args = parser.parse_args()
+    from medcl.precision import cpu_bf16_flags, resolve_precision
+
     torch.set_num_threads(args.threads)
     work = ROOT / "benchmarks/work/throughput"
     manifest = write_frames(work / "frames", args.videos, n_frames=12)
     command = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
     load_before = load_average()
-    bare, real, build, fwd_real, fwd_bare = [], [], [], [], []
-    for r in range(args.rounds):
-        for which in (("bare", "real") if r % 2 == 0 else ("real", "bare")):  # alternate who goes first
-            if which == "bare":
-                rate, fwd = bare_loop(args.size, 2 * args.batch, args.steps, args.warmup)
-                bare.append(rate)
-                fwd_bare.append(fwd)
-            else:
-                rate, build_s, fwd = real_path(manifest, work, args.size, args.batch, args.steps, args.warmup)
-                real.append(rate)
-                build.append(build_s)
-                fwd_real.append(fwd)
-        print(f"round {r + 1}: bare {bare[-1]:.1f} img/s, real {real[-1]:.1f} img/s, batch building {build_s * 1000:.0f} ms/step",
-              flush=True)
+    auto = "bf16 autocast + channels_last" if resolve_precision("auto", "cpu") is not None else "fp32 (no native bf16)"
+    names = {"bare fp32": "bare loop, fp32", "bare bf16": "bare loop, bf16 autocast + channels_last",
+             "medcl fp32": "medcl `Trainer.fit`, train.precision=fp32 (the path before medcl.precision)",
+             "medcl auto": f"medcl `Trainer.fit`, train.precision=auto (here: {auto})"}
+    sections, goals = [], []
+    for size in [int(v) for v in args.sizes.split(",")]:
+        batch = max(4, min(args.batch, round(args.batch * (112 / size) ** 2)))
+        rates: dict[str, list[float]] = {k: [] for k in names}
+        build: list[float] = []
+        for r in range(args.rounds):
+            order = list(names) if r % 2 == 0 else list(reversed(names))  # alternate who goes first
+            for which in order:
+                if which.startswith("bare"):
+                    rate, _ = bare_loop(size, 2 * batch, args.steps, args.warmup, fast=which == "bare bf16")
+                else:
+                    rate, build_s, _ = real_path(manifest, work, size, batch, args.steps, args.warmup,
+                                                 precision=which.split()[1])
+                    build.append(build_s)
+                rates[which].append(rate)
+            print(f"{size} px round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()) + " img/s",
+                  flush=True)
+        m = {k: statistics.median(v) for k, v in rates.items()}
+        sections += [f"### {size} px, batch {batch} videos = {2 * batch} images per step", "",
+                     "| loop | images/s (median) | per round | x bare fp32 |", "|---|---|---|---|"]
+        sections += [f"| {names[k]} | {m[k]:.1f} | {', '.join(f'{v:.1f}' for v in rates[k])} | {m[k] / m['bare fp32']:.2f} |"
+                     for k in names]
+        sections += ["", f"- medcl auto / bare fp32: **{m['medcl auto'] / m['bare fp32']:.2f}** (goal >= 1.8 on a bf16 CPU)",
+                     f"- medcl auto / bare bf16 + channels_last: **{m['medcl auto'] / m['bare bf16']:.2f}** (goal >= 0.95)",
+                     f"- medcl fp32 / bare fp32: {m['medcl fp32'] / m['bare fp32']:.2f} (the real path's overhead)",
+                     f"- batch building (pairs, augmentation, mixing): {statistics.median(build) * 1000:.0f} ms/step", ""]
+        goals.append((size, m['medcl auto'] / m['bare fp32'], m['medcl auto'] / m['bare bf16']))
+    ft = {p: finetune_epoch(p) for p in ("fp32", "auto")}
+    seg = {p: segment_steps(p) for p in ("fp32", "auto")}
+    print(f"fine-tuning epoch: {ft}; segmentation step: {seg}", flush=True)
     load_after = load_average()
-    bare_m, real_m, build_m = statistics.median(bare), statistics.median(real), statistics.median(build)
-    fwd_real_m, fwd_bare_m = statistics.median(fwd_real), statistics.median(fwd_bare)
-    ratio = real_m / bare_m
-    step_s = 2 * args.batch / real_m
-    bare_step_s = 2 * args.batch / bare_m
     lines = [
-        "# Throughput: real USCL pretraining path vs bare PyTorch loop",
+        "# Throughput: medcl's training paths vs bare PyTorch loops, fp32 and automatic precision",
         "",
         f"- Command: `{command}`",
         f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- Machine: {os.cpu_count()} cores, {cpu_model()}, torch {torch.__version__}, {args.threads} threads, "
-        f"Python {platform.python_version()}",
-        f"- Setting: ResNet-18 (1 channel, standard stride-2 stem), {args.size} px input, batch {args.batch} videos = "
-        f"{2 * args.batch} images per step, {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} rounds "
-        "alternating bare / real (order swapped every round), median reported.",
-        f"- Load average (1, 5, 15 min) before: {load_before}; after: {load_after}. Other processes shared the "
-        "cores when these exceed ~0.5; both loops then slow down alike, the ratio is what matters.",
+        f"- Machine: {os.cpu_count()} cores, {cpu_model()}, native bf16 flags: {', '.join(cpu_bf16_flags()) or 'none'}; "
+        f"torch {torch.__version__}, {args.threads} threads, Python {platform.python_version()}",
+        f"- Setting: ResNet-18 (1 channel, stride-2 stem); real path = USCL on FrameSets (pairs, augmentation, "
+        f"heads, NT-Xent + CE, Adam, logging); bare = forward + mean-square loss + backward + Adam on one in-memory "
+        f"tensor. {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} rounds, order alternated; "
+        "median reported. Compare ratios, not absolute speeds.",
+        f"- Load average (1, 5, 15 min) before: {load_before}; after: {load_after}.",
         "",
-        "| loop | images/s | videos (pairs)/s | s/step |",
+        *sections,
+        "## Fine-tuning and segmentation",
+        "",
+        "| path | fp32 | auto | speed-up |",
         "|---|---|---|---|",
-        f"| bare: backbone forward + backward + Adam, in-memory tensor | {bare_m:.1f} | {bare_m / 2:.1f} | {bare_step_s:.2f} |",
-        f"| real: `Trainer.fit` on FrameSets (USCL pairs, augmentation, heads, losses, Adam, logging) | {real_m:.1f} | "
-        f"{real_m / 2:.1f} | {step_s:.2f} |",
-        "",
-        f"**Ratio real / bare: {ratio:.3f}** (goal >= 0.9). Per round: "
-        + ", ".join(f"{r / b:.3f}" for r, b in zip(real, bare)) + ".",
-        "",
-        "Profile (median seconds per step):",
-        "",
-        "| part | bare | real |",
-        "|---|---|---|",
-        f"| batch building: pair generation + augmentation + mixing | - | {build_m:.3f} ({100 * build_m / step_s:.1f}%) |",
-        f"| forward (+ heads and losses in the real path) | {fwd_bare_m:.3f} | {fwd_real_m:.3f} ({100 * fwd_real_m / step_s:.1f}%) |",
-        f"| backward + Adam (+ schedule, logging, bookkeeping) | {bare_step_s - fwd_bare_m:.3f} | "
-        f"{step_s - build_m - fwd_real_m:.3f} ({100 * (step_s - build_m - fwd_real_m) / step_s:.1f}%) |",
-        f"| whole step | {bare_step_s:.3f} | {step_s:.3f} |",
-        "",
-        "Design choices behind the number: both views go through the backbone in ONE forward pass (the public USCL "
-        "loop makes four passes per step); batches are built in the training process (loader workers gain nothing "
-        "on two cores: they compete with the compute threads); augmentation is one batched affine resample per frame "
-        "instead of per-image PIL transforms.",
+        f"| classification fine-tuning, `full` protocol, 224 frames at 112 px, batch 64: s/epoch (+ validation) | "
+        f"{ft['fp32']:.2f} | {ft['auto']:.2f} | {ft['fp32'] / ft['auto']:.2f}x |",
+        f"| segmentation, UNETR 2D (benchmarks' model) at 64 px, batch 8: s/step | {seg['fp32']:.3f} | "
+        f"{seg['auto']:.3f} | {seg['fp32'] / seg['auto']:.2f}x |",
         "",
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "medcl"
 
 # stage of each package / top-level module, in the order data flows (docs/ARCHITECTURE.md)
 STAGES = {
-    "_version": 0, "environment": 0, "distributed": 0, "inputs": 0, "runfolder": 0,
+    "_version": 0, "environment": 0, "distributed": 0, "inputs": 0, "runfolder": 0, "precision": 0,
     # ingest writes the formats that data defines and reads (manifest, frame sets): it imports data
     "data": 1,
     "ingest": 2,

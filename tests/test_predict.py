@@ -313,8 +313,10 @@ def test_3d_segmentation_masks_keep_the_inputs_grid_and_reproduce_the_folds_dice
         image, back = read_volume(case.image, tmp_path / "pred" / "masks" / Path(case.image).name)
         from medcl.evaluate.segment import predict as window_predict
 
-        with torch.no_grad():
-            expected = window_predict(network, torch.from_numpy(image)[None], (16, 16, 16), 2).argmax(1)[0].numpy()
+        from medcl.precision import autocast, resolve_precision
+
+        with torch.no_grad(), autocast("cpu", resolve_precision("auto", "cpu")):  # as predict's default precision
+            expected = window_predict(network, torch.from_numpy(image)[None], (16, 16, 16), 2).float().argmax(1)[0].numpy()
         assert len(np.unique(expected)) > 1  # a real test of the geometry, not an all-background mask
         np.testing.assert_array_equal(back, expected)
     # a 2D image to this 3D model, a 4-channel volume: refused; a damaged volume: skipped

@@ -12,7 +12,7 @@ command-line overrides ``key.sub=value``::
     model:    {backbone, proj_hidden, proj_dim}
     # every run
     optim:    {name: adam|adamw, lr, weight_decay, batch_size, epochs, warmup_epochs, max_steps, min_lr_ratio}
-    train:    {seed, device, amp, checkpoint_every, log_every, progress, tensorboard, sync_batchnorm}
+    train:    {seed, device, amp, precision, channels_last, checkpoint_every, log_every, progress, tensorboard, sync_batchnorm}
     uscl:     {temperature, lambda_sup, label_aware}   # the section named after `method`
 
 >>> cfg = load_config("configs/uscl.yaml", ["data.manifest=ingested/", "out=runs/a"])  # doctest: +SKIP
@@ -177,7 +177,9 @@ class OptimConfig(Section):
 class TrainConfig(Section):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool = True  # bfloat16 autocast on CUDA; ignored on CPU
+    amp: bool = True  # false forces fp32 whatever `precision` says (configs written before `precision`)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # medcl.precision: bf16 autocast where native
+    channels_last: bool = True  # channels_last memory format for 2D CNNs (same values, faster kernels)
     checkpoint_every: int = Field(500, ge=1)  # steps
     log_every: int = Field(1, ge=1)  # steps
     progress: bool = True

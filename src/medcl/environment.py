@@ -50,6 +50,7 @@ def collect_environment() -> dict[str, Any]:
     import torch
 
     from medcl._version import __version__
+    from medcl.precision import describe_hardware
 
     try:
         import monai
@@ -65,6 +66,7 @@ def collect_environment() -> dict[str, Any]:
         "os": platform.platform(),
         "cpu": f"{cpu_model()} ({os.cpu_count()} logical cores)",
         "torch_threads": torch.get_num_threads(),
+        **describe_hardware(),
     }
     if torch.cuda.is_available():
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medcl.precision import autocast, channels_last, is_2d_cnn, resolve_precision
 from medcl.evaluate.models import load_finetuned
 from medcl.inputs import InputSpec, resize_frames, to_model_input
 from medcl.runfolder import refuse_existing, run_lock
@@ -96,15 +97,19 @@ class Item:
 
 
 def predict(model: str | Path, inputs: Sequence[str | Path], out: str | Path, *, device: str = "cpu",
-            batch_size: int | None = None, overwrite: bool = False, progress: bool = True) -> PredictSummary:
+            batch_size: int | None = None, overwrite: bool = False, progress: bool = True,
+            precision: str = "auto") -> PredictSummary:
     """Predict every input with a fine-tuned model and write ``out`` (see the module docstring).
 
     ``batch_size``: frames (classification, default 64) or 2D images (segmentation, default 8)
     per forward pass; volumes go one at a time through a sliding window. Raises ValueError when
     an input does not fit the model, :class:`~medcl.runfolder.RunFolderError` when ``out``
-    already holds predictions (unless ``overwrite``) or is in use.
+    already holds predictions (unless ``overwrite``) or is in use. ``precision``: as in
+    fine-tuning (:mod:`medcl.precision`; the same setting on the same machine reproduces its numbers).
     """
     network, card = load_finetuned(model, device)
+    if is_2d_cnn(network) and card.get("task") == "classify":
+        channels_last(network)
     task = card.get("task")
     if task not in ("classify", "segment"):
         raise ValueError(f"{card['file']}: the card's task is {task!r}; this medcl predicts 'classify' and 'segment'")
@@ -118,7 +123,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
         from tqdm import tqdm
 
         bar = tqdm(total=len(items), desc="predict", unit="input", disable=not progress or not items, file=sys.stderr)
-        with torch.no_grad(), bar:
+        with torch.no_grad(), bar, autocast(device, resolve_precision(precision, device)):
             if classify:
                 _classify(network, card, items, out, batch_size or 64, device, summary, bar)
             else:
@@ -265,7 +270,8 @@ def _classify(model: torch.nn.Module, card: dict, items: list[Item], out: Path, 
                 bar.update()
                 continue
             x = resize_frames(torch.from_numpy(np.ascontiguousarray(frames)), size)
-            probs = torch.cat([torch.softmax(model(to_model_input(x[i:i + batch_size], spec).to(device)).float(), 1).cpu()
+            probs = torch.cat([torch.softmax(model(channels_last(to_model_input(x[i:i + batch_size], spec).to(device))
+                                                   ).float(), 1).cpu()
                                for i in range(0, len(x), batch_size)]).numpy()
             for i, p in enumerate(probs):
                 frames_csv.writerow(_prob_row(item, classes, p, frame=i))
@@ -316,7 +322,7 @@ def _segment(model: torch.nn.Module, card: dict, items: list[Item], out: Path, b
     def forward(x: torch.Tensor) -> np.ndarray:
         logits = window_predict(model, x.to(device), roi, int(window.get("sw_batch_size", 4)),
                                 float(window.get("overlap", 0.25)))
-        return logits.argmax(1).cpu().numpy().astype(np.uint8)
+        return logits.float().argmax(1).cpu().numpy().astype(np.uint8)
 
     (out / "masks").mkdir(parents=True, exist_ok=True)
     names: set[str] = set()

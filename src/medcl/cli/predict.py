@@ -28,6 +28,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="frames (classification, default 64) or 2D images (segmentation, default 8) per batch")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="bf16 autocast where the hardware does bf16 natively (auto, as fine-tuning), always or never")
     parser.set_defaults(func=run)
     return parser
 
@@ -38,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     summary = predict(args.model, args.inputs, args.out, device=args.device, batch_size=args.batch_size,
-                      overwrite=args.overwrite, progress=args.progress)
+                      overwrite=args.overwrite, progress=args.progress, precision=args.precision)
     print(summary.describe())
     return summary.exit_code

@@ -68,6 +68,7 @@ from medcl.evaluate.models import (
 )
 from medcl.evaluate.protocol import RunResult, Schedule, Validation, compare_inits, train_with_selection, write_run
 from medcl.inputs import InputSpec, resize_frames, to_model_input
+from medcl.precision import autocast, channels_last, resolve_precision
 from medcl.models.backbones import RESNET18_FEATURES, resnet18_backbone
 from medcl.sampling.augment import AugmentParams, augment_frames
 from medcl.weights import InitSpec, LoadedBackbone, WeightsError, load_init, read_backbone_file, resolve_init_path
@@ -106,6 +107,9 @@ class FinetuneConfig(BaseModel):
     metadata: str | None = None
     where: dict[str, str] = Field(default_factory=dict)
     device: str = "cpu"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast where the CPU / GPU does bf16 natively (auto), always (bf16) or never")
+    channels_last: bool = Field(True, description="channels_last memory format for the CNN (same values, faster)")
     allow_outside_frames: bool = Field(False, description="follow manifest frame paths outside the manifest's folder")
     # what the run keeps (RUN/models/, see medcl.evaluate.models)
     save_models: bool = Field(True, description="keep each fold's selected model in RUN/models/ (with a model card)")
@@ -353,10 +357,17 @@ class InputSource:
     convention (an int is medcl's own convention with that many channels)."""
 
     def __init__(self, data: FrameData, model: FrameClassifier, spec: InputSpec | int, augment: bool,
-                 cache: torch.Tensor | None, device: torch.device, seed: int = 0):
+                 cache: torch.Tensor | None, device: torch.device, seed: int = 0,
+                 dtype: torch.dtype | None = None, memory_format: bool = False):
         self.data, self.model, self.spec = data, model, _as_spec(spec)
         self.augment, self.cache, self.device = augment, cache, device
         self.rng = np.random.default_rng(seed)
+        # medcl.precision: autocast dtype (None = fp32) and channels_last inputs for the CNN
+        self.dtype, self.memory_format = dtype, memory_format
+
+    def compute(self):
+        """The autocast context of every forward pass of this source's model."""
+        return autocast(self.device, self.dtype)
 
     def get(self, idx: np.ndarray, train: bool) -> torch.Tensor:
         t = torch.as_tensor(idx, dtype=torch.long)
@@ -367,8 +378,11 @@ class InputSource:
                                                    FINETUNE_AUGMENT))
         else:
             x = self.data.inputs(idx, self.spec)
-        with torch.no_grad():
-            return self.model.prefix(x.to(self.device))
+        x = x.to(self.device)
+        if self.memory_format:
+            x = channels_last(x)
+        with torch.no_grad(), self.compute():
+            return self.model.prefix(x)
 
 
 def _as_spec(spec: InputSpec | int) -> InputSpec:
@@ -376,15 +390,19 @@ def _as_spec(spec: InputSpec | int) -> InputSpec:
 
 
 def compute_feature_cache(prefix: nn.Module, data: FrameData, spec: InputSpec | int, device: torch.device,
-                          batch_size: int = 128) -> torch.Tensor:
-    """Outputs of the frozen prefix (eval mode) for every frame, float32 on CPU."""
+                          batch_size: int = 128, dtype: torch.dtype | None = None,
+                          memory_format: bool = False) -> torch.Tensor:
+    """Outputs of the frozen prefix (eval mode) for every frame, float32 on CPU (computed under
+    ``dtype`` autocast, channels_last when ``memory_format``: as the plain path computes them)."""
     prefix = prefix.to(device).eval()
+    if memory_format:
+        channels_last(prefix)
     spec = _as_spec(spec)
     outs = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, dtype):
         for start in range(0, len(data.frames), batch_size):
             x = data.inputs(np.arange(start, min(start + batch_size, len(data.frames))), spec).to(device)
-            outs.append(prefix(x).float().cpu())
+            outs.append(prefix(channels_last(x) if memory_format else x).float().cpu())
     return torch.cat(outs)
 
 
@@ -395,7 +413,9 @@ def predict(model: FrameClassifier, source: InputSource, idx: np.ndarray, batch_
     with torch.no_grad():
         for start in range(0, len(idx), batch_size):
             h = source.get(idx[start:start + batch_size], train=False)
-            out.append(torch.softmax(model.forward_features(h).float(), dim=1).cpu())
+            with source.compute():
+                logits = model.forward_features(h)
+            out.append(torch.softmax(logits.float(), dim=1).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, model.head.out_features))
 
 
@@ -437,7 +457,9 @@ def train_fold(model: FrameClassifier, source: InputSource, fit_idx: np.ndarray,
 
     def step_loss(batch: np.ndarray) -> tuple[torch.Tensor, int]:
         h = source.get(batch, train=True)
-        return F.cross_entropy(model.forward_features(h), labels[torch.as_tensor(batch)].to(h.device)), len(batch)
+        with source.compute():
+            logits = model.forward_features(h)
+        return F.cross_entropy(logits.float(), labels[torch.as_tensor(batch)].to(h.device)), len(batch)
 
     def validate() -> Validation:
         if epochs is not None:
@@ -479,6 +501,12 @@ def use_feature_cache(config: FinetuneConfig) -> bool:
     return config.feature_cache and not config.augment and config.protocol in ("linear", "last_stage")
 
 
+def compute_settings(config: FinetuneConfig) -> tuple[torch.device, torch.dtype | None, bool]:
+    """(device, autocast dtype or None, channels_last) of a fine-tuning run (:mod:`medcl.precision`)."""
+    device = torch.device(config.device)
+    return device, resolve_precision(config.precision, device), config.channels_last
+
+
 def run_classification(data: FrameData, folds: list[Fold], init: InitSpec, config: FinetuneConfig,
                        out: str | Path | None = None, extra_config: dict | None = None,
                        log=print) -> RunResult:
@@ -486,7 +514,7 @@ def run_classification(data: FrameData, folds: list[Fold], init: InitSpec, confi
 
     With ``out``, ``config.save_models`` keeps each fold's selected model in ``out/models/`` and
     ``config.final_model`` adds one trained on all labeled videos (:mod:`medcl.evaluate.models`)."""
-    device = torch.device(config.device)
+    device, dtype, memory_format = compute_settings(config)
     loaded = init_backbone(init, seed=config.seed)
     backbone, spec = loaded.network, loaded.input
     classes = data.classes
@@ -499,14 +527,17 @@ def run_classification(data: FrameData, folds: list[Fold], init: InitSpec, confi
     if cached:
         t0 = time.perf_counter()
         prefix, _ = split_backbone(copy.deepcopy(backbone), config.protocol)
-        cache = compute_feature_cache(prefix, data, spec, device)
+        cache = compute_feature_cache(prefix, data, spec, device, dtype=dtype, memory_format=memory_format)
         timing["feature_cache_s"] = time.perf_counter() - t0
     fold_results, predictions, curves = [], [], []
     for fold in folds:
         t0 = time.perf_counter()
         head_seed = config.seed * 100003 + fold.repeat * 101 + fold.fold
         model = build_classifier(backbone, config.protocol, len(classes), head_seed).to(device)
-        source = InputSource(data, model, spec, config.augment, cache, device, seed=head_seed)
+        if memory_format:
+            channels_last(model)
+        source = InputSource(data, model, spec, config.augment, cache, device, seed=head_seed, dtype=dtype,
+                             memory_format=memory_format)
         fit_idx = data.frames_of(fold.train, config.max_train_frames_per_video)
         val_idx, test_idx = data.frames_of(fold.val), data.frames_of(fold.test)
         summary, curve = train_fold(model, source, fit_idx, val_idx, config, head_seed, classes)
@@ -637,10 +668,13 @@ def train_final_model(data: FrameData, folds: list[Fold], fold_results: list[dic
     epochs = max(1, int(np.median(selected) + 0.5))
     videos = np.unique(np.concatenate([np.concatenate([f.train, f.val]) for f in folds]))
     seed = config.seed * 100003 + 99991
-    device = torch.device(config.device)
+    device, dtype, memory_format = compute_settings(config)
     with torch.random.fork_rng(devices=[]):
         model = build_classifier(loaded.network, config.protocol, len(data.classes), seed).to(device)
-        source = InputSource(data, model, loaded.input, config.augment, cache, device, seed=seed)
+        if memory_format:
+            channels_last(model)
+        source = InputSource(data, model, loaded.input, config.augment, cache, device, seed=seed, dtype=dtype,
+                             memory_format=memory_format)
         fit_idx = data.frames_of(videos, config.max_train_frames_per_video)
         train_fold(model, source, fit_idx, fit_idx[:0], config, seed, data.classes, epochs=epochs)
     entry = {"file": FINAL_MODEL, "final": True, "epochs": epochs, "fold_selected_epochs": selected,

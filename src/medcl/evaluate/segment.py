@@ -41,7 +41,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -62,6 +62,7 @@ from medcl.evaluate.metrics import mean_std
 from medcl.evaluate.models import UNETR_SEGMENTER, base_card, finish_models, models_folder, save_finetuned
 from medcl.evaluate.protocol import RunResult, Schedule, Validation, compare_inits, train_with_selection, write_run
 from medcl.inputs import InputSpec
+from medcl.precision import autocast, resolve_precision
 from medcl.weights import InitSpec, load_init
 
 # ---------------------------------------------------------------------------------------------
@@ -103,6 +104,7 @@ class SegmentConfig(BaseModel):
     seed: int = 0
     num_threads: int | None = None
     tensorboard: bool = False  # also write the curves as TensorBoard scalars under RUN/tb
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # medcl.precision: bf16 autocast where native
     save_models: bool = Field(default=True, description="keep each (fold, fraction) model in RUN/models/ with a model card")
 
     @field_validator("fractions")
@@ -279,7 +281,9 @@ def evaluate_cases(
     for start in range(0, len(images), batch):
         x = torch.from_numpy(np.stack(images[start : start + batch]))
         y = torch.from_numpy(np.stack(labels[start : start + batch]))
-        pred = predict(model, x, roi_size, cfg.sw_batch_size, cfg.sw_overlap).argmax(1, keepdim=True)
+        with autocast(x.device, resolve_precision(cfg.precision, x.device)):
+            logits = predict(model, x, roi_size, cfg.sw_batch_size, cfg.sw_overlap)
+        pred = logits.float().argmax(1, keepdim=True)
         scores.append(dice_per_class(pred, y, n_classes))
         counts.append(voxel_counts(pred, y, n_classes))
         for j in range(x.shape[0]):
@@ -349,6 +353,7 @@ def finetune_once(
     roi = tuple(cfg.roi_size) if cfg.roi_size else tuple(spatial)
     architecture = segmenter_kwargs(task, roi, model_kwargs)
     model = build_segmentation_model(**architecture)
+    dtype = resolve_precision(cfg.precision, torch.device("cpu"))  # medcl.precision (segmentation runs on the CPU here)
     if encoder_state is not None:
         load_encoder_into(model, encoder_state, cfg.checkpoint or "checkpoint")
     # Dice over foreground classes only and over the whole batch: small organs in crops that miss
@@ -372,7 +377,9 @@ def finetune_once(
 
     def step_loss(batch) -> tuple[torch.Tensor, int]:
         x, y = batch
-        return loss_fn(model(x), y), len(x)
+        with autocast(x.device, dtype):
+            logits = model(x)
+        return loss_fn(logits.float(), y), len(x)
 
     def validate() -> Validation:
         scores, _, _ = evaluate_cases(model, val[0], val[1], task.n_classes, cfg.roi_size, cfg)

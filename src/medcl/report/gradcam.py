@@ -18,13 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medcl.precision import autocast, resolve_precision
+
 
 @torch.no_grad()
-def backbone_features(backbone: nn.Module, images: torch.Tensor, batch_size: int = 32) -> np.ndarray:
-    """Pooled backbone features [n, D] (eval mode, no gradients)."""
+def backbone_features(backbone: nn.Module, images: torch.Tensor, batch_size: int = 32,
+                      precision: str = "auto") -> np.ndarray:
+    """Pooled backbone features [n, D] (eval mode, no gradients; bf16 autocast where native, as in
+    fine-tuning: :mod:`medcl.precision`)."""
     was_training = backbone.training
     backbone.eval()
-    out = [backbone(images[i : i + batch_size]).flatten(1) for i in range(0, len(images), batch_size)]
+    with autocast(images.device, resolve_precision(precision, images.device)):
+        out = [backbone(images[i : i + batch_size]).float().flatten(1) for i in range(0, len(images), batch_size)]
     backbone.train(was_training)
     return torch.cat(out).cpu().numpy()
 

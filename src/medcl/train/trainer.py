@@ -14,8 +14,9 @@
 
 Optimisation: Adam or AdamW (``optim.name``, lr, weight_decay) on all method parameters; linear
 warm-up for ``optim.warmup_epochs`` then cosine decay to ``min_lr_ratio * lr`` over
-``optim.max_steps`` (or ``epochs * len(loader)``) steps; bfloat16 autocast on CUDA when
-``train.amp``. A step counts one optimiser update; ``step`` in logs and checkpoints is the number
+``optim.max_steps`` (or ``epochs * len(loader)``) steps; bfloat16 autocast as ``train.precision``
+says (``auto``: where the CPU / GPU computes bf16 natively, see :mod:`medcl.precision`; ``train.amp:
+false`` forces fp32) and channels_last for 2D CNNs (``train.channels_last``). A step counts one optimiser update; ``step`` in logs and checkpoints is the number
 of updates done.
 
 Resume (``resume=True``): loads ``checkpoints/last.pt`` and continues exactly -- model, optimiser,
@@ -96,6 +97,7 @@ from tqdm.auto import tqdm
 
 from medcl.environment import resolve_device, write_environment
 from medcl.runfolder import RunFolderError, run_lock
+from medcl.precision import autocast, channels_last, is_2d_cnn, resolve_precision
 from medcl.train.checkpoint import rng_state, set_rng_state
 from medcl.train.scalars import numeric_items, open_tensorboard
 from medcl.weights import (
@@ -268,6 +270,10 @@ class Trainer:
         self.warmup_steps = min(self.total_steps, round(optim.warmup_epochs * self.steps_per_epoch))
 
         self.method.to(self.device)
+        self.autocast_dtype = resolve_precision(config.train.precision if config.train.amp else "fp32", self.device)
+        self.channels_last = bool(config.train.channels_last and is_2d_cnn(self.method))
+        if self.channels_last:  # before DDP and the optimiser see the parameters
+            channels_last(self.method)
         self.model: torch.nn.Module = self.method
         if world_size > 1:
             if config.train.sync_batchnorm:
@@ -279,7 +285,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.warmup_steps, self.total_steps, optim.min_lr_ratio)
         )
-        self.amp = bool(config.train.amp and self.device.type == "cuda")
         self.step = 0
         self.saved_step: int | None = None  # step of the newest checkpoint on disk
         self._watch: DivergenceWatch | None = None
@@ -473,7 +478,9 @@ class Trainer:
                 method(self, *args)
 
     def _train_step(self, batch: Any, epoch: int) -> dict[str, float]:
-        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        if self.channels_last:
+            batch = channels_last(batch)
+        with autocast(self.device, self.autocast_dtype):
             losses = self.model(batch)
         if "loss" not in losses:
             raise KeyError(f"{type(self.method).__name__}.training_step must return a 'loss' key, got {sorted(losses)}")

@@ -1,0 +1,78 @@
+"""Mixed precision (medcl.precision): what `auto` picks, that channels_last changes no value, and
+that bf16 training tracks fp32 within stated tolerances (pretraining losses, fine-tuned probabilities)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medcl import precision
+from medcl.models.backbones import resnet18_backbone
+
+PROJECT = Path(__file__).resolve().parents[1]
+# bf16 keeps 8 bits of mantissa: after a few steps, losses agree to a few percent
+LOSS_RTOL = 0.05
+PROB_ATOL = 0.05
+
+
+def test_auto_uses_bf16_only_where_native(monkeypatch):
+    precision.cpu_bf16_flags.cache_clear()
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ())
+    assert precision.resolve_precision("auto", "cpu") is None
+    assert precision.resolve_precision("bf16", "cpu") is torch.bfloat16
+    assert precision.resolve_precision("fp32", "cpu") is None
+    monkeypatch.setattr(precision, "cpu_bf16_flags", lambda: ("avx512_bf16",))
+    assert precision.resolve_precision("auto", "cpu") is torch.bfloat16
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        precision.resolve_precision("fp16", "cpu")
+
+
+def test_channels_last_changes_no_value():
+    torch.manual_seed(0)
+    net = resnet18_backbone().eval()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        plain = net(x)
+        fast = precision.channels_last(net)(precision.channels_last(x))
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+
+
+def _pretrain_losses(tmp_path, frames, mode: str) -> list[float]:
+    from medcl.train.api import pretrain
+    from uscl_fixtures import tiny_overrides
+
+    out = tmp_path / mode
+    pretrain(PROJECT / "configs/uscl.yaml", tiny_overrides(frames, out, **{"train.precision": mode}))
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bf16_pretraining_tracks_fp32(tmp_path):
+    from uscl_fixtures import write_frame_sets
+
+    frames = write_frame_sets(tmp_path / "frames", n_videos=12)
+    fp32, bf16 = _pretrain_losses(tmp_path, frames, "fp32"), _pretrain_losses(tmp_path, frames, "bf16")
+    assert len(fp32) == len(bf16) == 6
+    np.testing.assert_allclose(bf16, fp32, rtol=LOSS_RTOL)
+    environment = json.loads((tmp_path / "bf16" / "environment.json").read_text())
+    assert "cpu_native_bf16" in environment
+
+
+def test_bf16_finetuning_tracks_fp32(tmp_path):
+    from medcl.evaluate.classify import FinetuneConfig, finetune
+    from tiny_frames import make_frame_sets
+
+    data = make_frame_sets(tmp_path / "frames", n_patients=6, n_frames=3)
+    probs = {}
+    for mode in ("fp32", "bf16"):
+        config = FinetuneConfig(protocol="last_stage", epochs=2, image_size=32, folds=3, repeats=1, batch_size=16,
+                                precision=mode, save_models=False)
+        finetune(data, ["scratch"], config, tmp_path / mode, log=lambda *_: None)
+        rows = (tmp_path / mode / "predictions.csv").read_text().splitlines()
+        header = rows[0].split(",")
+        cols = [i for i, h in enumerate(header) if h.startswith("prob_")]
+        probs[mode] = np.array([[float(r.split(",")[i]) for i in cols] for r in rows[1:]])
+    np.testing.assert_allclose(probs["bf16"], probs["fp32"], atol=PROB_ATOL)
