@@ -62,7 +62,11 @@ def load_average() -> str:
 
 def write_frames(root: Path, n_videos: int, n_frames: int, size: int = 224, seed: int = 0) -> Path:
     if (root / "manifest.csv").is_file():
-        return root
+        from medcl.data.manifest import read_manifest
+
+        if len(read_manifest(root)) >= n_videos:
+            return root
+        shutil.rmtree(root)  # made by an earlier run with fewer videos
     (root / "frames").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     records = []
