@@ -12,7 +12,7 @@ to the model's image size, ``x / 255``, normalisation). Writes ``OUT/frames.csv`
 frame: class probabilities, predicted class) and ``OUT/videos.csv`` (one row per video: the mean
 of its frames' probabilities, the predicted class, the number of frames used).
 
-Segmentation (``unetr_segmenter``). Inputs: 2D images or NIfTI volumes (or folders of them), read
+Segmentation (``unetr_segmenter``, ``unet_segmenter``). Inputs: 2D images or NIfTI volumes (or folders of them), read
 as fine-tuning read them (:mod:`medcl.data.segfiles`: 2D resized to the card's size; 3D in RAS
 orientation with the card's intensity window or percentiles and channel, resampled to its size).
 Masks (class index per pixel, 0 = background) go back to each input's own size and geometry:
@@ -317,7 +317,9 @@ def _segment(model: torch.nn.Module, card: dict, items: list[Item], out: Path, b
     inp = card["input"]
     classes = ["background", *card["classes"]]
     window = inp.get("sliding_window") or {}
-    roi = tuple(model.encoder.img_size)  # the model's own input grid: larger inputs are tiled
+    # a UNETR's own input grid (larger inputs are tiled); the U-Net takes the training roi or the whole image
+    img_size = getattr(model.encoder, "img_size", None) or window.get("roi_size")
+    roi = tuple(img_size) if img_size else None
 
     def forward(x: torch.Tensor) -> np.ndarray:
         logits = window_predict(model, x.to(device), roi, int(window.get("sw_batch_size", 4)),

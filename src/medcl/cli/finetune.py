@@ -66,7 +66,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map", action="append", metavar="FROM=TO", help="rename a label before filtering (repeatable)")
     parser.add_argument("--where", action="append", metavar="COLUMN=VALUE",
                         help="keep videos whose --metadata row has this value, e.g. probe=convex (repeatable)")
-    parser.add_argument("--augment", action="store_true", default=None, help="augment training frames (disables the feature cache)")
+    parser.add_argument("--augment", nargs="?", const=True, default=None, metavar="KIND",
+                        help="classification: augment training frames (disables the feature cache); --task segment: "
+                             "--augment monai (2D flips, small affine, intensity) or flips (the default)")
     parser.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
                         help="recompute the frozen prefix every step (for benchmarking)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -87,6 +89,8 @@ def config_from_args(args: argparse.Namespace):
     values: dict = {}
     if args.config:
         values.update(yaml.safe_load(Path(args.config).read_text()) or {})
+    if isinstance(args.augment, str):
+        raise SystemExit(f"medcl: --augment takes no value for classification (got {args.augment!r})")
     for name in list(FIELD_FLAGS) + ["augment", "feature_cache", "allow_outside_frames", "save_models", "final_model", "tensorboard"]:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
@@ -161,6 +165,13 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
                             "without it, mask values the task does not declare are an error")
     group.add_argument("--model", action="append", default=None, metavar="KEY=VALUE",
                        help="UNETR option for scratch runs, e.g. hidden_size=96 (repeatable)")
+    group.add_argument("--arch", choices=["unetr", "unet"], default=None,
+                       help="unetr (MixCL's ViT encoder, default) or unet (2D U-Net on the ResNet-18 backbone: scratch, "
+                            "USCL / SimCLR / supervised checkpoints, exports, torchvision resnet18 files)")
+    group.add_argument("--val-every", type=int, default=None,
+                       help="iterations between validations (default 100). With --epochs N the budget is N epochs of "
+                            "the training cases, validated every epoch; --patience K stops after K validations "
+                            "without improvement (default: never)")
 
 
 
@@ -234,7 +245,8 @@ def segment_config(args: argparse.Namespace):
         loaded = yaml.safe_load(path.read_text()) or {}
         data.update(loaded.get("segment", loaded))
     simple = {"tensorboard": "tensorboard", "seed": "seed", "lr": "lr", "batch_size": "batch_size", "val_fraction": "val_fraction",
-              "iterations": "iterations", "folds": "n_folds", "threads": "num_threads"}
+              "iterations": "iterations", "folds": "n_folds", "threads": "num_threads", "arch": "arch",
+              "epochs": "epochs", "patience": "patience", "val_every": "val_every"}
     for attr, field in simple.items():
         if getattr(args, attr, None) is not None:
             data[field] = getattr(args, attr)
@@ -253,6 +265,8 @@ def segment_config(args: argparse.Namespace):
                          "each (fold, fraction) model is kept in OUT/models/")
     if getattr(args, "save_models", None) is not None:
         data["save_models"] = args.save_models
+    if getattr(args, "augment", None) is not None:
+        data["augment"] = "monai" if args.augment is True else args.augment
     return SegmentConfig(**data)
 
 

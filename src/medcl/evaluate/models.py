@@ -11,7 +11,8 @@ Every fine-tuning run with an output folder keeps the selected model of each fol
     RUN/models/MODEL_CARD.md               the same for people
 
 Each ``.safetensors`` file is written by :func:`medcl.weights.save_backbone`: the whole model's
-state dict, with metadata ``architecture`` (:data:`FRAME_CLASSIFIER` or :data:`UNETR_SEGMENTER`),
+state dict, with metadata ``architecture`` (:data:`FRAME_CLASSIFIER`, :data:`UNETR_SEGMENTER` or
+:data:`UNET_SEGMENTER`),
 ``kwargs`` (what rebuilds the network), ``input`` (the :class:`~medcl.inputs.InputSpec`),
 ``sha256`` and ``card``: JSON with the task, classes, input size and preprocessing, protocol,
 initialisation, how this model was selected and its own held-out result, the run's
@@ -21,7 +22,7 @@ and finite weights checked by :func:`medcl.weights.read_backbone_file`, kwargs b
 :func:`medcl.weights.check_backbone_kwargs`, keys and shapes on the ``meta`` device before
 anything is allocated), and ``medcl predict`` takes everything it needs from the card.
 
-The two architectures are not backbones, so they stay out of the backbone registry
+These architectures are not backbones, so they stay out of the backbone registry
 (:data:`ARCHITECTURES` here). This module also defines the classification network
 (:class:`FrameClassifier`) and how a backbone is split per protocol (:func:`split_backbone`).
 
@@ -51,6 +52,7 @@ Protocol = Literal["last_stage", "linear", "full"]
 CARD_FORMAT = "medcl-finetuned-v1"
 FRAME_CLASSIFIER = "frame_classifier"
 UNETR_SEGMENTER = "unetr_segmenter"
+UNET_SEGMENTER = "unet_segmenter"
 MODELS_DIR = "models"
 FINAL_MODEL = "final.safetensors"
 CARD_JSON = "model_card.json"
@@ -162,8 +164,16 @@ def unetr_segmenter(**kwargs: Any) -> nn.Module:
     return build_unetr(**kwargs)
 
 
+def unet_segmenter(**kwargs: Any) -> nn.Module:
+    """The :data:`UNET_SEGMENTER` architecture: :func:`medcl.models.unet.build_unet` (a 2D U-Net on
+    the ResNet-18 backbone, its input convention in ``kwargs['input']``)."""
+    from medcl.models.unet import build_unet
+
+    return build_unet(**kwargs)
+
+
 # the fine-tuned networks a model file can name (backbones live in medcl.models.backbones)
-ARCHITECTURES = {FRAME_CLASSIFIER: frame_classifier, UNETR_SEGMENTER: unetr_segmenter}
+ARCHITECTURES = {FRAME_CLASSIFIER: frame_classifier, UNETR_SEGMENTER: unetr_segmenter, UNET_SEGMENTER: unet_segmenter}
 
 
 # --------------------------------------------------------------------------------------------

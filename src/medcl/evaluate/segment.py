@@ -1,8 +1,10 @@
 """Segmentation fine-tuning: the segmentation task adapter on the one fine-tuning protocol.
 
-The MixCL protocol (Li, Quan, Zhou; METHODS.md section 2): a UNETR (2D or 3D) is initialised from
-a pretrained encoder (a MixCL checkpoint, run folder or export, read by :mod:`medcl.weights`) or
-from scratch, fine-tuned with Dice + cross-entropy (MONAI ``DiceCELoss``) on a *label fraction*
+The MixCL protocol (Li, Quan, Zhou; METHODS.md section 2): a UNETR (2D or 3D; ``arch='unetr'``,
+the default) is initialised from a pretrained encoder (a MixCL checkpoint, run folder or export,
+read by :mod:`medcl.weights`) or from scratch; ``arch='unet'`` is a 2D U-Net on medcl's ResNet-18
+backbone (:mod:`medcl.models.unet`; any resnet18 init, with its input convention). Either is
+fine-tuned with Dice + cross-entropy (MONAI ``DiceCELoss``) on a *label fraction*
 of the labeled training patients, model-selected on validation patients, and scored with
 per-class Dice on the held-out fold (k-fold by patient) and on an optional separate test set::
 
@@ -59,11 +61,19 @@ from medcl.data.seg_manifest import (
 from medcl.data.splits import kfold_by_patient, select_label_fraction, split_patients
 from medcl.evaluate.metrics import fmt as _fmt_stat
 from medcl.evaluate.metrics import mean_std
-from medcl.evaluate.models import UNETR_SEGMENTER, base_card, finish_models, models_folder, save_finetuned
+from medcl.evaluate.models import (
+    ARCHITECTURES,
+    UNET_SEGMENTER,
+    UNETR_SEGMENTER,
+    base_card,
+    finish_models,
+    models_folder,
+    save_finetuned,
+)
 from medcl.evaluate.protocol import RunResult, Schedule, Validation, compare_inits, train_with_selection, write_run
 from medcl.inputs import InputSpec
-from medcl.precision import autocast, resolve_precision
-from medcl.weights import InitSpec, load_init
+from medcl.precision import autocast, channels_last, resolve_precision
+from medcl.weights import InitSpec, MissingWeightsError, WeightsError, load_init
 
 # ---------------------------------------------------------------------------------------------
 # configuration
@@ -106,6 +116,14 @@ class SegmentConfig(BaseModel):
     tensorboard: bool = False  # also write the curves as TensorBoard scalars under RUN/tb
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # medcl.precision: bf16 autocast where native
     save_models: bool = Field(default=True, description="keep each (fold, fraction) model in RUN/models/ with a model card")
+    arch: Literal["unetr", "unet"] = Field(
+        default="unetr", description="unetr (MixCL's ViT encoder) or unet (2D U-Net on the ResNet-18 backbone)")
+    augment: Literal["flips", "monai"] = Field(
+        default="flips", description="flips (random in-plane flips) or monai (2D: flips, small affine, intensity scale / shift)")
+    epochs: float | None = Field(
+        default=None, description="budget in epochs of the training cases (iterations = ceil(epochs * n_train / "
+                                  "batch_size), validation every epoch); None = iterations / val_every")
+    patience: int | None = Field(default=None, description="stop after this many validations without improvement; None = never")
 
     @field_validator("fractions")
     @classmethod
@@ -124,11 +142,18 @@ class SegmentConfig(BaseModel):
             raise ValueError(f"must be in [0, 1], got {v}")
         return v
 
-    @field_validator("iterations", "batch_size", "val_every", "n_folds", "sw_batch_size")
+    @field_validator("iterations", "batch_size", "val_every", "n_folds", "sw_batch_size", "patience")
     @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
             raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("epochs")
+    @classmethod
+    def _positive_epochs(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError(f"must be > 0, got {v}")
         return v
 
 
@@ -162,22 +187,45 @@ def build_segmentation_model(
     )
 
 
-def load_encoder_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(encoder state dict, encoder architecture kwargs) of a MixCL init (checkpoint, run folder or
-    export), read by :func:`medcl.weights.load_init`; another backbone is an error naming it."""
-    loaded = load_init(InitSpec("pretrained", str(path)), expect="unetr_encoder")
+# each segmentation architecture: (the backbone registry's encoder it builds on, its model-file name)
+SEGMENTERS = {"unetr": ("unetr_encoder", UNETR_SEGMENTER), "unet": ("resnet18", UNET_SEGMENTER)}
+
+
+def load_encoder_checkpoint(path: str | Path, arch: str = "unetr") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(encoder state dict, encoder kwargs) of an init (checkpoint, run folder,
+    export; for ``unet`` also a torchvision / timm resnet18 file), read by
+    :func:`medcl.weights.load_init`. An encoder of another architecture than ``arch`` builds on is
+    an error naming both. UNETR: the kwargs are the encoder's architecture (input keys dropped);
+    U-Net: the ResNet's ``in_channels`` and the backbone's :class:`~medcl.inputs.InputSpec` (``input``)."""
+    expect = SEGMENTERS[arch][0]
+    try:
+        loaded = load_init(InitSpec("pretrained", str(path)), expect=expect)
+    except MissingWeightsError:
+        raise
+    except WeightsError as exc:
+        known = ", ".join(f"--arch {a} on {enc!r}" for a, (enc, _) in SEGMENTERS.items())
+        raise WeightsError(f"{exc} (segmentation --arch {arch}; {known})") from None
+    if arch == "unet":
+        if loaded.kwargs.get("spatial_dims", 2) != 2:
+            raise WeightsError(f"{path}: a {loaded.kwargs['spatial_dims']}D resnet18; --arch unet needs a 2D one")
+        in_channels = int(loaded.kwargs.get("in_channels", 1))
+        return loaded.state, {"in_channels": in_channels, "input": loaded.input.to_dict()}
     kwargs = {k: v for k, v in loaded.kwargs.items() if k not in _INPUT_KEYS}
     return loaded.state, kwargs
 
 
 def load_encoder_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Copy pretrained encoder weights into ``model.encoder`` (every key must match; the position
-    embedding is interpolated when the fine-tuning input size differs)."""
+    """Copy pretrained encoder weights into ``model.encoder`` (every key must match; a UNETR's
+    position embedding is interpolated when the fine-tuning input size differs)."""
+    from medcl.models.unet import ResNetUNet
     from medcl.models.unetr import load_encoder_weights
 
     try:
-        load_encoder_weights(model, state)
-    except (KeyError, ValueError) as exc:
+        if isinstance(model, ResNetUNet):
+            model.encoder.load_state_dict(state, strict=True)
+        else:
+            load_encoder_weights(model, state)
+    except (KeyError, ValueError, RuntimeError) as exc:
         raise ValueError(f"{source}: {exc}") from None
 
 
@@ -222,6 +270,39 @@ def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, spa
         if rng.random() < 0.5:
             image, labels = np.flip(image, axis), np.flip(labels, axis)
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
+
+
+def monai_augmenter(seed: int) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``augment='monai'`` for 2D ``[1, H, W]`` (image, labels): random flips of both axes, a small
+    affine (rotation up to 15 degrees, scale +-10 %; bilinear for the image, nearest for the
+    labels, so both move together), then intensity scale and shift (+-10 %) of the image, which is
+    clipped back to [0, 1]. Seeded: the same ``seed`` gives the same draws."""
+    from monai.transforms import Compose, RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
+
+    keys = ("image", "label")
+    transform = Compose([
+        RandFlipd(keys, prob=0.5, spatial_axis=0),
+        RandFlipd(keys, prob=0.5, spatial_axis=1),
+        RandAffined(keys, prob=0.5, rotate_range=(math.pi / 12,), scale_range=(0.1, 0.1),
+                    mode=("bilinear", "nearest"), padding_mode="zeros"),
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+    ]).set_random_state(seed=seed)
+
+    def apply(image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = transform({"image": image, "label": labels})
+        image2 = np.clip(np.asarray(out["image"], dtype=np.float32), 0.0, 1.0)
+        return np.ascontiguousarray(image2), np.ascontiguousarray(np.asarray(out["label"]).round().astype(labels.dtype))
+
+    return apply
+
+
+def budget(cfg: SegmentConfig, n_train: int) -> tuple[int, int]:
+    """(iterations, iterations per validation period): ``iterations`` / ``val_every``, or with
+    ``epochs`` ceil(epochs * n_train / batch_size) validated every ceil(n_train / batch_size)."""
+    if cfg.epochs is None:
+        return cfg.iterations, cfg.val_every
+    return max(1, math.ceil(cfg.epochs * n_train / cfg.batch_size)), max(1, math.ceil(n_train / cfg.batch_size))
 
 
 @torch.no_grad()
@@ -342,8 +423,9 @@ def finetune_once(
     seed: int,
     on_eval: Callable[[dict], None] | None = None,
 ) -> tuple[nn.Module, dict]:
-    """Fine-tune one UNETR with the protocol's loop (``val_every`` iterations per period, warm-up +
-    cosine); returns the model with the best-validation weights and a record."""
+    """Fine-tune one ``cfg.arch`` segmenter with the protocol's loop (a validation every
+    :func:`budget` period, warm-up + cosine, early stopping after ``patience`` periods without
+    improvement); returns the model with the best-validation weights and a record."""
     from monai.losses import DiceCELoss
 
     torch.manual_seed(seed)
@@ -351,8 +433,12 @@ def finetune_once(
     train_images, train_labels = train
     spatial = train_images[0].shape[1:]
     roi = tuple(cfg.roi_size) if cfg.roi_size else tuple(spatial)
-    architecture = segmenter_kwargs(task, roi, model_kwargs)
-    model = build_segmentation_model(**architecture)
+    architecture = segmenter_kwargs(task, roi, model_kwargs, cfg.arch)
+    model = ARCHITECTURES[SEGMENTERS[cfg.arch][1]](**architecture)
+    if cfg.arch == "unet":
+        channels_last(model)  # medcl.precision: the memory format 2D CNNs prefer (same values)
+    iterations, val_every = budget(cfg, len(train_images))
+    monai_augment = monai_augmenter(int(rng.integers(2**31))) if cfg.augment == "monai" else None
     dtype = resolve_precision(cfg.precision, torch.device("cpu"))  # medcl.precision (segmentation runs on the CPU here)
     if encoder_state is not None:
         load_encoder_into(model, encoder_state, cfg.checkpoint or "checkpoint")
@@ -362,15 +448,18 @@ def finetune_once(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def period_batches(period: int):
-        first = period * cfg.val_every + 1
-        for _ in range(first, min(first + cfg.val_every, cfg.iterations + 1)):
+        first = period * val_every + 1
+        for _ in range(first, min(first + val_every, iterations + 1)):
             xs, ys = [], []
             for _ in range(cfg.batch_size):
                 k = int(rng.integers(len(train_images)))
                 img, lab = train_images[k], train_labels[k]
                 if roi != tuple(spatial):
                     img, lab = random_crop(img, lab, roi, cfg.pos_fraction, rng)
-                img, lab = augment(img, lab, rng, task.spatial_dims)
+                if monai_augment is not None:
+                    img, lab = monai_augment(img, lab)
+                else:
+                    img, lab = augment(img, lab, rng, task.spatial_dims)
                 xs.append(img)
                 ys.append(lab)
             yield torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
@@ -392,17 +481,21 @@ def finetune_once(
         if on_eval is not None:
             on_eval(_curve_row(row))
 
-    schedule = Schedule(total_steps=cfg.iterations, periods=math.ceil(cfg.iterations / cfg.val_every),
-                        warmup_steps=max(1, int(cfg.warmup_fraction * cfg.iterations)))
+    schedule = Schedule(total_steps=iterations, periods=math.ceil(iterations / val_every),
+                        warmup_steps=max(1, int(cfg.warmup_fraction * iterations)), patience=cfg.patience)
     selection = train_with_selection(model, opt, schedule, period_batches, step_loss, validate, on_period=on_period)
     return model, {"best_iteration": selection.best_step,
                    "val_mean_dice": selection.best_score if selection.best_score is not None else float("nan"),
                    "curve": [_curve_row(r) for r in selection.curve], "train_seconds": selection.train_seconds,
-                   "architecture_kwargs": architecture}
+                   "architecture": SEGMENTERS[cfg.arch][1], "architecture_kwargs": architecture, "iterations": iterations}
 
 
-def segmenter_kwargs(task: SegTask, roi: Sequence[int], model_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """What builds (and, saved with the model, rebuilds) the UNETR of ``task`` on ``roi`` inputs."""
+def segmenter_kwargs(task: SegTask, roi: Sequence[int], model_kwargs: dict[str, Any], arch: str = "unetr") -> dict[str, Any]:
+    """What builds (and, saved with the model, rebuilds) the ``arch`` segmenter of ``task`` on
+    ``roi`` inputs (the U-Net is fully convolutional: it takes any input size)."""
+    if arch == "unet":
+        return {"spatial_dims": 2, "out_channels": task.n_classes, "in_channels": 1,
+                "input": InputSpec().to_dict(), **model_kwargs}
     return {"spatial_dims": task.spatial_dims, "img_size": [int(r) for r in roi], "in_channels": 1,
             "out_channels": task.n_classes, **{**DEFAULT_MODEL, **model_kwargs}}
 
@@ -534,10 +627,13 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
     if out is not None:
         (out / "overlays").mkdir(parents=True, exist_ok=True)
 
+    if task.spatial_dims != 2 and (cfg.arch == "unet" or cfg.augment == "monai"):
+        raise ValueError(f"task {task.name!r} is {task.spatial_dims}D: arch 'unet' and augment 'monai' are 2D only "
+                         "(use arch 'unetr' and augment 'flips')")
     encoder_state, model_kwargs = None, dict(cfg.model)
     if cfg.checkpoint:
-        encoder_state, ckpt_kwargs = load_encoder_checkpoint(cfg.checkpoint)
-        # the encoder's architecture is the checkpoint's; decoder options stay the config's
+        encoder_state, ckpt_kwargs = load_encoder_checkpoint(cfg.checkpoint, cfg.arch)
+        # the encoder's architecture (U-Net: and input convention) is the checkpoint's; decoder options stay the config's
         model_kwargs.update(ckpt_kwargs)
 
     size = tuple(cfg.size) if cfg.size else None
@@ -610,6 +706,7 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
                 "n_train_cases": len(chosen),
                 "n_train_patients": n_train_patients,
                 "n_val_cases": len(val_idx),
+                "iterations": record["iterations"],
                 "best_iteration": record["best_iteration"],
                 "val_mean_dice": record["val_mean_dice"],
                 "train_seconds": record["train_seconds"],
@@ -650,7 +747,7 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
         "init": kind,
         "init_spec": init.to_dict(),
         "checkpoint": cfg.checkpoint,
-        "model": {**DEFAULT_MODEL, **model_kwargs},
+        "model": {**DEFAULT_MODEL, **model_kwargs} if cfg.arch == "unetr" else {"arch": "unet", **model_kwargs},
         "n_folds_run": len(folds),
         "runs": runs,
         "summary": summarize_runs(runs, task.classes),
@@ -684,9 +781,12 @@ def segmentation_card(task: SegTask, cfg: SegmentConfig, init: InitSpec, kind: s
                                  + "; masks come back in the volume's own grid and affine (nearest)"}
     inputs["sliding_window"] = {"roi_size": cfg.roi_size, "sw_batch_size": cfg.sw_batch_size, "overlap": cfg.sw_overlap}
     cases = [[c.case_id, c.patient_id, c.image, c.mask, c.fold] for c in [*task.cases, *task.test_cases]]
+    every = (f"every epoch of {cfg.epochs:g} epochs" if cfg.epochs is not None
+             else f"every {cfg.val_every} of {cfg.iterations} iterations")
+    stop = f", stopping after {cfg.patience} validations without improvement" if cfg.patience else ""
     selection = (f"Each (fold, label fraction) model is the iteration with the best validation mean Dice on patients "
-                 f"carved from that fold's training folds (validated every {cfg.val_every} of {cfg.iterations} "
-                 "iterations), then tested once on the fold's held-out patients.")
+                 f"carved from that fold's training folds (validated {every}{stop}), then tested once on the "
+                 "fold's held-out patients.")
     data = {"task": task.summary(), "case_list_sha256": hashlib.sha256(json.dumps(cases).encode()).hexdigest(),
             "case_list": "sha256 of the JSON list [case_id, patient_id, image, mask, fold] of every case"}
     return base_card("segment", task.classes, inputs, {**init.to_dict(), "kind": kind}, selection, data,
@@ -700,8 +800,9 @@ def _keep_model(model: nn.Module, folder: Path, card: dict, run: dict, record: d
              "selection": f"fold {fold}, {fraction * 100:g}% of the training patients ({run['n_train_patients']}): "
                           f"iteration {record['best_iteration']} (validation mean Dice {record['val_mean_dice']:.3f})",
              "test": f"mean Dice {run['test']['mean_dice']:.3f} ({n_test} held-out cases)"}
-    save_finetuned(model, folder / entry["file"], UNETR_SEGMENTER, record["architecture_kwargs"],
-                   {**card, "model": {**entry, "test_metrics": run["test"]}}, InputSpec())
+    kwargs = record["architecture_kwargs"]
+    save_finetuned(model, folder / entry["file"], record["architecture"], kwargs,
+                   {**card, "model": {**entry, "test_metrics": run["test"]}}, InputSpec.from_dict(kwargs.get("input")))
     return entry
 
 
@@ -770,7 +871,7 @@ def finetune(
 
     def check(init: InitSpec) -> None:
         if init.path is not None:
-            load_encoder_checkpoint(init.path)
+            load_encoder_checkpoint(init.path, config.arch)
 
     return compare_inits(inits, run_one, compare, write_segmentation_comparison, out, check=check, overwrite=overwrite)
 

@@ -1,0 +1,214 @@
+"""The 2D U-Net on medcl's ResNet-18 backbone and its segmentation fine-tuning (``arch='unet'``)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_segment import TINY_MODEL, _fake_pretrained_checkpoint, write_2d_manifest
+
+from medcl.cli import main
+from medcl.data.seg_manifest import read_seg_csv
+from medcl.evaluate.models import UNET_SEGMENTER, load_finetuned
+from medcl.evaluate.segment import SegmentConfig, budget, monai_augmenter, run_segmentation
+from medcl.inputs import InputSpec
+from medcl.models.backbones import resnet18_backbone
+from medcl.models.unet import build_unet
+from medcl.weights import WeightsError
+
+TINY = dict(size=[32, 32], iterations=4, batch_size=2, val_every=2, fractions=[1.0], n_folds=3, folds=[1],
+            n_overlays=0, lr=1e-3, arch="unet")
+
+
+def _uscl_checkpoint(path: Path, in_channels: int = 1, spec: InputSpec | None = None) -> dict[str, torch.Tensor]:
+    """A medcl-checkpoint-v1 around a real resnet18_backbone with recognisable weights; returns them."""
+    torch.manual_seed(1)
+    backbone = resnet18_backbone(in_channels=in_channels)
+    with torch.no_grad():
+        for module in backbone.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    state = {k: v.clone() for k, v in backbone.state_dict().items()}
+    info = {"name": "resnet18", "kwargs": {"in_channels": in_channels, "spatial_dims": 2}, "prefix": "backbone."}
+    if spec is not None:
+        info["input"] = spec.to_dict()
+    torch.save({"format": "medcl-checkpoint-v1", "method": "uscl", "config": {}, "step": 3,
+                "model": {f"backbone.{k}": v for k, v in state.items()}, "backbone": info}, path)
+    return state
+
+
+@pytest.mark.parametrize("size", [64, 96, 128])
+def test_unet_output_has_the_input_resolution(size):
+    net = build_unet(out_channels=3).eval()
+    with torch.no_grad():
+        assert net(torch.rand(2, 1, size, size)).shape == (2, 3, size, size)
+        assert net(torch.rand(1, 1, size, size + 20)).shape == (1, 3, size, size + 20)  # not a multiple of 32
+
+
+def test_encoder_loads_a_backbone_strictly_and_gives_its_features():
+    backbone = resnet18_backbone().eval()
+    net = build_unet(out_channels=2).eval()
+    net.encoder.load_state_dict(backbone.state_dict(), strict=True)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        feats = net.encode(x)
+        assert [f.shape[-1] for f in feats] == [32, 16, 8, 4, 2]
+        pooled = torch.flatten(torch.nn.functional.adaptive_avg_pool2d(feats[-1], 1), 1)
+        torch.testing.assert_close(pooled, backbone(x))
+    # the backbone's input convention (3 channels, ImageNet-like statistics) is applied inside
+    spec = InputSpec(3, (0.45, 0.45, 0.45), (0.22, 0.22, 0.22))
+    net3 = build_unet(out_channels=2, in_channels=3, input=spec.to_dict()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net3.encode(spec.normalize(x))[0], net3.encoder.act(net3.encoder.bn1(
+            net3.encoder.conv1(((x - 0.45) / 0.22).expand(-1, 3, -1, -1)))))
+    with pytest.raises(ValueError, match="2D"):
+        build_unet(out_channels=2, spatial_dims=3)
+
+
+def test_epochs_budget_scales_with_training_cases():
+    cfg = SegmentConfig(epochs=3, batch_size=4)
+    assert budget(cfg, 10) == (math.ceil(3 * 10 / 4), 3)
+    assert budget(cfg, 100) == (75, 25)
+    assert budget(SegmentConfig(epochs=0.5, batch_size=4), 10) == (2, 3)
+    assert budget(SegmentConfig(iterations=50, val_every=10), 10) == (50, 10)  # default: iterations
+    with pytest.raises(ValueError):
+        SegmentConfig(epochs=0)
+
+
+def test_monai_augmentation_keeps_image_and_mask_aligned():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    changed = 0
+    apply = monai_augmenter(seed=3)
+    for _ in range(20):
+        cy, cx = rng.integers(16, 48, 2)
+        mask = (((yy - cy) ** 2 + (xx - cx) ** 2) < 12 ** 2).astype(np.uint8)[None]
+        image = np.where(mask > 0, 0.9, 0.1).astype(np.float32)
+        image2, mask2 = apply(image, mask)
+        assert image2.shape == image.shape and mask2.shape == mask.shape and mask2.dtype == np.uint8
+        assert 0.0 <= image2.min() and image2.max() <= 1.0
+        assert set(np.unique(mask2)) <= {0, 1}
+        from_image = image2 > 0.5  # the mask made from the augmented image
+        disagree = np.logical_xor(from_image, mask2 > 0).sum()
+        assert disagree <= 0.05 * max(1, mask2.sum())  # only interpolation at the boundary may differ
+        changed += int(not np.array_equal(mask2, mask))
+    assert changed > 5  # it does augment
+    first = monai_augmenter(seed=3)(image, mask)
+    again = monai_augmenter(seed=3)(image, mask)
+    np.testing.assert_array_equal(first[0], again[0])  # seeded
+
+
+def test_unet_finetune_from_scratch_and_from_a_uscl_checkpoint(tmp_path):
+    task = read_seg_csv(write_2d_manifest(tmp_path / "data", n_patients=6, size=32))
+    scratch = run_segmentation(task, SegmentConfig(**TINY, augment="monai", patience=1), tmp_path / "scratch", log=None)
+    run = scratch["runs"][0]
+    assert 0.0 <= run["test"]["mean_dice"] <= 1.0 and run["iterations"] == 4
+    assert scratch["model"]["arch"] == "unet"
+    model, card = load_finetuned(tmp_path / "scratch" / "models" / "fold1_frac100.safetensors")
+    assert type(model).__name__ == "ResNetUNet" and card["task"] == "segment"
+
+    spec = InputSpec(3, (0.4, 0.4, 0.4), (0.25, 0.25, 0.25))
+    state = _uscl_checkpoint(tmp_path / "uscl.pt", in_channels=3, spec=spec)
+    seen = {}
+    import medcl.evaluate.segment as seg
+
+    original = seg.load_encoder_into
+
+    def spy(net, encoder_state, source="checkpoint"):
+        original(net, encoder_state, source)
+        seen["conv1"] = net.encoder.conv1.weight.detach().clone()
+        seen["spec"] = net.input_spec
+
+    try:
+        seg.load_encoder_into = spy
+        pretrained = run_segmentation(task, SegmentConfig(**TINY, checkpoint=str(tmp_path / "uscl.pt"), epochs=2),
+                                      tmp_path / "pre", log=None)
+    finally:
+        seg.load_encoder_into = original
+    torch.testing.assert_close(seen["conv1"], state["conv1.weight"])
+    assert seen["spec"] == spec
+    run = pretrained["runs"][0]
+    assert pretrained["init"] == "pretrained"
+    assert run["iterations"] == math.ceil(2 * run["n_train_cases"] / 2)
+    model, _ = load_finetuned(tmp_path / "pre" / "models" / "fold1_frac100.safetensors")
+    assert model.input_spec == spec and model.encoder.conv1.in_channels == 3
+
+
+def test_architecture_and_init_must_match(tmp_path):
+    task = read_seg_csv(write_2d_manifest(tmp_path / "data", n_patients=6, size=32))
+    _fake_pretrained_checkpoint(tmp_path / "mixcl.pt", 2, (32, 32), **{k: v for k, v in TINY_MODEL.items() if k != "feature_size"})
+    with pytest.raises(WeightsError, match=r"'unetr_encoder'.*'resnet18'.*--arch unet"):
+        run_segmentation(task, SegmentConfig(**TINY, checkpoint=str(tmp_path / "mixcl.pt")), None, log=None)
+    _uscl_checkpoint(tmp_path / "uscl.pt")
+    with pytest.raises(WeightsError, match=r"'resnet18'.*'unetr_encoder'.*--arch unetr"):
+        run_segmentation(task, SegmentConfig(**{**TINY, "arch": "unetr", "model": TINY_MODEL},
+                                             checkpoint=str(tmp_path / "uscl.pt")), None, log=None)
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    return float("nan") if not truth.any() else 2.0 * np.logical_and(pred, truth).sum() / (pred.sum() + truth.sum())
+
+
+def test_saved_unet_reproduces_the_runs_dice_with_medcl_predict(tmp_path):
+    task = read_seg_csv(write_2d_manifest(tmp_path / "data", n_patients=6, size=32))
+    spec = InputSpec(1, (0.3,), (0.2,))  # a non-identity input convention must be applied by predict too
+    _uscl_checkpoint(tmp_path / "uscl.pt", spec=spec)
+    run = tmp_path / "run"
+    run_segmentation(task, SegmentConfig(**TINY, checkpoint=str(tmp_path / "uscl.pt")), run, log=None)
+    model_file = run / "models" / "fold1_frac100.safetensors"
+    from medcl.weights import read_backbone_file
+
+    assert read_backbone_file(model_file)[1]["architecture"] == UNET_SEGMENTER
+    with (run / "predictions.csv").open(newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["fold"] == "1"]
+    cases = {c.case_id: c for c in task.cases + task.test_cases}
+    images = [cases[r["case_id"]].image for r in rows]
+    assert main(["predict", str(model_file), *images, "-o", str(tmp_path / "pred"), "--no-progress"]) == 0
+    for row in rows:
+        case = cases[row["case_id"]]
+        mask = np.asarray(Image.open(tmp_path / "pred" / "masks" / Path(case.image).name))
+        truth = np.asarray(Image.open(case.mask)) > 0
+        expected = float(row["dice_foreground"])
+        got = _dice(mask == 1, truth)
+        assert (math.isnan(got) and math.isnan(expected)) or got == pytest.approx(expected, abs=1e-6)
+
+
+def test_cli_arch_unet_with_epochs_and_monai_augmentation(tmp_path, capsys):
+    data = write_2d_manifest(tmp_path / "data", n_patients=6, size=32)
+    out = tmp_path / "cli"
+    code = main(["finetune", str(data), "--task", "segment", "--arch", "unet", "--size", "32,32", "--run-folds", "1",
+                 "--folds", "3", "--fractions", "1", "--batch-size", "4", "--epochs", "1", "--augment", "monai",
+                 "--patience", "2", "--no-save-models", "--out", str(out)])
+    assert code == 0
+    import yaml
+
+    config = yaml.safe_load((out / "config.yaml").read_text())["segment"]
+    assert (config["arch"], config["augment"], config["epochs"], config["patience"]) == ("unet", "monai", 1, 2)
+    assert main(["finetune", str(data), "--task", "segment", "--size", "32,32", "--augment", "elastic",
+                 "--out", str(out / "x")]) != 0
+    assert "augment" in capsys.readouterr().err
+
+
+def test_a_torchvision_resnet18_file_initialises_the_unet_with_imagenet_normalisation(tmp_path):
+    import json
+
+    from medcl.evaluate.segment import load_encoder_checkpoint, load_encoder_into
+    from medcl.models import layouts
+
+    shapes = json.loads((Path(__file__).parent / "fixtures" / "torchvision_resnet18_state_dict.json").read_text())
+    torch.manual_seed(0)
+    state = {k: torch.tensor(0) if k.endswith("num_batches_tracked") else torch.rand(shape) + 0.5
+             for k, shape in shapes.items()}
+    torch.save(state, tmp_path / "resnet18-imagenet.pth")
+    encoder_state, kwargs = load_encoder_checkpoint(tmp_path / "resnet18-imagenet.pth", "unet")
+    assert kwargs["in_channels"] == 1
+    assert InputSpec.from_dict(kwargs["input"]) == InputSpec(1, layouts.IMAGENET_GRAY_MEAN, layouts.IMAGENET_GRAY_STD)
+    net = build_unet(out_channels=2, **kwargs)
+    load_encoder_into(net, encoder_state)
+    torch.testing.assert_close(net.encoder.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
