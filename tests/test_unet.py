@@ -183,16 +183,21 @@ def test_cli_arch_unet_with_epochs_and_monai_augmentation(tmp_path, capsys):
     data = write_2d_manifest(tmp_path / "data", n_patients=6, size=32)
     out = tmp_path / "cli"
     code = main(["finetune", str(data), "--task", "segment", "--arch", "unet", "--size", "32,32", "--run-folds", "1",
-                 "--folds", "3", "--fractions", "1", "--batch-size", "4", "--epochs", "1", "--augment", "monai",
+                 "--folds", "3", "--fractions", "1", "--batch-size", "4", "--epochs", "1", "--seg-augment", "monai",
                  "--patience", "2", "--no-save-models", "--out", str(out)])
     assert code == 0
     import yaml
 
     config = yaml.safe_load((out / "config.yaml").read_text())["segment"]
     assert (config["arch"], config["augment"], config["epochs"], config["patience"]) == ("unet", "monai", 1, 2)
-    assert main(["finetune", str(data), "--task", "segment", "--size", "32,32", "--augment", "elastic",
-                 "--out", str(out / "x")]) != 0
-    assert "augment" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        main(["finetune", str(data), "--task", "segment", "--size", "32,32", "--seg-augment", "elastic",
+              "--out", str(out / "x")])
+    assert "seg-augment" in capsys.readouterr().err
+    # the classification flag before DATA does not swallow DATA
+    from medcl.cli import build_parser
+
+    assert build_parser().parse_args(["finetune", "--augment", str(data)]).data == str(data)
 
 
 def test_a_torchvision_resnet18_file_initialises_the_unet_with_imagenet_normalisation(tmp_path):

@@ -66,9 +66,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--map", action="append", metavar="FROM=TO", help="rename a label before filtering (repeatable)")
     parser.add_argument("--where", action="append", metavar="COLUMN=VALUE",
                         help="keep videos whose --metadata row has this value, e.g. probe=convex (repeatable)")
-    parser.add_argument("--augment", nargs="?", const=True, default=None, metavar="KIND",
+    parser.add_argument("--augment", action="store_true", default=None,
                         help="classification: augment training frames (disables the feature cache); --task segment: "
-                             "--augment monai (2D flips, small affine, intensity) or flips (the default)")
+                             "the same as --seg-augment monai")
     parser.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
                         help="recompute the frozen prefix every step (for benchmarking)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -89,8 +89,6 @@ def config_from_args(args: argparse.Namespace):
     values: dict = {}
     if args.config:
         values.update(yaml.safe_load(Path(args.config).read_text()) or {})
-    if isinstance(args.augment, str):
-        raise SystemExit(f"medcl: --augment takes no value for classification (got {args.augment!r})")
     for name in list(FIELD_FLAGS) + ["augment", "feature_cache", "allow_outside_frames", "save_models", "final_model", "tensorboard"]:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
@@ -160,6 +158,8 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
                        help="3D without --window: clip each volume to these percentiles (default 0.5,99.5; 0,100 = min-max)")
     group.add_argument("--channel", type=int, default=None, metavar="K",
                        help="3D: channel (modality) of 4D images [X, Y, Z, C] to segment from, 0-based")
+    group.add_argument("--seg-augment", dest="seg_augment", choices=["flips", "monai"], default=None,
+                       help="flips (default: random in-plane flips) or monai (2D flips, small affine, intensity)")
     group.add_argument("--binarize", type=int, default=None, metavar="T",
                        help="binary masks: foreground = mask value > T (e.g. 127 for 0/255 masks with JPEG noise); "
                             "without it, mask values the task does not declare are an error")
@@ -265,8 +265,10 @@ def segment_config(args: argparse.Namespace):
                          "each (fold, fraction) model is kept in OUT/models/")
     if getattr(args, "save_models", None) is not None:
         data["save_models"] = args.save_models
-    if getattr(args, "augment", None) is not None:
-        data["augment"] = "monai" if args.augment is True else args.augment
+    if getattr(args, "seg_augment", None) is not None:
+        data["augment"] = args.seg_augment
+    elif getattr(args, "augment", None):
+        data["augment"] = "monai"
     return SegmentConfig(**data)
 
 
