@@ -363,9 +363,9 @@ def _read_input(path: Path, inp: dict) -> tuple[np.ndarray, dict]:
         return image[None], {"shape": (height, width)}
     import nibabel as nib
 
-    from medcl.data.segfiles import read_volume
+    from medcl.data.segfiles import PERCENTILES, read_volume
 
-    image, _ = read_volume(path, None, window=inp.get("window"), percentiles=inp.get("percentiles") or (0.5, 99.5),
+    image, _ = read_volume(path, None, window=inp.get("window"), percentiles=inp.get("percentiles") or PERCENTILES,
                            channel=inp.get("channel"), size=inp.get("size"))
     return image, {"nifti": nib.load(str(path))}
 

@@ -167,10 +167,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a medcl checkpoint (a file or a run folder) with ``weights_only=True`` and check its
     format and required keys."""
     path = resolve_checkpoint(path)
+    return validate_checkpoint(_torch_load(path, map_location), path)
+
+
+def _torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True`` (never unpickles code); any failure names the file."""
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
         raise WeightsError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {exc})") from None
+
+
+def validate_checkpoint(ckpt: Any, path: str | Path) -> dict[str, Any]:
+    """``ckpt`` (what ``torch.load`` gave for ``path``) if it is a usable medcl checkpoint."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise WeightsError(f"{path}: format {found!r}, expected {CHECKPOINT_FORMAT!r}")
@@ -392,6 +401,17 @@ def read_backbone_file(path: str | Path, device: str = "cpu") -> tuple[dict[str,
     return tensors, metadata, file
 
 
+def read_backbone_metadata(file: str | Path) -> dict[str, str]:
+    """The metadata of a safetensors file, from its header only (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as exc:  # noqa: BLE001  (safetensors raises its own error type and OSError)
+        raise WeightsError(f"{file}: not a readable safetensors file (corrupted or truncated?): {exc}") from exc
+
+
 def _file_kind(file: Path) -> str:
     """``"safetensors"`` (an 8-byte little-endian header length, then the JSON header), ``"torch"``
     (``torch.save``: a zip archive, or a pickle in the legacy format) or ``"unknown"``."""
@@ -415,7 +435,8 @@ def _torch_file_message(file: Path) -> str:
             "not an exported backbone: use `medcl export` first (or pass it to --init)")
 
 
-def _metadata_json(metadata: Mapping[str, str], key: str, file: Path, default: str) -> Any:
+def metadata_json(metadata: Mapping[str, str], key: str, file: str | Path, default: str) -> Any:
+    """A JSON value of a weights file's metadata (``default`` when the key is absent)."""
     try:
         return json.loads(metadata.get(key) or default)
     except json.JSONDecodeError as exc:
@@ -425,9 +446,9 @@ def _metadata_json(metadata: Mapping[str, str], key: str, file: Path, default: s
 def read_exported(path: str | Path) -> tuple[nn.Module, str, dict[str, Any], InputSpec, Path]:
     """(network in eval mode, architecture, its kwargs, input convention, file) of an exported backbone."""
     tensors, metadata, file = read_backbone_file(path)  # read on CPU: the checksum is computed there
-    kwargs = check_backbone_kwargs(metadata["architecture"], _metadata_json(metadata, "kwargs", file, "{}"), file)
+    kwargs = check_backbone_kwargs(metadata["architecture"], metadata_json(metadata, "kwargs", file, "{}"), file)
     try:
-        spec = InputSpec.from_dict(_metadata_json(metadata, "input", file, "null"), int(kwargs.get("in_channels", 1)))
+        spec = InputSpec.from_dict(metadata_json(metadata, "input", file, "null"), int(kwargs.get("in_channels", 1)))
     except (TypeError, ValueError) as exc:
         raise WeightsError(f"{file}: metadata 'input' is not a valid input convention: {exc}") from None
     layout = metadata.get("layout", "monai")
@@ -549,7 +570,9 @@ def load_init(init: InitSpec | str, expect: str | None = None) -> LoadedBackbone
         if expect is not None and architecture != expect:
             raise WeightsError(f"{path}: backbone is {architecture!r}, but this task needs {expect!r}")
 
-    plain = _plain_state_dict(path)
+    kind = _file_kind(path)
+    loaded = _torch_load(path) if kind == "torch" else None  # read once, whatever it turns out to be
+    plain = _plain_state_dict(path, kind, loaded)
     if plain is not None:  # a torchvision / timm ResNet-18 state dict (e.g. ImageNet weights on disk)
         check("resnet18")
         try:
@@ -561,12 +584,16 @@ def load_init(init: InitSpec | str, expect: str | None = None) -> LoadedBackbone
         spec = InputSpec(1, layouts.IMAGENET_GRAY_MEAN, layouts.IMAGENET_GRAY_STD)
         source = f"torchvision/timm state dict {path} (RGB stem folded to gray; ImageNet normalisation)"
     elif path.suffix == ".safetensors":
-        check(read_backbone_file(path)[1]["architecture"])
+        metadata = read_backbone_metadata(path)
+        if "card" in metadata:  # a fine-tuned model (medcl.evaluate.models writes its card there)
+            raise WeightsError(f"initialisation {init.name!r}: {path} is a fine-tuned {metadata.get('architecture')}, "
+                               "not a backbone; initialise from pretraining weights (a checkpoint, run folder or export)")
+        check(metadata.get("architecture", "?"))
         network, architecture, kwargs, spec, file = read_exported(path)
         state = dict(network.state_dict())
         source = f"exported weights {file}"
     else:
-        ckpt = load_checkpoint(path)
+        ckpt = validate_checkpoint(loaded if loaded is not None else _torch_load(path), path)
         info = ckpt["backbone"]
         architecture, kwargs = info["name"], dict(info.get("kwargs") or {})
         check(architecture)
@@ -577,26 +604,20 @@ def load_init(init: InitSpec | str, expect: str | None = None) -> LoadedBackbone
     return LoadedBackbone(init, network, architecture, kwargs, state, spec, source)
 
 
-def _plain_state_dict(path: Path) -> dict[str, torch.Tensor] | None:
+def _plain_state_dict(path: Path, kind: str, loaded: Any) -> dict[str, torch.Tensor] | None:
     """The tensors of ``path`` when it is a plain (not medcl) state dict in torchvision / timm
-    ResNet layout: safetensors without medcl metadata, or a ``torch.save``-d dict read with
-    ``weights_only=True`` (also under a ``state_dict`` / ``model`` key). None for medcl files."""
-    kind = _file_kind(path)
+    ResNet layout: safetensors without medcl metadata, or a ``torch.save``-d dict (``loaded``, read
+    with ``weights_only=True``; also under a ``state_dict`` / ``model`` key). None for medcl files."""
     if kind == "safetensors":
-        from safetensors import safe_open
+        if read_backbone_metadata(path).get("format") == EXPORT_FORMAT:
+            return None
+        from safetensors.torch import load_file
 
         try:
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                if (handle.metadata() or {}).get("format") == EXPORT_FORMAT:
-                    return None
-                state = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type
-            raise WeightsError(f"{path}: not a readable safetensors file (corrupted or truncated?): {exc}") from None
+            state = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001  (safetensors raises its own error type)
+            raise WeightsError(f"{path}: not a readable safetensors file (corrupted or truncated?): {exc}") from exc
     elif kind == "torch":
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-            raise WeightsError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {exc})") from None
         if not isinstance(loaded, Mapping) or loaded.get("format") == CHECKPOINT_FORMAT:
             return None
         state = loaded.get("state_dict", loaded.get("model", loaded))

@@ -66,7 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # a command module refusing its arguments: SystemExit("message")
         if not isinstance(exc.code, str):
             raise
-        message = exc.code if exc.code.startswith("medcl") else f"medcl {args.command}: {exc.code}"
+        text = " ".join(exc.code.split())  # one line, also for pydantic's multi-line messages
+        message = text if text.startswith("medcl") else f"medcl {args.command}: {text}"
         print(message, file=sys.stderr)
         return EXIT_BAD_INPUT
     except USER_ERRORS as exc:

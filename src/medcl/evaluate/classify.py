@@ -51,7 +51,6 @@ from medcl.data.manifest import VideoRecord, read_manifest
 from medcl.data.splits import Fold, fixed_split_with_validation, repeated_group_kfold, select_label_fraction
 from medcl.evaluate.metrics import SUMMARY_KEYS, classification_metrics, fmt, summarize, video_level
 from medcl.evaluate.models import (
-    ARCHITECTURES,
     FINAL_MODEL,
     FRAME_CLASSIFIER,
     FeatureStandardizer,
@@ -68,10 +67,10 @@ from medcl.evaluate.models import (
 )
 from medcl.evaluate.protocol import RunResult, Schedule, Validation, compare_inits, train_with_selection, write_run
 from medcl.inputs import InputSpec, resize_frames, to_model_input
-from medcl.precision import autocast, channels_last, resolve_precision
 from medcl.models.backbones import RESNET18_FEATURES, resnet18_backbone
+from medcl.precision import autocast, channels_last, resolve_precision
 from medcl.sampling.augment import AugmentParams, augment_frames
-from medcl.weights import InitSpec, LoadedBackbone, WeightsError, load_init, read_backbone_file, resolve_init_path
+from medcl.weights import InitSpec, LoadedBackbone, load_init
 
 # Inputs follow medcl.inputs, exactly what pretraining fed the backbone: frozen BatchNorm
 # statistics are only valid for that input convention.
@@ -315,25 +314,9 @@ FINETUNE_AUGMENT = AugmentParams(crop_scale=(0.8, 1.0), rotate_degrees=10.0, bri
 # initialisation and model parts
 
 
-def check_init(init: InitSpec) -> LoadedBackbone:
-    """:func:`medcl.weights.load_init`, saying so when the file is a fine-tuned model (of a run's
-    ``models/``) rather than a backbone."""
-    try:
-        return load_init(init)
-    except WeightsError:
-        path = resolve_init_path(init) if init.path is not None else None
-        if path is not None and path.suffix == ".safetensors":
-            architecture = read_backbone_file(path)[1].get("architecture")
-            if architecture in ARCHITECTURES:
-                raise WeightsError(f"initialisation {init.name!r}: {path} is a fine-tuned {architecture}, not a "
-                                   "backbone; initialise from pretraining weights (a checkpoint, run folder or "
-                                   "export)") from None
-        raise
-
-
 def init_backbone(init: InitSpec, seed: int = 0) -> LoadedBackbone:
-    """The backbone of ``init`` (:func:`check_init`); scratch is a ResNet-18 drawn with ``seed``."""
-    loaded = check_init(init)
+    """The backbone of ``init`` (:func:`medcl.weights.load_init`); scratch is a ResNet-18 drawn with ``seed``."""
+    loaded = load_init(init)
     if loaded.network is None:
         torch.manual_seed(seed)
         loaded.network = resnet18_backbone(in_channels=1)
@@ -786,4 +769,4 @@ def _run_all(data: FrameData, folds: list[Fold], inits, config: FinetuneConfig,
                                metrics=compare_metrics, n_boot=n_boot, seed=config.seed)
 
     return compare_inits(inits, lambda init, run_out: run_classification(data, folds, init, config, run_out, extra, log),
-                         compare, write_comparison, out, check=check_init, overwrite=overwrite, command=command)
+                         compare, write_comparison, out, check=load_init, overwrite=overwrite, command=command)

@@ -45,7 +45,14 @@ from torch import nn
 from medcl._version import __version__
 from medcl.inputs import InputSpec
 from medcl.models.backbones import RESNET18_FEATURES, build_backbone
-from medcl.weights import MissingWeightsError, WeightsError, check_backbone_kwargs, read_backbone_file, save_backbone
+from medcl.weights import (
+    MissingWeightsError,
+    WeightsError,
+    check_backbone_kwargs,
+    metadata_json,
+    read_backbone_file,
+    save_backbone,
+)
 
 Protocol = Literal["last_stage", "linear", "full"]
 
@@ -191,21 +198,14 @@ def add_to_card(path: str | Path, **fields: Any) -> dict[str, Any]:
     """Rewrite a model file with ``fields`` added to its card (the tensors are read back, checked,
     and written unchanged); returns the new card."""
     tensors, metadata, file = read_backbone_file(path)
-    card = {**_metadata_json(metadata, "card", file), **fields}
-    save_backbone(tensors, file, metadata["architecture"], _metadata_json(metadata, "kwargs", file),
-                  _card_metadata(card), InputSpec.from_dict(_metadata_json(metadata, "input", file)))
+    card = {**metadata_json(metadata, "card", file, "{}"), **fields}
+    save_backbone(tensors, file, metadata["architecture"], metadata_json(metadata, "kwargs", file, "{}"),
+                  _card_metadata(card), InputSpec.from_dict(metadata_json(metadata, "input", file, "null")))
     return card
 
 
 def _card_metadata(card: Mapping[str, Any]) -> dict[str, str]:
     return {"card": json.dumps(card, sort_keys=False), "task": str(card.get("task")), "medcl_version": __version__}
-
-
-def _metadata_json(metadata: Mapping[str, str], key: str, file: Path) -> Any:
-    try:
-        return json.loads(metadata[key])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{file}: metadata {key!r} is missing or not JSON ({exc})") from None
 
 
 def resolve_model_file(path: str | Path) -> Path:
@@ -239,8 +239,8 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu") -> tupl
     if architecture not in ARCHITECTURES or "card" not in metadata:
         raise WeightsError(f"{file}: holds a {architecture!r} backbone (pretraining weights or a `medcl export`), not a "
                            "fine-tuned model; give a file from the models/ folder of a `medcl finetune` run")
-    card = _metadata_json(metadata, "card", file)
-    kwargs = check_backbone_kwargs(architecture, _metadata_json(metadata, "kwargs", file), file)
+    card = metadata_json(metadata, "card", file, "{}")
+    kwargs = check_backbone_kwargs(architecture, metadata_json(metadata, "kwargs", file, "{}"), file)
     builder = ARCHITECTURES[architecture]
     try:
         try:

@@ -359,10 +359,11 @@ def evaluate_cases(
     model.eval()
     scores, kept, counts = [], [], []
     batch = 8 if not images or images[0].ndim == 3 else 1  # 2D images [1, H, W] batch; volumes one by one
+    dtype = resolve_precision(cfg.precision, "cpu")  # segmentation runs on the CPU (as in finetune_once)
     for start in range(0, len(images), batch):
         x = torch.from_numpy(np.stack(images[start : start + batch]))
         y = torch.from_numpy(np.stack(labels[start : start + batch]))
-        with autocast(x.device, resolve_precision(cfg.precision, x.device)):
+        with autocast(x.device, dtype):
             logits = predict(model, x, roi_size, cfg.sw_batch_size, cfg.sw_overlap)
         pred = logits.float().argmax(1, keepdim=True)
         scores.append(dice_per_class(pred, y, n_classes))
@@ -439,7 +440,7 @@ def finetune_once(
         channels_last(model)  # medcl.precision: the memory format 2D CNNs prefer (same values)
     iterations, val_every = budget(cfg, len(train_images))
     monai_augment = monai_augmenter(int(rng.integers(2**31))) if cfg.augment == "monai" else None
-    dtype = resolve_precision(cfg.precision, torch.device("cpu"))  # medcl.precision (segmentation runs on the CPU here)
+    dtype = resolve_precision(cfg.precision, "cpu")  # medcl.precision (segmentation runs on the CPU here)
     if encoder_state is not None:
         load_encoder_into(model, encoder_state, cfg.checkpoint or "checkpoint")
     # Dice over foreground classes only and over the whole batch: small organs in crops that miss

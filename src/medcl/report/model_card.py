@@ -30,10 +30,9 @@ from medcl.weights import (
     WeightsError,
     backbone_from_checkpoint,
     checkpoint_input,
-    read_backbone_file,
+    read_backbone_metadata,
     resolve_checkpoint,
     save_backbone,
-    tensor_digest,
 )
 
 MODEL_CARD_JSON = "model_card.json"
@@ -309,9 +308,9 @@ def export_backbone(checkpoint: str | Path, out_dir: str | Path, evaluation_runs
             layout=layout,
             in_channels=in_channels,
         )
-        stored, metadata, _ = read_backbone_file(file)
+        metadata = read_backbone_metadata(file)  # what was written: layout, adapted kwargs, input, sha256
         n_parameters = sum(p.numel() for p in network.parameters())
-        card = build_model_card(ckpt, checkpoint_path, run_dir, n_parameters, tensor_digest(stored),
+        card = build_model_card(ckpt, checkpoint_path, run_dir, n_parameters, metadata["sha256"],
                                 [Path(d) for d in evaluation_runs])
         card["layout"] = layout
         card["kwargs"] = json.loads(metadata["kwargs"])
