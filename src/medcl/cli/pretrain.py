@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from medcl.config import ConfigError, load_config
     from medcl.train.api import pretrain
+    from medcl.cli import user_message
     from medcl.weights import WeightsError
     from medcl.train.trainer import TrainingDiverged, TrainingInterrupted
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.overrides)
         run_dir = pretrain(config, resume=args.resume)
     except (ConfigError, WeightsError, FileExistsError, FileNotFoundError) as exc:
-        print(f"medcl pretrain: error: {exc}", file=sys.stderr)
+        print(f"medcl pretrain: error: {user_message(exc)}", file=sys.stderr)  # one line, all problems
         return 2
     except TrainingDiverged as exc:
         print(f"medcl pretrain: stopped: {exc}", file=sys.stderr)
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"medcl pretrain: stopped: {exc}", file=sys.stderr)
         return 128 + exc.signum
     except ValueError as exc:  # data problems found while building (batch larger than the data set, ...)
-        print(f"medcl pretrain: error: {exc}", file=sys.stderr)
+        print(f"medcl pretrain: error: {user_message(exc)}", file=sys.stderr)
         return 2
     if os.environ.get("RANK", "0") == "0":
         print(f"pretraining finished: {run_dir} (backbone in {run_dir / 'checkpoints' / 'final.pt'})")
