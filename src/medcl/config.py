@@ -21,9 +21,11 @@ command-line overrides ``key.sub=value``::
 
 Sections per method: every run has ``optim``, ``train`` and its method's section. The shared
 sections :data:`SHARED_SECTIONS` (``data``, ``sampling``, ``augment``, ``model``) belong to the
-methods whose config class lists them in ``shared_sections``: USCL, SimCLR and supervised
-pretraining (frame sets through ``medcl.sampling.pairs``) use all four; MixCL uses none (its data,
-views and model options are in ``mixcl:``). A run's :meth:`Config.to_dict` / ``config.yaml``
+methods whose config class lists them in ``shared_sections``: USCL, SimCLR, MoCo and supervised
+pretraining (frame sets through ``medcl.sampling.pairs``) use all four; the semi-supervised
+baselines FixMatch, Pi-model and Temporal Ensembling use ``data``, ``augment`` and ``model``
+(labeled + unlabeled frames through ``medcl.sampling.labeled_unlabeled``, no pair sampling); MixCL
+uses none (its data, views and model options are in ``mixcl:``). A run's :meth:`Config.to_dict` / ``config.yaml``
 holds only its method's sections, and ``cfg.sampling`` etc. are ``None`` for a method that does
 not use them. A section given for a method that does not use it is a :class:`ConfigError`, with
 one exception for files written by medcl before sections became per-method (every MixCL
@@ -242,12 +244,66 @@ class SupervisedConfig(FrameSetMethodConfig):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
 
 
+class MoCoConfig(FrameSetMethodConfig):
+    """MoCo v2 (He et al., CVPR 2020; Chen et al., arXiv 2020): InfoNCE against a queue of momentum keys."""
+
+    temperature: float = Field(0.2, gt=0.0)
+    momentum: float = Field(0.999, ge=0.0, lt=1.0)  # key encoder: theta_k <- m theta_k + (1 - m) theta_q
+    # a multiple of optim.batch_size, at most the items of one epoch (checked when the data is read)
+    queue_size: int = Field(65536, ge=1)
+
+
+class SemiSupervisedConfig(MethodConfig):
+    """Base of the semi-supervised baselines: per step optim.batch_size labeled frames and ``mu``
+    times as many unlabeled frames (``medcl.sampling.labeled_unlabeled``); no ``sampling`` section."""
+
+    shared_sections: ClassVar[tuple[str, ...]] = ("data", "augment", "model")
+    needs_manifest: ClassVar[bool] = True
+    mu: int = Field(7, ge=1)  # unlabeled-to-labeled ratio (FixMatch's mu)
+
+
+class FixMatchConfig(SemiSupervisedConfig):
+    """FixMatch (Sohn et al., NeurIPS 2020): CE + lambda_u * pseudo-label CE on strong views."""
+
+    threshold: float = Field(0.95, ge=0.0, le=1.0)  # confidence of a pseudo-label
+    lambda_u: float = Field(1.0, ge=0.0)
+    randaugment_ops: int = Field(2, ge=1)  # strong augmentation: operations per image (RandAugment's N)
+    cutout: float = Field(0.5, ge=0.0, le=1.0)  # Cutout side, at most this fraction of the image side
+
+    @field_validator("randaugment_ops")
+    @classmethod
+    def _known_number_of_ops(cls, value: int) -> int:
+        from medcl.sampling.augment import STRONG_OPS  # lazily: the augmentation module imports torch
+
+        if value > len(STRONG_OPS):
+            raise ValueError(f"at most {len(STRONG_OPS)} (the operations of medcl.sampling.augment.STRONG_OPS)")
+        return value
+
+
+class PiModelConfig(SemiSupervisedConfig):
+    """Pi-model (Laine & Aila, ICLR 2017): CE + w(t) * squared difference of two passes' softmax."""
+
+    consistency_weight: float = Field(100.0, ge=0.0)  # w_max (paper: 100 for the Pi-model)
+    rampup_epochs: float = Field(80.0, ge=0.0)  # Gaussian ramp-up exp(-5 (1 - T)^2) of w over these epochs
+
+
+class TemporalEnsemblingConfig(PiModelConfig):
+    """Temporal Ensembling (Laine & Aila, ICLR 2017): CE + w(t) * squared difference to an EMA of past predictions."""
+
+    consistency_weight: float = Field(30.0, ge=0.0)  # w_max (paper: 30 for temporal ensembling)
+    alpha: float = Field(0.6, ge=0.0, lt=1.0)  # ensemble momentum Z <- alpha Z + (1 - alpha) z
+
+
 # method name -> its section class (or "module:Class", imported when first needed)
 METHOD_CONFIGS: dict[str, type[MethodConfig] | str] = {
     "uscl": USCLConfig,
     "simclr": SimCLRConfig,
     "supervised": SupervisedConfig,
     "mixcl": "medcl.methods.mixcl:MixCLConfig",
+    "moco": MoCoConfig,
+    "fixmatch": FixMatchConfig,
+    "pimodel": PiModelConfig,
+    "temporal_ensembling": TemporalEnsemblingConfig,
 }
 
 

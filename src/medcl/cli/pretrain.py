@@ -1,4 +1,5 @@
-"""``medcl pretrain``: pretrain a backbone with USCL, SimCLR, supervised (or MixCL) from a preset.
+"""``medcl pretrain``: pretrain a backbone with USCL, SimCLR, MoCo, supervised, FixMatch, Pi-model,
+Temporal Ensembling (or MixCL) from a preset.
 
     medcl pretrain --config configs/uscl.yaml data.manifest=PATH out=DIR [key.sub=value ...] [--resume]
 
@@ -18,7 +19,7 @@ import sys
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "pretrain",
-        help="contrastive pretraining of a backbone (USCL, SimCLR, supervised, ...)",
+        help="pretraining of a backbone (USCL, SimCLR, MoCo, FixMatch, Pi-model, ...)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

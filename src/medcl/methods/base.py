@@ -47,6 +47,10 @@ METHOD_MODULES: dict[str, str] = {
     "simclr": "medcl.methods.simclr",
     "supervised": "medcl.methods.supervised",
     "mixcl": "medcl.methods.mixcl",
+    "moco": "medcl.methods.moco",
+    "fixmatch": "medcl.methods.fixmatch",
+    "pimodel": "medcl.methods.pimodel",
+    "temporal_ensembling": "medcl.methods.temporal_ensembling",
 }
 
 

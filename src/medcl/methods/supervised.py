@@ -27,7 +27,7 @@ class Supervised(Method):
                  backbone: str = "resnet18") -> None:
         super().__init__()
         if not classes:
-            raise ValueError("supervised pretraining needs at least one class")
+            raise ValueError(f"{self.name} pretraining needs at least one class")
         self.backbone_spec = {"name": backbone, "kwargs": {"in_channels": in_channels}}
         self.backbone = build_backbone(backbone, in_channels=in_channels)
         features = feature_dim(self.backbone, in_channels)  # 512 for ResNet-18
@@ -35,8 +35,13 @@ class Supervised(Method):
         self.criterion = MaskedCrossEntropy(label_smoothing)
         self.metadata = {"classes": list(classes)}
 
+    def classify(self, *views: Tensor) -> tuple[Tensor, ...]:
+        """h(f(x)) of each view, from ONE forward pass over all of them (one BatchNorm batch); the
+        semi-supervised methods (FixMatch, Pi-model, Temporal Ensembling) build on this."""
+        return self.classifier(self.backbone(torch.cat(views))).split([len(v) for v in views])
+
     def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        logits = self.classifier(self.backbone(torch.cat([batch["view1"], batch["view2"]])))
+        logits = torch.cat(self.classify(batch["view1"], batch["view2"]))
         labels = torch.cat([batch["label"], batch["label"]])
         loss = self.criterion(logits, labels)
         accuracy = (logits.argmax(1) == labels).float().mean()

@@ -42,7 +42,8 @@ import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -122,7 +123,7 @@ class PairGenerator:
         # Frames much larger than the model input are shrunk once (area filter, anti-aliased) to the
         # smallest side at which even the smallest random crop still holds `size` source pixels.
         min_scale = self.augment.crop_scale[0] if self.augment.enabled else 1.0
-        self.frames = _pack(frames, max_side=math.ceil(size / math.sqrt(min_scale)))  # uint8 [total, H, W]
+        self.frames = pack_frames(frames, max_side=math.ceil(size / math.sqrt(min_scale)))  # uint8 [total, H, W]
 
     @property
     def n_items(self) -> int:
@@ -192,7 +193,9 @@ class PairGenerator:
         return {"view1": view1, "view2": view2, "label": self.targets[video], "video": video}
 
 
-def _pack(frames: list[np.ndarray], max_side: int | None = None) -> Tensor:
+def pack_frames(frames: list[np.ndarray], max_side: int | None = None) -> Tensor:
+    """All videos' uint8 frames as one tensor [total, H, W] (video after video), at the most common
+    frame size, shrunk (area filter) so that the longer side is at most ``max_side``."""
     shapes = Counter(f.shape[1:] for f in frames)
     common = shapes.most_common(1)[0][0]
     if len(shapes) > 1:
@@ -211,22 +214,27 @@ def _pack(frames: list[np.ndarray], max_side: int | None = None) -> Tensor:
     return torch.cat(parts)
 
 
-def frame_set_loader(
-    config: Config, *, rank: int = 0, world_size: int = 1, labeled_only: bool = False
-) -> tuple[IndexBatchLoader, PairGenerator, list[str]]:
-    """The loader every frame-set method (USCL, SimCLR, supervised) trains on.
+class FrameSetData(NamedTuple):
+    """The frame sets of ``data.manifest`` as a frame-set sampler needs them."""
 
-    Reads ``config.data.manifest``, keeps a stratified ``data.label_fraction`` of the labels
-    (seeded by ``data.label_seed``), optionally keeps only the labeled videos, and builds the pair
-    generator and a resumable, rank-sharded loader. Returns (loader, generator, classes).
-    """
+    frames: list[np.ndarray]  # uint8 [n_i, H, W] per video
+    targets: np.ndarray  # int64 class index per video, -1 = unlabeled (or label not kept)
+    classes: list[str]
+    source: Path  # the manifest (for messages)
+    device: torch.device  # where batches are augmented
+
+
+def read_frame_sets(config: Config, *, world_size: int = 1, labeled_only: bool = False) -> FrameSetData:
+    """Read ``config.data.manifest`` and keep a stratified ``data.label_fraction`` of the labels
+    (seeded by ``data.label_seed``): the labeled videos every frame-set method uses. With
+    ``labeled_only`` only those videos are read."""
     from medcl.data.frames import FrameSets
     from medcl.data.splits import label_targets, select_labeled_videos
 
     device = resolve_device(config.train.device)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    sets = FrameSets(config.data.manifest, cache=False)  # frames are packed into one tensor below, once
+    sets = FrameSets(config.data.manifest, cache=False)  # frames are packed into one tensor by the sampler, once
     classes = sets.classes
     keep = select_labeled_videos(sets.labels, config.data.label_fraction, config.data.label_seed)
     targets = label_targets(sets.labels, classes, keep)
@@ -234,9 +242,21 @@ def frame_set_loader(
     if labeled_only and len(indices) == 0:
         raise ValueError(f"{sets.manifest_path}: no labeled video; this method needs labels")
     frames = [sets.load_frames(sets.records[int(i)]) for i in indices]
+    return FrameSetData(frames, targets[indices], classes, Path(sets.manifest_path), device)
+
+
+def frame_set_loader(
+    config: Config, *, rank: int = 0, world_size: int = 1, labeled_only: bool = False
+) -> tuple[IndexBatchLoader, PairGenerator, list[str]]:
+    """The loader every frame-set method (USCL, SimCLR, supervised, MoCo) trains on.
+
+    Reads the frame sets (:func:`read_frame_sets`), optionally keeps only the labeled videos, and
+    builds the pair generator and a resumable, rank-sharded loader. Returns (loader, generator, classes).
+    """
+    data = read_frame_sets(config, world_size=world_size, labeled_only=labeled_only)
     generator = PairGenerator(
-        frames,
-        targets[indices],
+        data.frames,
+        data.targets,
         pairing=config.sampling.pairing,
         mixup=config.sampling.mixup,
         alpha=config.sampling.alpha,
@@ -244,11 +264,11 @@ def frame_set_loader(
         size=config.data.size,
         channels=config.data.in_channels,
         augment=AugmentParams.from_config(config.augment),
-        device=device,
+        device=data.device,
     )
     what = "videos" if config.sampling.pairing == "video" else "frames"
     loader = IndexBatchLoader(
         generator.n_items, config.optim.batch_size, generator.make_batch,
-        seed=config.train.seed, rank=rank, world_size=world_size, what=f"{what} in {sets.manifest_path}",
+        seed=config.train.seed, rank=rank, world_size=world_size, what=f"{what} in {data.source}",
     )
-    return loader, generator, classes
+    return loader, generator, data.classes
