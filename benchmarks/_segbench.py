@@ -227,3 +227,58 @@ def write_report(path: Path, title: str, intro: str, settings: Mapping[str, Any]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     print(f"wrote {path}")
+
+
+def markdown_table_rows(path: Path, header_start: str) -> list[str]:
+    """The rows of the first markdown table in ``path`` whose header line starts with
+    ``header_start`` (an earlier benchmark's numbers to quote beside new ones); [] if absent."""
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(header_start)), None)
+    if start is None:
+        return []
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line)
+    return rows
+
+
+class Log:
+    """print() that also keeps the lines (a benchmark's log goes into its results file)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, msg: str) -> None:
+        print(msg, flush=True)
+        self.lines.append(msg)
+
+
+def unet_bench_args(name: str, description: str, argv, extra=None) -> tuple[argparse.Namespace, Path, Path]:
+    """The options of segment_2d.py / segment_3d.py; returns (args, work folder, results file)
+    and sets the thread count. ``extra(parser)`` adds a script's own options."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny settings: checks the whole script in minutes")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--work", type=Path, default=None, help=f"default benchmarks/work/{name}[_quick]")
+    parser.add_argument("--folds", default=None, help="folds to run, e.g. 1,2,3,4,5")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help=f"default benchmarks/results/{name}[_quick].md")
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    args.fold_list = sorted(int(f) for f in args.folds.split(",")) if args.folds else None
+    suffix = "_quick" if args.quick else ""
+    torch.set_num_threads(args.threads)
+    return (args, args.work or ROOT / "benchmarks" / "work" / f"{name}{suffix}",
+            args.out or ROOT / "benchmarks" / "results" / f"{name}{suffix}.md")
+
+
+def write_results(path: Path, lines: list[str], log: Log) -> None:
+    """The results file: ``lines``, then the run's log."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([*lines, "## Log", "", "```", *log.lines, "```", ""]))
+    print(f"wrote {path}")

@@ -106,6 +106,14 @@ def ingest_data(data: Path, work: Path, s: Settings, log) -> tuple[Path, Path]:
     summary = ingest_videos(pocus_src, pocus_out, fps=3.0, size=s.size, metadata=pocus_meta, progress=False)
     log(f"POCUS: {summary.n_ingested + summary.n_skipped} convex videos ({summary.n_frames} new frames), "
         f"{len(summary.failed)} failed, {time.perf_counter() - t0:.0f} s")
+    return pocus_out, ingest_blues(data, work, s, log)
+
+
+def ingest_blues(data: Path, work: Path, s: Settings, log) -> Path:
+    """COVID-BLUES (every ``s.blues_every``-th video) ingested at ``s.size``, 3 frames/s, COVID PCR
+    per patient as the weak label: the pretraining corpus (also of benchmarks/segment_2d.py)."""
+    from medcl.ingest.pipeline import ingest_videos
+
     blues_root = data / "covid-blues" / "lus_videos"
     blues_files = sorted(blues_root.glob("*.mp4"))[::s.blues_every]
     blues_src = link_subset(blues_files, blues_root, work / "src" / f"blues-every{s.blues_every}")
@@ -117,7 +125,7 @@ def ingest_data(data: Path, work: Path, s: Settings, log) -> tuple[Path, Path]:
                             label_map={"0": "negative", "1": "covid"})
     log(f"COVID-BLUES: {len(blues_files)} videos ({summary.n_frames} new frames), {len(summary.failed)} failed, "
         f"{time.perf_counter() - t0:.0f} s")
-    return pocus_out, blues_out
+    return blues_out
 
 
 def deep_update(base: dict, extra: dict) -> dict:
@@ -127,7 +135,10 @@ def deep_update(base: dict, extra: dict) -> dict:
     return out
 
 
-def pretrain_all(blues: Path, work: Path, s: Settings, log) -> dict[str, Path]:
+def pretrain_all(blues: Path, work: Path, s: Settings, log, only: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Pretrain each variant of :func:`pretrain_variants` (``only``: these names) on ``blues``;
+    a run folder under ``work/pretrain`` whose name carries a digest of its config is reused
+    (the cache other benchmarks share)."""
     from medcl.data.manifest import read_manifest
     from medcl.train.api import pretrain
 
@@ -141,6 +152,8 @@ def pretrain_all(blues: Path, work: Path, s: Settings, log) -> dict[str, Path]:
     log(f"pretraining: {total_steps} steps of {s.pretrain_batch} pairs per variant ({s.pretrain_epochs} video epochs)")
     runs = {}
     for name, label, variant in pretrain_variants(s):
+        if only is not None and name not in only:
+            continue
         config = deep_update({
             "data": {"manifest": str(blues), "size": s.size},
             "optim": {"epochs": s.pretrain_epochs, "batch_size": s.pretrain_batch, "max_steps": total_steps,

@@ -31,6 +31,16 @@ def test_auto_uses_bf16_only_where_native(monkeypatch):
         precision.resolve_precision("fp16", "cpu")
 
 
+def test_auto_keeps_networks_that_prefer_fp32_in_fp32(monkeypatch):
+    from medcl.models.unet import build_unet
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    unet2d, unet3d = build_unet(out_channels=2), build_unet(out_channels=2, spatial_dims=3)
+    assert precision.resolve_precision("auto", "cpu", unet2d) is torch.bfloat16
+    assert precision.resolve_precision("auto", "cpu", unet3d) is None  # measured: no gain from bf16 in 3D
+    assert precision.resolve_precision("bf16", "cpu", unet3d) is torch.bfloat16  # still forced when asked
+
+
 def test_channels_last_changes_no_value():
     torch.manual_seed(0)
     net = resnet18_backbone().eval()
@@ -39,6 +49,18 @@ def test_channels_last_changes_no_value():
         plain = net(x)
         fast = precision.channels_last(net)(precision.channels_last(x))
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    # 3D: channels_last_3d for the 3D U-Net and 5D tensors, same values
+    from medcl.models.unet import build_unet
+
+    net3 = build_unet(out_channels=2, spatial_dims=3).eval()
+    x3 = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        plain3 = net3(x3)
+        net3 = precision.channels_last(net3)
+        assert net3.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        assert precision.channels_last(x3).is_contiguous(memory_format=torch.channels_last_3d)
+        fast3 = net3(precision.channels_last(x3))
+    torch.testing.assert_close(fast3, plain3, rtol=1e-4, atol=1e-4)
 
 
 def _pretrain_losses(tmp_path, frames, mode: str) -> list[float]:

@@ -22,6 +22,7 @@ from medcl.evaluate.segment import (
     predict,
     random_crop,
     run_segmentation,
+    surface_metrics,
     voxel_counts,
 )
 
@@ -205,6 +206,53 @@ def test_csv_manifest_reads_and_validates(tmp_path):
 # --------------------------------------------------------------------------------- end to end
 
 
+def _naive_surface(pred: np.ndarray, gt: np.ndarray, tol: float) -> tuple[float, float]:
+    """HD95 and NSD of two binary masks by brute force: boundary = mask minus its erosion (face
+    connectivity, as MONAI), all pairwise Euclidean distances between the two boundaries."""
+    from scipy.ndimage import binary_erosion
+
+    def edge(m):
+        return np.argwhere(m & ~binary_erosion(m, border_value=0))
+
+    ep, eg = edge(pred.astype(bool)), edge(gt.astype(bool))
+    d = np.sqrt(((ep[:, None, :] - eg[None, :, :]) ** 2).sum(-1))
+    d_pg, d_gp = d.min(1), d.min(0)
+    hd95 = max(np.percentile(d_pg, 95), np.percentile(d_gp, 95))
+    nsd = ((d_pg <= tol).sum() + (d_gp <= tol).sum()) / (len(d_pg) + len(d_gp))
+    return float(hd95), float(nsd)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_surface_metrics_match_a_naive_reference(dims):
+    rng = np.random.default_rng(dims)
+    shape = (24, 20) if dims == 2 else (14, 12, 10)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    gt, pred = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+    for label, centre_gt, centre_pred, r_gt, r_pred in ((1, 0.4, 0.45, 4.5, 3.5), (2, 0.65, 0.6, 3.0, 4.0)):
+        cg = np.array(shape) * centre_gt
+        cp = np.array(shape) * centre_pred + rng.normal(0, 0.5, dims)
+        gt[((grid - cg) ** 2).sum(-1) <= r_gt**2] = label
+        pred[((grid - cp) ** 2).sum(-1) <= r_pred**2] = label
+    pred[tuple(rng.integers(0, n, 3) for n in shape)] = 1  # stray false positives far away
+    got = surface_metrics(torch.from_numpy(pred)[None, None], torch.from_numpy(gt)[None, None], 3, tolerance=1.5)
+    assert got.shape == (1, 2, 2)
+    for label in (1, 2):
+        hd95, nsd = _naive_surface(pred == label, gt == label, 1.5)
+        assert got[0, label - 1, 0] == pytest.approx(hd95, rel=1e-4)
+        assert got[0, label - 1, 1] == pytest.approx(nsd, rel=1e-4)
+    # identical masks: HD95 0, NSD 1; a class missing from the prediction: NSD 0, HD95 = the diagonal;
+    # a class absent from the ground truth: NaN for both (skipped like Dice)
+    same = surface_metrics(torch.from_numpy(gt)[None, None], torch.from_numpy(gt)[None, None], 3, tolerance=1.0)
+    np.testing.assert_allclose(same[0, :, 0], 0.0)
+    np.testing.assert_allclose(same[0, :, 1], 1.0)
+    missing = surface_metrics(torch.zeros(1, 1, *shape), torch.from_numpy(gt)[None, None], 3, tolerance=1.0)
+    np.testing.assert_allclose(missing[0, :, 1], 0.0)
+    np.testing.assert_allclose(missing[0, :, 0], np.sqrt(sum(n * n for n in shape)))
+    only1 = np.where(gt == 2, 0, gt)
+    absent = surface_metrics(torch.from_numpy(pred)[None, None], torch.from_numpy(only1)[None, None], 3, tolerance=1.0)
+    assert np.isnan(absent[0, 1]).all() and not np.isnan(absent[0, 0]).any()
+
+
 def test_tiny_2d_finetune_end_to_end(tmp_path):
     task = read_seg_csv(write_2d_manifest(tmp_path / "data"))
     cfg = SegmentConfig(
@@ -221,6 +269,13 @@ def test_tiny_2d_finetune_end_to_end(tmp_path):
     assert results["runs"][0]["n_train_patients"] < results["runs"][1]["n_train_patients"]
     assert set(results["summary"]) == {"0.5", "1"}
     assert results["summary"]["1"]["test_mean_dice"]["n"] == 2
+    for run in results["runs"]:  # surface metrics of the test fold, in pixels of the 32 x 32 grid
+        assert 0.0 <= run["test"]["nsd"]["foreground"] <= 1.0 and 0.0 <= run["test"]["hd95"]["foreground"] <= np.sqrt(2) * 32
+    assert set(results["summary"]["1"]["test_hd95_per_class"]) == {"foreground"}
+    assert "HD95" in (out / "results.md").read_text()
+    with open(out / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {"hd95_foreground", "nsd_foreground", "dice_foreground"} <= set(rows[0])
     saved = json.loads((out / "results.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(results["summary"]))
     assert "| 100% |" in (out / "results.md").read_text()
@@ -323,6 +378,7 @@ def test_cli_compares_initialisations(tmp_path, capsys):
     assert all(r["external_test"]["n_cases"] == 4 for r in saved["runs"])  # 2 patients x 2 images
     table = (tmp_path / "cli" / "comparison.md").read_text()
     assert "mixcl - scratch (paired)" in table and "| 50% |" in table and "/2 folds better" in table
+    assert "| label fraction | scratch HD95 | scratch NSD | mixcl HD95 | mixcl NSD |" in table
     assert "test mean Dice" in capsys.readouterr().out
 
 

@@ -67,8 +67,88 @@ def test_encoder_loads_a_backbone_strictly_and_gives_its_features():
     with torch.no_grad():
         torch.testing.assert_close(net3.encode(spec.normalize(x))[0], net3.encoder.act(net3.encoder.bn1(
             net3.encoder.conv1(((x - 0.45) / 0.22).expand(-1, 3, -1, -1)))))
-    with pytest.raises(ValueError, match="2D"):
-        build_unet(out_channels=2, spatial_dims=3)
+    with pytest.raises(ValueError, match="2D or 3D"):
+        build_unet(out_channels=2, spatial_dims=1)
+
+
+def test_3d_unet_output_shape_and_3d_encoder_features():
+    backbone = resnet18_backbone(spatial_dims=3).eval()
+    net = build_unet(out_channels=3, spatial_dims=3).eval()
+    net.encoder.load_state_dict(backbone.state_dict(), strict=True)  # a 3D ResNet-18 loads strictly
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        feats = net.encode(x)
+        assert [tuple(f.shape[2:]) for f in feats] == [(16,) * 3, (8,) * 3, (4,) * 3, (2,) * 3, (1,) * 3]
+        pooled = torch.flatten(torch.nn.functional.adaptive_avg_pool3d(feats[-1], 1), 1)
+        torch.testing.assert_close(pooled, backbone(x))
+        assert net(torch.rand(1, 1, 24, 40, 20)).shape == (1, 3, 24, 40, 20)  # padded to 32, cropped back
+    assert isinstance(net.head, torch.nn.Conv3d)
+
+
+def _resnet3d_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    torch.manual_seed(2)
+    state = {k: v.clone() for k, v in resnet18_backbone(spatial_dims=3).state_dict().items()}
+    torch.save({"format": "medcl-checkpoint-v1", "method": "supervised", "config": {}, "step": 1,
+                "model": {f"backbone.{k}": v for k, v in state.items()},
+                "backbone": {"name": "resnet18", "kwargs": {"in_channels": 1, "spatial_dims": 3}, "prefix": "backbone."}},
+               path)
+    return state
+
+
+def test_3d_unet_finetunes_with_crops_and_sliding_window_from_a_3d_checkpoint(tmp_path):
+    from test_segment import write_3d_manifest
+
+    task = read_seg_csv(write_3d_manifest(tmp_path / "vol", size=20), classes=["bright", "dark"])
+    state = _resnet3d_checkpoint(tmp_path / "r3d.pt")
+    seen = {}
+    import medcl.evaluate.segment as seg
+
+    original_crop, original_load = seg.random_crop, seg.load_encoder_into
+
+    def crop_spy(image, labels, roi_size, pos_fraction, rng):
+        seen.setdefault("rois", set()).add(tuple(roi_size))
+        return original_crop(image, labels, roi_size, pos_fraction, rng)
+
+    def load_spy(net, encoder_state, source="checkpoint"):
+        original_load(net, encoder_state, source)
+        seen["conv1"] = net.encoder.conv1.weight.detach().clone()
+
+    cfg = SegmentConfig(arch="unet", roi_size=[16, 16, 16], checkpoint=str(tmp_path / "r3d.pt"), epochs=2,
+                        batch_size=2, fractions=[1.0], n_folds=3, folds=[1], val_fraction=0.2, n_overlays=1, lr=1e-3)
+    try:
+        seg.random_crop, seg.load_encoder_into = crop_spy, load_spy
+        results = run_segmentation(task, cfg, tmp_path / "run", log=None)
+    finally:
+        seg.random_crop, seg.load_encoder_into = original_crop, original_load
+    assert seen["rois"] == {(16, 16, 16)}  # trained on foreground-oversampled crops ...
+    torch.testing.assert_close(seen["conv1"], state["conv1.weight"])
+    run = results["runs"][0]  # ... and tested on whole 20^3 volumes (sliding window of 16^3 tiles)
+    assert set(run["test"]["per_class"]) == {"bright", "dark"} and set(run["test"]["hd95"]) == {"bright", "dark"}
+    model, card = load_finetuned(tmp_path / "run" / "models" / "fold1_frac100.safetensors")
+    assert model.spatial_dims == 3 and card["input"]["spatial_dims"] == 3
+    # a bigger inference tile than the training crop (the U-Net is fully convolutional)
+    tiles = []
+    original_predict = seg.predict
+
+    def predict_spy(model, image, roi_size, *a, **k):
+        tiles.append(tuple(roi_size))
+        return original_predict(model, image, roi_size, *a, **k)
+
+    try:
+        seg.predict = predict_spy
+        run_segmentation(task, cfg.model_copy(update={"sw_roi_size": [20, 20, 20], "checkpoint": None}), None, log=None)
+    finally:
+        seg.predict = original_predict
+    assert set(tiles) == {(20, 20, 20)}
+    with pytest.raises(ValueError, match="sw_roi_size needs arch 'unet'"):
+        SegmentConfig(arch="unetr", roi_size=[16, 16, 16], sw_roi_size=[20, 20, 20])
+    # a 2D backbone cannot initialise the 3D U-Net (and the reverse): one clear error
+    _uscl_checkpoint(tmp_path / "uscl2d.pt")
+    with pytest.raises(WeightsError, match="2D resnet18.*3D task"):
+        run_segmentation(task, cfg.model_copy(update={"checkpoint": str(tmp_path / "uscl2d.pt")}), None, log=None)
+    task2d = read_seg_csv(write_2d_manifest(tmp_path / "data", n_patients=6, size=32))
+    with pytest.raises(WeightsError, match="3D resnet18.*2D task"):
+        run_segmentation(task2d, SegmentConfig(**TINY, checkpoint=str(tmp_path / "r3d.pt")), None, log=None)
 
 
 def test_epochs_budget_scales_with_training_cases():
@@ -79,6 +159,14 @@ def test_epochs_budget_scales_with_training_cases():
     assert budget(SegmentConfig(iterations=50, val_every=10), 10) == (50, 10)  # default: iterations
     with pytest.raises(ValueError):
         SegmentConfig(epochs=0)
+    # a floor in iterations: 10 cases x 3 epochs / 4 = 8 steps -> 40 steps (16 epochs), validated every epoch
+    assert budget(SegmentConfig(epochs=3, batch_size=4, min_iterations=40), 10) == (40, 3)
+    assert budget(SegmentConfig(epochs=3, batch_size=4, min_iterations=40), 100) == (75, 25)  # epochs already give more
+    # at most 5 validations: 14 epochs of 3 steps -> every 3 epochs (9 steps), 5 validations
+    total, period = budget(SegmentConfig(epochs=3, batch_size=4, min_iterations=40, max_validations=5), 10)
+    assert (total, period) == (40, 9) and math.ceil(total / period) <= 5
+    with pytest.raises(ValueError):
+        SegmentConfig(min_iterations=0)
 
 
 def test_monai_augmentation_keeps_image_and_mask_aligned():

@@ -54,11 +54,13 @@ def native_bf16(device: torch.device | str) -> bool:
     return False
 
 
-def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype for a precision setting on ``device`` (None = fp32, no autocast)."""
+def resolve_precision(precision: str, device: torch.device | str, module: nn.Module | None = None) -> torch.dtype | None:
+    """The autocast dtype for a precision setting on ``device`` (None = fp32, no autocast).
+    ``auto`` keeps a ``module`` whose ``prefers_fp32`` attribute is true in fp32 (a network
+    measured not to gain from bf16, e.g. the 3D U-Net); ``bf16`` still forces it."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision == "fp32":
+    if precision == "fp32" or (precision == "auto" and getattr(module, "prefers_fp32", False)):
         return None
     if precision == "bf16" or native_bf16(device):
         return torch.bfloat16
@@ -78,11 +80,16 @@ def is_2d_cnn(module: nn.Module) -> bool:
 
 
 def channels_last(value: Any) -> Any:
-    """A module, a 4D tensor, or a (nested) dict / list / tuple of tensors in channels_last format;
-    anything else unchanged. Values are identical; only the memory layout changes."""
+    """A module, a 4D / 5D tensor, or a (nested) dict / list / tuple of tensors in channels_last
+    format (``channels_last_3d`` for 5D tensors and modules with 3D convolutions: oneDNN's 3D
+    convolution backward is ~1.35x faster in it on CPUs); anything else unchanged. Values are
+    identical; only the memory layout changes."""
     if isinstance(value, nn.Module):
-        return value.to(memory_format=torch.channels_last)
+        is_3d = any(isinstance(m, nn.Conv3d) for m in value.modules())
+        return value.to(memory_format=torch.channels_last_3d if is_3d else torch.channels_last)
     if isinstance(value, torch.Tensor):
+        if value.ndim == 5:
+            return value.contiguous(memory_format=torch.channels_last_3d)
         return value.contiguous(memory_format=torch.channels_last) if value.ndim == 4 else value
     if isinstance(value, dict):
         return {k: channels_last(v) for k, v in value.items()}

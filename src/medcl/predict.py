@@ -123,7 +123,7 @@ def predict(model: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
         from tqdm import tqdm
 
         bar = tqdm(total=len(items), desc="predict", unit="input", disable=not progress or not items, file=sys.stderr)
-        with torch.no_grad(), bar, autocast(device, resolve_precision(precision, device)):
+        with torch.no_grad(), bar, autocast(device, resolve_precision(precision, device, network)):
             if classify:
                 _classify(network, card, items, out, batch_size or 64, device, summary, bar)
             else:

@@ -151,6 +151,8 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--iterations", type=int, default=None, help="fine-tuning iterations (default 2000)")
     group.add_argument("--size", default=None, help="2D: resize to H,W; 3D: resample volumes to D,H,W")
     group.add_argument("--roi-size", default=None, help="training crop and sliding-window size")
+    group.add_argument("--sw-roi-size", dest="sw_roi_size", default=None,
+                       help="--arch unet: a bigger sliding-window tile at inference, e.g. 128,128,128 (default --roi-size)")
     group.add_argument("--window", default=None, metavar="LO,HI",
                        help="3D: intensity window in the image's units, e.g. -150,250 (HU, CT; OpenKBP's default);"
                             " without it each volume is clipped to its --percentiles")
@@ -166,8 +168,12 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", action="append", default=None, metavar="KEY=VALUE",
                        help="UNETR option for scratch runs, e.g. hidden_size=96 (repeatable)")
     group.add_argument("--arch", choices=["unetr", "unet"], default=None,
-                       help="unetr (MixCL's ViT encoder, default) or unet (2D U-Net on the ResNet-18 backbone: scratch, "
+                       help="unetr (MixCL's ViT encoder, default) or unet (2D or 3D U-Net on the ResNet-18 backbone: scratch, "
                             "USCL / SimCLR / supervised checkpoints, exports, torchvision resnet18 files)")
+    group.add_argument("--min-iterations", dest="min_iterations", type=int, default=None, metavar="N",
+                       help="with --epochs: train at least N iterations (small label fractions get more epochs)")
+    group.add_argument("--max-validations", dest="max_validations", type=int, default=None, metavar="N",
+                       help="with --epochs: validate at most N times (every k epochs instead of every epoch)")
     group.add_argument("--val-every", type=int, default=None,
                        help="iterations between validations (default 100). With --epochs N the budget is N epochs of "
                             "the training cases, validated every epoch; --patience K stops after K validations "
@@ -244,7 +250,8 @@ def segment_config(args: argparse.Namespace):
         data.update(loaded.get("segment", loaded))
     simple = {"tensorboard": "tensorboard", "seed": "seed", "lr": "lr", "batch_size": "batch_size", "val_fraction": "val_fraction",
               "iterations": "iterations", "folds": "n_folds", "threads": "num_threads", "arch": "arch",
-              "epochs": "epochs", "patience": "patience", "val_every": "val_every"}
+              "epochs": "epochs", "patience": "patience", "val_every": "val_every",
+              "min_iterations": "min_iterations", "max_validations": "max_validations"}
     for attr, field in simple.items():
         if getattr(args, attr, None) is not None:
             data[field] = getattr(args, attr)
@@ -256,6 +263,8 @@ def segment_config(args: argparse.Namespace):
         data["size"] = [int(v) for v in _csv_list(args.size)]
     if getattr(args, "roi_size", None):
         data["roi_size"] = [int(v) for v in _csv_list(args.roi_size)]
+    if getattr(args, "sw_roi_size", None):
+        data["sw_roi_size"] = [int(v) for v in _csv_list(args.sw_roi_size)]
     if getattr(args, "model", None):
         data["model"] = {**data.get("model", {}), **_model_kwargs(args.model)}
     if getattr(args, "final_model", None):

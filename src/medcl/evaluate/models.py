@@ -172,10 +172,13 @@ def unetr_segmenter(**kwargs: Any) -> nn.Module:
 
 
 def unet_segmenter(**kwargs: Any) -> nn.Module:
-    """The :data:`UNET_SEGMENTER` architecture: :func:`medcl.models.unet.build_unet` (a 2D U-Net on
-    the ResNet-18 backbone, its input convention in ``kwargs['input']``)."""
-    from medcl.models.unet import build_unet
+    """The :data:`UNET_SEGMENTER` architecture: :func:`medcl.models.unet.build_unet` (a 2D or 3D
+    U-Net on the ResNet-18 backbone, its input convention in ``kwargs['input']``). Files saved
+    before the decoder widths were recorded used :data:`~medcl.models.unet.LEGACY_DECODER`."""
+    from medcl.models.unet import LEGACY_DECODER, build_unet
 
+    if "decoder" not in kwargs and kwargs.get("spatial_dims", 2) == 2:
+        kwargs = {**kwargs, "decoder": list(LEGACY_DECODER)}
     return build_unet(**kwargs)
 
 

@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
 from medcl.data.seg_manifest import (
@@ -91,6 +91,9 @@ class SegmentConfig(BaseModel):
     roi_size: list[int] | None = Field(
         default=None, description="training crop and sliding-window size; None = the whole image"
     )
+    sw_roi_size: list[int] | None = Field(
+        default=None, description="arch unet: a bigger sliding-window tile at inference than the training crop "
+                                  "(the U-Net is fully convolutional; fewer, larger tiles are faster); None = roi_size")
     model: dict[str, Any] = Field(
         default_factory=dict, description="UNETR kwargs (hidden_size, num_layers, num_heads, ...)"
     )
@@ -110,6 +113,7 @@ class SegmentConfig(BaseModel):
     dice_background: bool = False  # include the background channel in the Dice part of the loss
     sw_batch_size: int = 4
     sw_overlap: float = 0.25
+    nsd_tolerance: float = Field(default=2.0, gt=0, description="NSD tolerance in pixels / voxels of the model grid")
     n_overlays: int = 2
     seed: int = 0
     num_threads: int | None = None
@@ -117,13 +121,28 @@ class SegmentConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # medcl.precision: bf16 autocast where native
     save_models: bool = Field(default=True, description="keep each (fold, fraction) model in RUN/models/ with a model card")
     arch: Literal["unetr", "unet"] = Field(
-        default="unetr", description="unetr (MixCL's ViT encoder) or unet (2D U-Net on the ResNet-18 backbone)")
+        default="unetr", description="unetr (MixCL's ViT encoder) or unet (2D or 3D U-Net on the ResNet-18 backbone)")
     augment: Literal["flips", "monai"] = Field(
         default="flips", description="flips (random in-plane flips) or monai (2D: flips, small affine, intensity scale / shift)")
     epochs: float | None = Field(
         default=None, description="budget in epochs of the training cases (iterations = ceil(epochs * n_train / "
                                   "batch_size), validation every epoch); None = iterations / val_every")
     patience: int | None = Field(default=None, description="stop after this many validations without improvement; None = never")
+    min_iterations: int | None = Field(
+        default=None, description="with epochs: at least this many iterations (small label fractions then train for more "
+                                  "epochs instead of a handful of steps); None = epochs alone")
+    max_validations: int | None = Field(
+        default=None, description="with epochs: validate at most this many times (every k epochs); None = every epoch")
+
+    @model_validator(mode="after")
+    def _inference_tile(self) -> SegmentConfig:
+        if self.sw_roi_size is not None and self.arch != "unet":
+            raise ValueError("sw_roi_size needs arch 'unet' (the UNETR only takes its training roi_size)")
+        return self
+
+    def inference_roi(self) -> list[int] | None:
+        """The sliding-window tile of validation, test and saved models."""
+        return self.sw_roi_size or self.roi_size
 
     @field_validator("fractions")
     @classmethod
@@ -142,7 +161,8 @@ class SegmentConfig(BaseModel):
             raise ValueError(f"must be in [0, 1], got {v}")
         return v
 
-    @field_validator("iterations", "batch_size", "val_every", "n_folds", "sw_batch_size", "patience")
+    @field_validator("iterations", "batch_size", "val_every", "n_folds", "sw_batch_size", "patience", "min_iterations",
+                     "max_validations")
     @classmethod
     def _positive(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
@@ -191,7 +211,8 @@ def build_segmentation_model(
 SEGMENTERS = {"unetr": ("unetr_encoder", UNETR_SEGMENTER), "unet": ("resnet18", UNET_SEGMENTER)}
 
 
-def load_encoder_checkpoint(path: str | Path, arch: str = "unetr") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_encoder_checkpoint(path: str | Path, arch: str = "unetr",
+                            spatial_dims: int = 2) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(encoder state dict, encoder kwargs) of an init (checkpoint, run folder,
     export; for ``unet`` also a torchvision / timm resnet18 file), read by
     :func:`medcl.weights.load_init`. An encoder of another architecture than ``arch`` builds on is
@@ -206,8 +227,9 @@ def load_encoder_checkpoint(path: str | Path, arch: str = "unetr") -> tuple[dict
         known = ", ".join(f"--arch {a} on {enc!r}" for a, (enc, _) in SEGMENTERS.items())
         raise WeightsError(f"{exc} (segmentation --arch {arch}; {known})") from None
     if arch == "unet":
-        if loaded.kwargs.get("spatial_dims", 2) != 2:
-            raise WeightsError(f"{path}: a {loaded.kwargs['spatial_dims']}D resnet18; --arch unet needs a 2D one")
+        if loaded.kwargs.get("spatial_dims", 2) != spatial_dims:
+            raise WeightsError(f"{path}: a {loaded.kwargs.get('spatial_dims', 2)}D resnet18; this {spatial_dims}D task's"
+                               f" --arch unet needs a {spatial_dims}D one")
         in_channels = int(loaded.kwargs.get("in_channels", 1))
         return loaded.state, {"in_channels": in_channels, "input": loaded.input.to_dict()}
     kwargs = {k: v for k, v in loaded.kwargs.items() if k not in _INPUT_KEYS}
@@ -299,10 +321,17 @@ def monai_augmenter(seed: int) -> Callable[[np.ndarray, np.ndarray], tuple[np.nd
 
 def budget(cfg: SegmentConfig, n_train: int) -> tuple[int, int]:
     """(iterations, iterations per validation period): ``iterations`` / ``val_every``, or with
-    ``epochs`` ceil(epochs * n_train / batch_size) validated every ceil(n_train / batch_size)."""
+    ``epochs`` max(ceil(epochs * n_train / batch_size), min_iterations) validated every epoch
+    (ceil(n_train / batch_size) iterations), or every k epochs when that would exceed
+    ``max_validations``."""
     if cfg.epochs is None:
         return cfg.iterations, cfg.val_every
-    return max(1, math.ceil(cfg.epochs * n_train / cfg.batch_size)), max(1, math.ceil(n_train / cfg.batch_size))
+    per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
+    total = max(1, math.ceil(cfg.epochs * n_train / cfg.batch_size), cfg.min_iterations or 0)
+    period = per_epoch
+    if cfg.max_validations is not None and math.ceil(total / period) > cfg.max_validations:
+        period = per_epoch * math.ceil(total / (per_epoch * cfg.max_validations))
+    return total, period
 
 
 @torch.no_grad()
@@ -338,6 +367,45 @@ def dice_per_class(pred: torch.Tensor, gt: torch.Tensor, n_classes: int) -> np.n
     return out.cpu().numpy().astype(np.float64)
 
 
+def surface_metrics(pred: torch.Tensor, gt: torch.Tensor, n_classes: int, tolerance: float) -> np.ndarray:
+    """HD95 and NSD of each foreground class for label maps [B, 1, *spatial] -> [B, n_classes - 1, 2].
+
+    MONAI ``compute_hausdorff_distance`` (95th percentile of the symmetric surface distances) and
+    ``compute_surface_dice`` (normalised surface Dice: the fraction of both surfaces within
+    ``tolerance`` of the other), in pixels / voxels of the model's input grid. A class absent
+    from the ground truth gives NaN for both (skipped, as for Dice); a class present but not
+    predicted gives NSD 0 and HD95 = the image diagonal (the worst possible distance), not NaN,
+    so a model that misses lesions is not rewarded by dropping them from the mean.
+    """
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+    from monai.networks.utils import one_hot
+
+    p, g = one_hot(pred.long(), n_classes), one_hot(gt.long(), n_classes)
+    with warnings.catch_warnings():  # MONAI warns for empty classes, handled below
+        warnings.simplefilter("ignore")
+        hd = compute_hausdorff_distance(p, g, include_background=False, percentile=95).float()
+        nsd = compute_surface_dice(p, g, class_thresholds=[float(tolerance)] * (n_classes - 1),
+                                   include_background=False).float()
+    gt_present = g[:, 1:].flatten(2).any(2)
+    pred_present = p[:, 1:].flatten(2).any(2)
+    diagonal = float(np.sqrt(sum(s * s for s in pred.shape[2:])))
+    hd = torch.where(gt_present & ~pred_present, torch.full_like(hd, diagonal), hd)
+    nsd = torch.where(gt_present & ~pred_present, torch.zeros_like(nsd), nsd)
+    hd = torch.where(gt_present, hd, torch.full_like(hd, float("nan")))
+    nsd = torch.where(gt_present, nsd, torch.full_like(nsd, float("nan")))
+    return torch.stack([hd, nsd], dim=2).cpu().numpy().astype(np.float64)
+
+
+def summarize_surface(surface: np.ndarray, classes: Sequence[str]) -> dict:
+    """Class means over cases (NaN skipped) of HD95 and NSD and their means over classes."""
+    out: dict[str, Any] = {}
+    for j, key in enumerate(("hd95", "nsd")):
+        per_class = _nanmean(surface[:, :, j], axis=0) if len(surface) else np.full(len(classes), np.nan)
+        out[key] = {c: float(v) for c, v in zip(classes, per_class)}
+        out[f"mean_{key}"] = float(_nanmean(per_class))
+    return out
+
+
 def _nanmean(a: np.ndarray, axis: int | None = None):
     """np.nanmean without the all-NaN RuntimeWarning (an all-NaN slice is simply NaN)."""
     with warnings.catch_warnings():
@@ -353,13 +421,16 @@ def evaluate_cases(
     roi_size: Sequence[int] | None,
     cfg: SegmentConfig,
     keep: int = 0,
+    surface: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
     """Per-case, per-class Dice [n_cases, n_classes - 1]; (image, pred, gt) of the first ``keep``
-    cases; voxel counts [n_cases, n_classes - 1, 3] (see :func:`voxel_counts`)."""
+    cases; voxel counts [n_cases, n_classes - 1, 3] (see :func:`voxel_counts`). Given a list
+    ``surface``, appends each batch's HD95 / NSD (:func:`surface_metrics`) to it (test sets; the
+    validation during training skips them: distance transforms cost more than Dice)."""
     model.eval()
     scores, kept, counts = [], [], []
     batch = 8 if not images or images[0].ndim == 3 else 1  # 2D images [1, H, W] batch; volumes one by one
-    dtype = resolve_precision(cfg.precision, "cpu")  # segmentation runs on the CPU (as in finetune_once)
+    dtype = resolve_precision(cfg.precision, "cpu", model)  # segmentation runs on the CPU (as in finetune_once)
     for start in range(0, len(images), batch):
         x = torch.from_numpy(np.stack(images[start : start + batch]))
         y = torch.from_numpy(np.stack(labels[start : start + batch]))
@@ -368,6 +439,8 @@ def evaluate_cases(
         pred = logits.float().argmax(1, keepdim=True)
         scores.append(dice_per_class(pred, y, n_classes))
         counts.append(voxel_counts(pred, y, n_classes))
+        if surface is not None:
+            surface.append(surface_metrics(pred, y, n_classes, cfg.nsd_tolerance))
         for j in range(x.shape[0]):
             if len(kept) < keep:
                 kept.append((x[j, 0].numpy(), pred[j, 0].numpy().astype(np.uint8), y[j, 0].numpy().astype(np.uint8)))
@@ -437,10 +510,10 @@ def finetune_once(
     architecture = segmenter_kwargs(task, roi, model_kwargs, cfg.arch)
     model = ARCHITECTURES[SEGMENTERS[cfg.arch][1]](**architecture)
     if cfg.arch == "unet":
-        channels_last(model)  # medcl.precision: the memory format 2D CNNs prefer (same values)
+        channels_last(model)  # medcl.precision: the memory format CNNs prefer on CPUs (same values)
     iterations, val_every = budget(cfg, len(train_images))
     monai_augment = monai_augmenter(int(rng.integers(2**31))) if cfg.augment == "monai" else None
-    dtype = resolve_precision(cfg.precision, "cpu")  # medcl.precision (segmentation runs on the CPU here)
+    dtype = resolve_precision(cfg.precision, "cpu", model)  # medcl.precision (segmentation runs on the CPU here)
     if encoder_state is not None:
         load_encoder_into(model, encoder_state, cfg.checkpoint or "checkpoint")
     # Dice over foreground classes only and over the whole batch: small organs in crops that miss
@@ -472,7 +545,7 @@ def finetune_once(
         return loss_fn(logits.float(), y), len(x)
 
     def validate() -> Validation:
-        scores, _, _ = evaluate_cases(model, val[0], val[1], task.n_classes, cfg.roi_size, cfg)
+        scores, _, _ = evaluate_cases(model, val[0], val[1], task.n_classes, cfg.inference_roi(), cfg)
         if not len(scores):  # no validation cases: keep the newest weights
             return Validation(None, {"val_mean_dice": float("nan")})
         val_dice = summarize_dice(scores, task.classes)["mean_dice"]
@@ -495,8 +568,11 @@ def segmenter_kwargs(task: SegTask, roi: Sequence[int], model_kwargs: dict[str, 
     """What builds (and, saved with the model, rebuilds) the ``arch`` segmenter of ``task`` on
     ``roi`` inputs (the U-Net is fully convolutional: it takes any input size)."""
     if arch == "unet":
-        return {"spatial_dims": 2, "out_channels": task.n_classes, "in_channels": 1,
-                "input": InputSpec().to_dict(), **model_kwargs}
+        from medcl.models.unet import DEFAULT_DECODER, DEFAULT_DECODER_3D
+
+        decoder = list(DEFAULT_DECODER if task.spatial_dims == 2 else DEFAULT_DECODER_3D)
+        return {"spatial_dims": task.spatial_dims, "out_channels": task.n_classes, "in_channels": 1,
+                "input": InputSpec().to_dict(), "decoder": decoder, **model_kwargs}
     return {"spatial_dims": task.spatial_dims, "img_size": [int(r) for r in roi], "in_channels": 1,
             "out_channels": task.n_classes, **{**DEFAULT_MODEL, **model_kwargs}}
 
@@ -534,6 +610,10 @@ def summarize_runs(runs: Sequence[dict], classes: Sequence[str]) -> dict:
         if all("precision" in r["test"] for r in rows):
             for key in ("precision", "recall"):
                 entry[f"test_{key}"] = {c: mean_std([r["test"][key][c] for r in rows]) for c in classes}
+        if all("hd95" in r["test"] for r in rows):
+            for key in ("hd95", "nsd"):
+                entry[f"test_mean_{key}"] = mean_std([r["test"][f"mean_{key}"] for r in rows])
+                entry[f"test_{key}_per_class"] = {c: mean_std([r["test"][key][c] for r in rows]) for c in classes}
         if any("external_test" in r for r in rows):
             ext = [r["external_test"] for r in rows if "external_test" in r]
             entry["external_test_mean_dice"] = mean_std([e["mean_dice"] for e in ext])
@@ -573,6 +653,15 @@ def results_markdown(results: dict) -> str:
         if ext:
             row.append(fmt(s.get("external_test_mean_dice", {"n": 0})))
         lines.append("| " + " | ".join(row) + " |")
+    if all("test_hd95_per_class" in s for s in results["summary"].values()):
+        lines += ["", f"Surface metrics on the test folds: HD95 (95th percentile Hausdorff distance, lower is better) and"
+                  f" NSD (normalised surface Dice at {results.get('nsd_tolerance', 2.0):g} px, higher is better), in pixels /"
+                  " voxels of the model's input grid; mean over cases, then mean +- std over folds:", ""]
+        header = ["label fraction"] + [f"{c} {k}" for c in classes for k in ("HD95", "NSD")]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for frac, s in results["summary"].items():
+            row = [f"{float(frac) * 100:g}%"] + [fmt(s[f"test_{k}_per_class"][c]) for c in classes for k in ("hd95", "nsd")]
+            lines.append("| " + " | ".join(row) + " |")
     if all("test_precision" in s for s in results["summary"].values()):
         lines += ["", "Voxel precision / recall on the test folds (pooled over each fold's cases; mean +- std over folds):", ""]
         header = ["label fraction"] + [f"{c} {k}" for c in classes for k in ("precision", "recall")]
@@ -584,16 +673,20 @@ def results_markdown(results: dict) -> str:
 
 
 def _prediction_rows(fold: int, fraction: float, split: str, cases: Sequence[SegCase], scores: np.ndarray,
-                     classes: Sequence[str]) -> list[dict]:
-    """One row per case: its Dice per class and their mean (NaN-skipping), for paired comparisons."""
+                     classes: Sequence[str], surface: np.ndarray | None = None) -> list[dict]:
+    """One row per case: its Dice per class and their mean (NaN-skipping), for paired comparisons;
+    with ``surface`` ([n_cases, n_classes - 1, 2]) also HD95 and NSD per class."""
     rows = []
-    for case, dice in zip(cases, scores):
+    for k, (case, dice) in enumerate(zip(cases, scores)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             mean = float(np.nanmean(dice)) if len(dice) else float("nan")
         rows.append({"fold": fold, "fraction": fraction, "split": split, "case_id": case.case_id,
                      "patient_id": case.patient_id, **{f"dice_{c}": float(d) for c, d in zip(classes, dice)},
                      "mean_dice": mean})
+        if surface is not None and len(surface) == len(scores):
+            rows[-1].update({f"hd95_{c}": float(surface[k, j, 0]) for j, c in enumerate(classes)})
+            rows[-1].update({f"nsd_{c}": float(surface[k, j, 1]) for j, c in enumerate(classes)})
     return rows
 
 
@@ -628,12 +721,11 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
     if out is not None:
         (out / "overlays").mkdir(parents=True, exist_ok=True)
 
-    if task.spatial_dims != 2 and (cfg.arch == "unet" or cfg.augment == "monai"):
-        raise ValueError(f"task {task.name!r} is {task.spatial_dims}D: arch 'unet' and augment 'monai' are 2D only "
-                         "(use arch 'unetr' and augment 'flips')")
+    if task.spatial_dims != 2 and cfg.augment == "monai":
+        raise ValueError(f"task {task.name!r} is {task.spatial_dims}D: augment 'monai' is 2D only (use augment 'flips')")
     encoder_state, model_kwargs = None, dict(cfg.model)
     if cfg.checkpoint:
-        encoder_state, ckpt_kwargs = load_encoder_checkpoint(cfg.checkpoint, cfg.arch)
+        encoder_state, ckpt_kwargs = load_encoder_checkpoint(cfg.checkpoint, cfg.arch, task.spatial_dims)
         # the encoder's architecture (U-Net: and input convention) is the checkpoint's; decoder options stay the config's
         model_kwargs.update(ckpt_kwargs)
 
@@ -685,7 +777,7 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
             train = ([get(cases[i])[0] for i in chosen], [get(cases[i])[1] for i in chosen])
             n_train_patients = len({patients[i] for i in chosen})
             log(
-                f"[segment {kind}] fold {fold} fraction {fraction:g}: {len(chosen)} train cases"
+                f"[segment {init.name}] fold {fold} fraction {fraction:g}: {len(chosen)} train cases"
                 f" ({n_train_patients} patients), {len(val_idx)} val, {len(test_idx)} test"
                 f" ({time.time() - t_load:.0f}s elapsed)"
             )
@@ -697,10 +789,14 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
                 task, train, val, cfg, encoder_state, model_kwargs, seed=cfg.seed * 1000 + fold, on_eval=on_eval
             )
             keep = cfg.n_overlays if fold == folds[0] else 0
+            surface: list[np.ndarray] = []
             scores, kept, counts = evaluate_cases(
-                model, [t[0] for t in test_imgs], [t[1] for t in test_imgs], task.n_classes, cfg.roi_size, cfg, keep
+                model, [t[0] for t in test_imgs], [t[1] for t in test_imgs], task.n_classes, cfg.inference_roi(), cfg, keep,
+                surface,
             )
-            predictions += _prediction_rows(fold, fraction, "test", [cases[i] for i in test_idx], scores, task.classes)
+            surface_all = np.concatenate(surface) if surface else np.zeros((0, task.n_classes - 1, 2))
+            predictions += _prediction_rows(fold, fraction, "test", [cases[i] for i in test_idx], scores, task.classes,
+                                            surface_all)
             run = {
                 "fold": fold,
                 "fraction": fraction,
@@ -711,20 +807,26 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
                 "best_iteration": record["best_iteration"],
                 "val_mean_dice": record["val_mean_dice"],
                 "train_seconds": record["train_seconds"],
-                "test": {**summarize_dice(scores, task.classes), **precision_recall(counts, task.classes)},
+                "test": {**summarize_dice(scores, task.classes), **precision_recall(counts, task.classes),
+                         **summarize_surface(surface_all, task.classes)},
             }
             if external:
+                ext_surface: list[np.ndarray] = []
                 ext_scores, _, ext_counts = evaluate_cases(
-                    model, [e[0] for e in external], [e[1] for e in external], task.n_classes, cfg.roi_size, cfg
+                    model, [e[0] for e in external], [e[1] for e in external], task.n_classes, cfg.inference_roi(), cfg,
+                    surface=ext_surface,
                 )
+                ext_surface_all = np.concatenate(ext_surface) if ext_surface else np.zeros((0, task.n_classes - 1, 2))
                 run["external_test"] = {**summarize_dice(ext_scores, task.classes),
-                                        **precision_recall(ext_counts, task.classes)}
-                predictions += _prediction_rows(fold, fraction, "external", task.test_cases, ext_scores, task.classes)
+                                        **precision_recall(ext_counts, task.classes),
+                                        **summarize_surface(ext_surface_all, task.classes)}
+                predictions += _prediction_rows(fold, fraction, "external", task.test_cases, ext_scores, task.classes,
+                                                ext_surface_all)
             runs.append(run)
             if models_dir is not None:
                 saved.append(_keep_model(model, models_dir, card, run, record, len(test_idx)))
             log(
-                f"[segment {kind}] fold {fold} fraction {fraction:g}: test mean Dice"
+                f"[segment {init.name}] fold {fold} fraction {fraction:g}: test mean Dice"
                 f" {run['test']['mean_dice']:.4f} (best val {record['val_mean_dice']:.4f}"
                 f" at it {record['best_iteration']}, {record['train_seconds']:.0f}s)"
             )
@@ -750,6 +852,7 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
         "checkpoint": cfg.checkpoint,
         "model": {**DEFAULT_MODEL, **model_kwargs} if cfg.arch == "unetr" else {"arch": "unet", **model_kwargs},
         "n_folds_run": len(folds),
+        "nsd_tolerance": cfg.nsd_tolerance,
         "runs": runs,
         "summary": summarize_runs(runs, task.classes),
     }
@@ -780,7 +883,7 @@ def segmentation_card(task: SegTask, cfg: SegmentConfig, init: InitSpec, kind: s
                                  + (f", channel {task.channel} of 4D images" if task.channel is not None else "")
                                  + (f", resampled to {cfg.size} (trilinear)" if cfg.size else "")
                                  + "; masks come back in the volume's own grid and affine (nearest)"}
-    inputs["sliding_window"] = {"roi_size": cfg.roi_size, "sw_batch_size": cfg.sw_batch_size, "overlap": cfg.sw_overlap}
+    inputs["sliding_window"] = {"roi_size": cfg.inference_roi(), "sw_batch_size": cfg.sw_batch_size, "overlap": cfg.sw_overlap}
     cases = [[c.case_id, c.patient_id, c.image, c.mask, c.fold] for c in [*task.cases, *task.test_cases]]
     every = (f"every epoch of {cfg.epochs:g} epochs" if cfg.epochs is not None
              else f"every {cfg.val_every} of {cfg.iterations} iterations")
@@ -832,6 +935,24 @@ def comparison_markdown(results_by_init: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def surface_comparison_markdown(results_by_init: dict[str, dict]) -> str:
+    """Mean HD95 and NSD over classes (mean +- std over folds) per label fraction and init; '' when
+    the runs did not record them."""
+    summaries = [s for r in results_by_init.values() for s in r["summary"].values()]
+    if not summaries or not all("test_mean_hd95" in s for s in summaries):
+        return ""
+    names = list(results_by_init)
+    header = ["label fraction"] + [f"{n} {k}" for n in names for k in ("HD95", "NSD")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for frac in next(iter(results_by_init.values()))["summary"]:
+        row = [f"{float(frac) * 100:g}%"]
+        for n in names:
+            s = results_by_init[n]["summary"].get(frac)
+            row += [fmt(s["test_mean_hd95"], 2), fmt(s["test_mean_nsd"])] if s else ["n/a", "n/a"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 # several initialisations on the same folds (the Python API behind `medcl finetune --task segment`)
 # ---------------------------------------------------------------------------------------------
@@ -872,7 +993,7 @@ def finetune(
 
     def check(init: InitSpec) -> None:
         if init.path is not None:
-            load_encoder_checkpoint(init.path, config.arch)
+            load_encoder_checkpoint(init.path, config.arch, task.spatial_dims)
 
     return compare_inits(inits, run_one, compare, write_segmentation_comparison, out, check=check, overwrite=overwrite)
 
@@ -884,8 +1005,12 @@ def write_segmentation_comparison(result: dict, out: Path) -> None:
     results = result["results"]
     name = next(iter(results.values()))["task"]["name"]
     out.mkdir(parents=True, exist_ok=True)
+    surface = surface_comparison_markdown(results)
+    if surface:
+        surface = ("\nHD95 (pixels / voxels of the model grid, lower is better) and NSD (higher is better), mean over"
+                   f" classes:\n\n{surface}\n")
     (out / "comparison.md").write_text(f"# {name}: initialisations compared\n\n{comparison_markdown(results)}\n"
-                                       + segmentation_comparison_markdown(result))
+                                       + surface + segmentation_comparison_markdown(result))
     (out / "comparison.json").write_text(json.dumps(
         {**{k: v for k, v in result.items() if k != "results"}, "summary": {n: r["summary"] for n, r in results.items()}},
         indent=2))

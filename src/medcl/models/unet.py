@@ -1,4 +1,4 @@
-"""A 2D U-Net whose encoder is medcl's ResNet-18 backbone (:func:`medcl.models.backbones.resnet18_backbone`).
+"""A 2D or 3D U-Net whose encoder is medcl's ResNet-18 backbone (:func:`medcl.models.backbones.resnet18_backbone`).
 
 The encoder is the registry's ``resnet18`` (MONAI ResNet, stride-2 stem), so any ResNet-18 init
 medcl reads (:func:`medcl.weights.load_init`: a USCL / SimCLR / supervised checkpoint, an
@@ -16,6 +16,11 @@ upsampling, concatenation, two conv-norm-act layers), ending with a full-resolut
 input, so the logits come out at the input's resolution (any size: inputs are padded to a multiple
 of 32 and the logits cropped). The backbone's input convention (:class:`medcl.inputs.InputSpec`, ``input``) is part
 of the network: it takes images in [0, 1] ``[B, 1, H, W]`` and applies ``spec.normalize`` first.
+
+``spatial_dims=3`` builds the same network from the 3D members of the family (MONAI's 3D ResNet-18
+with the same stride-2 stem, ``[B, 1, H, W, D]`` volumes; 3D decoder blocks, a lighter default
+decoder :data:`DEFAULT_DECODER_3D` since full-resolution 3D feature maps dominate the memory).
+A 3D ResNet-18 checkpoint (``spatial_dims: 3``) loads into its encoder the same way.
 """
 
 from __future__ import annotations
@@ -32,33 +37,45 @@ from medcl.inputs import InputSpec
 from medcl.models.backbones import resnet18_backbone
 
 ENCODER_CHANNELS = (64, 64, 128, 256, 512)  # stem, layer1 .. layer4
-DEFAULT_DECODER = (256, 128, 64, 64, 32)  # 1/16, 1/8, 1/4, 1/2, full resolution
+DEFAULT_DECODER = (256, 128, 64, 32, 16)  # 1/16, 1/8, 1/4, 1/2, full resolution (MONAI FlexibleUNet's widths)
+DEFAULT_DECODER_3D = (128, 64, 32, 16, 8)
+# the 2D default of model files saved before the decoder was recorded in them (1.7x slower to
+# train at 128 px than DEFAULT_DECODER: full-resolution stages dominate the compute)
+LEGACY_DECODER = (256, 128, 64, 64, 32)
 STRIDE = 32  # the encoder's total downsampling
 
 
 class ResNetUNet(nn.Module):
-    """U-Net on a ResNet-18 encoder: ``[B, 1 or in_channels, H, W]`` in [0, 1] -> logits
-    ``[B, out_channels, H, W]``."""
+    """U-Net on a ResNet-18 encoder: ``[B, 1 or in_channels, *spatial]`` in [0, 1] -> logits
+    ``[B, out_channels, *spatial]`` (``spatial``: H, W or H, W, D)."""
 
     def __init__(self, out_channels: int, in_channels: int = 1, input: Mapping[str, Any] | None = None,
-                 decoder: Sequence[int] = DEFAULT_DECODER):
+                 decoder: Sequence[int] | None = None, spatial_dims: int = 2):
         super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"the ResNet-18 U-Net is 2D or 3D; got spatial_dims={spatial_dims}")
+        decoder = tuple(decoder) if decoder is not None else (DEFAULT_DECODER if spatial_dims == 2 else DEFAULT_DECODER_3D)
+        self.spatial_dims = spatial_dims
+        # medcl.precision: measured on a bf16-native CPU, bf16 autocast does not speed the 3D U-Net
+        # up (3D convolution backward dominates and is no faster in bf16) and on tiny crops gave an
+        # occasional NaN loss, so precision 'auto' keeps it in fp32
+        self.prefers_fp32 = spatial_dims == 3
         if len(decoder) != 5:
             raise ValueError(f"decoder needs 5 widths (1/16, 1/8, 1/4, 1/2, full resolution), got {list(decoder)}")
         self.input_spec = InputSpec.from_dict(input, in_channels)
         if self.input_spec.in_channels != in_channels:
             raise ValueError(f"input convention has {self.input_spec.in_channels} channels, encoder {in_channels}")
-        self.encoder = resnet18_backbone(in_channels=in_channels, spatial_dims=2)
+        self.encoder = resnet18_backbone(in_channels=in_channels, spatial_dims=spatial_dims)
         act = ("relu", {"inplace": True})
         norm_args = ("batch", {"affine": True})
-        self.full = TwoConv(2, in_channels, decoder[4], act, norm_args, bias=True)  # full-resolution skip
+        self.full = TwoConv(spatial_dims, in_channels, decoder[4], act, norm_args, bias=True)  # full-resolution skip
         skips = (ENCODER_CHANNELS[3], ENCODER_CHANNELS[2], ENCODER_CHANNELS[1], ENCODER_CHANNELS[0], decoder[4])
         ups, width = [], ENCODER_CHANNELS[4]
         for skip, out in zip(skips, decoder):
-            ups.append(UpCat(2, width, skip, out, act, norm_args, bias=True, upsample="deconv"))
+            ups.append(UpCat(spatial_dims, width, skip, out, act, norm_args, bias=True, upsample="deconv"))
             width = out
         self.ups = nn.ModuleList(ups)
-        self.head = nn.Conv2d(decoder[4], out_channels, kernel_size=1)
+        self.head = (nn.Conv2d if spatial_dims == 2 else nn.Conv3d)(decoder[4], out_channels, kernel_size=1)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encoder features at 1/2, 1/4, 1/8, 1/16, 1/32 of a model input (already normalised)."""
@@ -72,24 +89,22 @@ class ResNetUNet(nn.Module):
         return feats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        pad = (-width % STRIDE, -height % STRIDE)  # sizes that are not multiples of 32: pad, then crop
+        spatial = x.shape[2:]
+        pad = [p for n in reversed(spatial) for p in (0, -n % STRIDE)]  # not multiples of 32: pad, then crop
         x = self.input_spec.normalize(x)
         if any(pad):
-            x = F.pad(x, (0, pad[0], 0, pad[1]), mode="replicate")
+            x = F.pad(x, pad, mode="replicate")
         feats = self.encode(x)
         skips = [feats[3], feats[2], feats[1], feats[0], self.full(x)]
         h = feats[4]
         for up, skip in zip(self.ups, skips):
             h = up(h, skip)
-        return self.head(h)[..., :height, :width]
+        return self.head(h)[(...,) + tuple(slice(0, n) for n in spatial)]
 
 
 def build_unet(out_channels: int, in_channels: int = 1, input: Mapping[str, Any] | None = None,
-               decoder: Sequence[int] = DEFAULT_DECODER, spatial_dims: int = 2, **unused: Any) -> ResNetUNet:
-    """A :class:`ResNetUNet` (2D only; ``spatial_dims`` is accepted to refuse 3D clearly)."""
-    if spatial_dims != 2:
-        raise ValueError(f"the ResNet-18 U-Net is 2D; got spatial_dims={spatial_dims} (use the UNETR for 3D)")
+               decoder: Sequence[int] | None = None, spatial_dims: int = 2, **unused: Any) -> ResNetUNet:
+    """A :class:`ResNetUNet`, 2D or 3D (``spatial_dims``)."""
     if unused:
         raise TypeError(f"unknown U-Net options {sorted(unused)}; known: decoder")
-    return ResNetUNet(out_channels, in_channels, input, tuple(decoder))
+    return ResNetUNet(out_channels, in_channels, input, decoder, spatial_dims)

@@ -1,0 +1,138 @@
+"""OpenKBP head-and-neck CT: the 3D U-Net (ResNet-18 encoder) from scratch at 5%, 15% and 100% labels.
+
+    python benchmarks/segment_3d.py            # full run (budget and wall time in the results file)
+    python benchmarks/segment_3d.py --quick    # plumbing check in a few minutes
+
+Task: mandible + spinal cord (the 70 OpenKBP patients on whom both were contoured), one 3-class
+model (background, mandible, spinal cord). 5-fold cross-validation by patient (validation patients
+carved from the training folds, each test fold evaluated once), label fractions 5%, 15% and 100%
+of the training folds' patients (whole patients, nested). ``medcl finetune --task segment --arch
+unet`` on 3D: foreground-oversampled crops for training, sliding-window inference on whole
+volumes, Dice + CE, warm-up + cosine, model selection on validation Dice.
+
+Writes benchmarks/results/segment_3d.md (``--quick``: segment_3d_quick.md): test Dice, HD95, NSD
+per organ (mean +- std over folds), with medcl's UNETR numbers and published references beside.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _segbench import (  # noqa: E402
+    Log,
+    command_line,
+    machine,
+    markdown_table_rows,
+    unet_bench_args,
+    write_results,
+)
+
+ORGANS = ["Mandible", "SpinalCord"]
+
+
+@dataclass
+class Settings:
+    folds: list[int] = field(default_factory=lambda: [1, 2])
+    n_folds: int = 5
+    fractions: list[float] = field(default_factory=lambda: [0.05, 0.15, 1.0])
+    roi_size: list[int] = field(default_factory=lambda: [64, 64, 32])  # ~256 x 256 x 80 mm training crops
+    sw_roi_size: list[int] = field(default_factory=lambda: [128, 128, 128])  # inference tile: the whole volume
+    pos_fraction: float = 0.67  # crops centred on an organ voxel (organs are ~0.1% of the volume)
+    batch_size: int = 2
+    epochs: float = 12.0  # epochs of the training patients ...
+    min_iterations: int = 200  # ... but at least this many steps (5% / 15% of the patients train longer)
+    max_validations: int = 5
+    max_val_cases: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    window: list[float] = field(default_factory=lambda: [-150.0, 250.0])
+    seed: int = 0
+    n_patients: int | None = None  # all
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(folds=[1], n_folds=3, fractions=[0.15, 1.0], roi_size=[32, 32, 32], sw_roi_size=[128, 128, 128],
+                   epochs=0.5, min_iterations=4, max_validations=1, max_val_cases=1, n_patients=12)
+
+
+REFERENCES = [
+    ("Mandible, head-and-neck CT auto-contouring (routine level, e.g. nnU-Net-class models)", "Dice ~0.90-0.95"),
+    ("Spinal cord, head-and-neck CT auto-contouring (routine level)", "Dice ~0.80-0.90"),
+]
+UNETR = "benchmarks/results/mixcl_3d.md"  # medcl's UNETR on the mandible (3 folds, 500 iterations)
+
+
+def main(argv=None) -> int:
+    args, work, out_md = unet_bench_args("segment_3d", __doc__, argv)
+    s = Settings.quick() if args.quick else Settings()
+    s.folds = args.fold_list or s.folds
+    root = args.data / "openkbp"
+    if not (root / "index.json").is_file():
+        print(f"segment_3d: {root / 'index.json'} not found (needs ../shared/data)", file=sys.stderr)
+        return 2
+    started = time.time()
+    log = Log()
+
+    from medcl.data.seg_manifest import openkbp_patients, openkbp_task
+    from medcl.evaluate.segment import SegmentConfig, finetune, fmt, results_markdown
+
+    patients = sorted(p["patient"] for p in openkbp_patients(root) if set(ORGANS) <= set(p["contoured"]))
+    if s.n_patients:
+        patients = patients[: s.n_patients]
+    task = openkbp_task(root, ORGANS, patients=patients, intensity_range=tuple(s.window))
+    cfg = SegmentConfig(arch="unet", roi_size=s.roi_size, sw_roi_size=s.sw_roi_size, pos_fraction=s.pos_fraction,
+                        batch_size=s.batch_size, epochs=s.epochs, min_iterations=s.min_iterations,
+                        max_validations=s.max_validations, max_val_cases=s.max_val_cases, lr=s.lr,
+                        weight_decay=s.weight_decay, fractions=s.fractions, n_folds=s.n_folds, folds=s.folds,
+                        seed=s.seed, save_models=False, n_overlays=2, num_threads=args.threads)
+    log(f"OpenKBP: {len(patients)} patients with {' + '.join(ORGANS)} contoured; folds {s.folds} of {s.n_folds}")
+    result = finetune(task, ["scratch"], cfg, work / "scratch", log=log, overwrite=True)
+    results = result["runs"]["scratch"]
+    minutes = sum(r["train_seconds"] for r in results["runs"]) / 60
+
+    lines = [
+        "# OpenKBP head-and-neck CT: 3D U-Net (ResNet-18 encoder) from scratch", "",
+        f"Organs: {', '.join(ORGANS)} (one 3-class model) on the {len(patients)} OpenKBP patients with both contoured,"
+        " CT on OpenKBP's 128^3 grid (~4 x 4 x 2.5 mm), HU window"
+        f" {s.window}. {s.n_folds}-fold cross-validation by patient (validation patients carved from the training"
+        " folds; each test fold evaluated once); label fractions are whole patients of the training folds.", "",
+        f"- command: `{command_line()}`",
+        f"- machine: {machine()}",
+        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- wall time: {(time.time() - started) / 60:.1f} min (training loops {minutes:.1f})",
+        f"- folds run: {s.folds} of {s.n_folds}", "",
+        "## Settings", "", "```json", json.dumps({"benchmark": asdict(s), "segment_config": cfg.model_dump()},
+                                                 indent=1, default=str), "```", "",
+        "## Results (test folds)", "", results_markdown(results).split("\n", 2)[2], "",
+        "Per fold:", "", "| fold | label fraction | train patients | iterations | best iteration | "
+        + " | ".join(f"{o} Dice" for o in task.classes) + " | mean Dice |",
+        "|" + "---|" * (5 + len(task.classes) + 1),
+    ]
+    for r in results["runs"]:
+        lines.append(f"| {r['fold']} | {r['fraction'] * 100:g}% | {r['n_train_patients']} | {r['iterations']} | "
+                     f"{r['best_iteration']} | " + " | ".join(f"{r['test']['per_class'][c]:.3f}" for c in task.classes)
+                     + f" | {r['test']['mean_dice']:.3f} |")
+    lines += ["", f"Training minutes: {minutes:.1f}", "", "## Beside it", "", "| reference | result |", "|---|---|",
+              *[f"| {n} | {v} |" for n, v in REFERENCES], ""]
+    unetr = markdown_table_rows(ROOT / UNETR, "| label fraction | scratch test Dice")
+    if unetr:
+        lines += [f"medcl's UNETR on the mandible alone (3 folds, 500 iterations of 32^3 crops), from `{UNETR}`:", "",
+                  *unetr, ""]
+    summary = results["summary"]
+    lines += ["Mandible Dice by label fraction: "
+              + ", ".join(f"{float(f) * 100:g}% {fmt(v['test_per_class']['Mandible'])}" for f, v in summary.items()), ""]
+    write_results(out_md, lines, log)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
