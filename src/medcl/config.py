@@ -300,6 +300,7 @@ METHOD_CONFIGS: dict[str, type[MethodConfig] | str] = {
     "simclr": SimCLRConfig,
     "supervised": SupervisedConfig,
     "mixcl": "medcl.methods.mixcl:MixCLConfig",
+    "mixcl_cnn": "medcl.methods.mixcl_cnn:MixCLCNNConfig",
     "moco": MoCoConfig,
     "fixmatch": FixMatchConfig,
     "pimodel": PiModelConfig,

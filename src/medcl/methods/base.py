@@ -47,6 +47,7 @@ METHOD_MODULES: dict[str, str] = {
     "simclr": "medcl.methods.simclr",
     "supervised": "medcl.methods.supervised",
     "mixcl": "medcl.methods.mixcl",
+    "mixcl_cnn": "medcl.methods.mixcl_cnn",
     "moco": "medcl.methods.moco",
     "fixmatch": "medcl.methods.fixmatch",
     "pimodel": "medcl.methods.pimodel",

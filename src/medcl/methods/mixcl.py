@@ -208,6 +208,15 @@ def build_method(p: MixCLConfig, in_channels: int = 1) -> MixCL:
 
 def build(config, *, rank: int = 0, world_size: int = 1):
     """``(method, loader)`` for the shared trainer (medcl.methods.base registry)."""
+    loader, metadata = pool_loader(config, rank=rank, world_size=world_size)
+    method = build_method(config.params, in_channels=1)
+    method.metadata = metadata
+    return method, loader
+
+
+def pool_loader(config, *, rank: int = 0, world_size: int = 1):
+    """``(loader, metadata)``: the pooled datasets, their views and batches (shared with
+    :mod:`medcl.methods.mixcl_cnn`); metadata = class names and sources for the checkpoint."""
     from medcl.data.mixcl_views import MixCLViewMaker
     from medcl.data.pool import pool_from_specs
     from medcl.sampling.loader import IndexBatchLoader
@@ -219,8 +228,6 @@ def build(config, *, rank: int = 0, world_size: int = 1):
         raise ValueError(f"mixcl.spatial_dims={p.spatial_dims} but the datasets are {pool.spatial_dims}D")
     views = MixCLViewMaker(pool, p.patch_size, same_image_prob=p.same_image_prob, fg_crop_prob=p.fg_crop_prob,
                            affine_prob=p.affine_prob, elastic_prob=p.elastic_prob, intensity_prob=p.intensity_prob)
-    method = build_method(p, in_channels=1)
-    method.metadata = {"class_names": pool.class_names, "sources": [s.name for s in pool.sources]}
     loader = IndexBatchLoader(len(pool), config.optim.batch_size, views.make_batch, seed=config.train.seed,
                               rank=rank, world_size=world_size, what="pooled images")
-    return method, loader
+    return loader, {"class_names": pool.class_names, "sources": [s.name for s in pool.sources]}

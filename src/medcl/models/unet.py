@@ -88,18 +88,22 @@ class ResNetUNet(nn.Module):
             feats.append(x)
         return feats
 
+    def decode(self, x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Logits from a model input (normalised, padded to a multiple of 32) and its :meth:`encode`
+        features (MixCL on CNN encoders reuses this decoder for reconstruction)."""
+        skips = [feats[3], feats[2], feats[1], feats[0], self.full(x)]
+        h = feats[4]
+        for up, skip in zip(self.ups, skips):
+            h = up(h, skip)
+        return self.head(h)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = x.shape[2:]
         pad = [p for n in reversed(spatial) for p in (0, -n % STRIDE)]  # not multiples of 32: pad, then crop
         x = self.input_spec.normalize(x)
         if any(pad):
             x = F.pad(x, pad, mode="replicate")
-        feats = self.encode(x)
-        skips = [feats[3], feats[2], feats[1], feats[0], self.full(x)]
-        h = feats[4]
-        for up, skip in zip(self.ups, skips):
-            h = up(h, skip)
-        return self.head(h)[(...,) + tuple(slice(0, n) for n in spatial)]
+        return self.decode(x, self.encode(x))[(...,) + tuple(slice(0, n) for n in spatial)]
 
 
 def build_unet(out_channels: int, in_channels: int = 1, input: Mapping[str, Any] | None = None,
