@@ -88,3 +88,22 @@ def test_cli_run_exports_a_resnet18_that_initialises_the_unet(tmp_path):
     unet = build_unet(out_channels=2)
     unet.encoder.load_state_dict(loaded.state, strict=True)
     torch.testing.assert_close(unet.encoder.conv1.weight, ckpt["model"]["backbone.conv1.weight"])
+
+
+def test_term_gradient_norms_match_separate_backward_passes():
+    torch.manual_seed(0)
+    method = MixCLCNN(pixel_budget=4, log_grad_norms=True, alpha=0.5, beta=2.0)
+    batch = _batch(2, 64)
+    torch.manual_seed(1)
+    out = method.training_step(batch)
+    assert {"grad_id", "grad_label", "grad_recon"} <= set(out)
+    for key, weight in (("id", 1.0), ("label", 0.5), ("recon", 2.0)):
+        method.zero_grad()
+        torch.manual_seed(1)
+        encoded = method.encode(batch)
+        samples = method.sample(batch, tuple(encoded.z[1].shape[2:]))
+        terms = method.loss_terms(batch, encoded, samples, method.reconstruct(encoded))
+        (weight * terms[f"loss_{key}"]).backward()
+        norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in method.backbone.parameters() if p.grad is not None))
+        torch.testing.assert_close(out[f"grad_{key}"], norm, rtol=1e-4, atol=1e-6)
+

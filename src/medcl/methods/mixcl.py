@@ -53,7 +53,7 @@ class MixCL(Method):
                  lambda_offdiag: float = 5e-3, temperature: float = 0.1, alpha: float = 0.01, beta: float = 0.01,
                  use_label: bool = True, use_recon: bool = True, label_layer: int = 2, pixel_budget: int = 32,
                  mu: float = 8.0, eps: float = 0.05, label_pooling: str = "majority",
-                 label_min_fraction: float = 0.25, cross_view_only: bool = False) -> None:
+                 label_min_fraction: float = 0.25, cross_view_only: bool = False, log_grad_norms: bool = False) -> None:
         super().__init__()
         if not 1 <= label_layer <= encoder.num_layers:
             raise ValueError(f"label_layer must be in [1, {encoder.num_layers}], got {label_layer}")
@@ -68,6 +68,7 @@ class MixCL(Method):
         self.alpha, self.beta, self.use_label, self.use_recon = alpha, beta, use_label, use_recon
         self.label_layer, self.pixel_budget, self.mu, self.eps = label_layer - 1, pixel_budget, mu, eps
         self.label_pooling, self.label_min_fraction, self.cross_view_only = label_pooling, label_min_fraction, cross_view_only
+        self.log_grad_norms = log_grad_norms
 
     def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """One step from the public sub-steps (``benchmarks/mixcl_step.py`` times each of them)."""
@@ -75,7 +76,24 @@ class MixCL(Method):
         grid = tuple(encoded.z[self.label_layer].shape[2:])
         samples = self.sample(batch, grid) if self.use_label else None
         restored = self.reconstruct(encoded) if self.use_recon else None
-        return self.combine(self.loss_terms(batch, encoded, samples, restored))
+        terms = self.loss_terms(batch, encoded, samples, restored)
+        out = self.combine(terms)
+        if self.log_grad_norms and torch.is_grad_enabled():
+            out.update(self.term_gradient_norms(terms))
+        return out
+
+    def term_gradient_norms(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``grad_id`` / ``grad_label`` / ``grad_recon``: the norm of each WEIGHTED term's gradient on the
+        encoder's parameters (theta), i.e. how hard each term pushes the encoder this step; logged with
+        ``log_grad_norms`` (one extra backward pass per term) to see which term drives pretraining."""
+        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        weights = {"loss_id": 1.0, "loss_label": self.alpha, "loss_recon": self.beta}
+        norms = {}
+        for key, value in terms.items():
+            grads = torch.autograd.grad(weights[key] * value, params, retain_graph=True, allow_unused=True)
+            squares = [g.float().pow(2).sum() for g in grads if g is not None]
+            norms["grad_" + key.removeprefix("loss_")] = torch.stack(squares).sum().sqrt() if squares else value.new_zeros(())
+        return norms
 
     def encode(self, batch: dict[str, Any]) -> Encoded:
         """One encoder pass over V1, V1' (and V2): input, last layer, hidden states, projections."""
@@ -179,6 +197,7 @@ class MixCLConfig(MethodConfig):
     label_pooling: Literal["majority", "nearest", "foreground"] = "majority"  # labels -> token grid
     label_min_fraction: float = Field(0.25, gt=0.0, le=1.0)  # "foreground" pooling threshold
     label_pairs: Literal["all", "cross"] = "all"  # all sampled pixel pairs, or only P1-P2 pairs
+    log_grad_norms: bool = False  # log each weighted term's gradient norm on the encoder (grad_id, grad_label, grad_recon)
 
     @field_validator("spacing")
     @classmethod
@@ -203,7 +222,7 @@ def build_method(p: MixCLConfig, in_channels: int = 1) -> MixCL:
                  use_label=p.use_label, use_recon=p.use_recon, label_layer=p.label_layer,
                  pixel_budget=p.pixel_budget, mu=p.mu, eps=p.eps, label_pooling=p.label_pooling,
                  label_min_fraction=p.label_min_fraction,
-                 cross_view_only=p.label_pairs == "cross")
+                 cross_view_only=p.label_pairs == "cross", log_grad_norms=p.log_grad_norms)
 
 
 def build(config, *, rank: int = 0, world_size: int = 1):

@@ -57,7 +57,7 @@ class MixCLCNN(MixCL):
                  use_label: bool = True, use_recon: bool = True, label_stage: int = 2, pixel_budget: int = 32,
                  mu: float = 8.0, eps: float = 0.05, label_pooling: str = "majority",
                  label_min_fraction: float = 0.25, cross_view_only: bool = False,
-                 decoder: list[int] | None = None) -> None:
+                 decoder: list[int] | None = None, log_grad_norms: bool = False) -> None:
         Method.__init__(self)
         if not 1 <= label_stage <= len(ENCODER_CHANNELS):
             raise ValueError(f"label_stage must be in [1, {len(ENCODER_CHANNELS)}], got {label_stage}")
@@ -73,6 +73,7 @@ class MixCLCNN(MixCL):
         self.alpha, self.beta, self.use_label, self.use_recon = alpha, beta, use_label, use_recon
         self.label_layer, self.pixel_budget, self.mu, self.eps = label_stage - 1, pixel_budget, mu, eps
         self.label_pooling, self.label_min_fraction, self.cross_view_only = label_pooling, label_min_fraction, cross_view_only
+        self.log_grad_norms = log_grad_norms
 
     def encode(self, batch: dict[str, Any]) -> Encoded:
         views = [batch["view1"], batch["view1b"]] + ([batch["view2"]] if self.use_label or self.use_recon else [])
@@ -115,6 +116,6 @@ def build(config, *, rank: int = 0, world_size: int = 1):
                       use_label=p.use_label, use_recon=p.use_recon, label_stage=p.label_stage,
                       pixel_budget=p.pixel_budget, mu=p.mu, eps=p.eps, label_pooling=p.label_pooling,
                       label_min_fraction=p.label_min_fraction, cross_view_only=p.label_pairs == "cross",
-                      decoder=p.decoder)
+                      decoder=p.decoder, log_grad_norms=p.log_grad_norms)
     method.metadata = metadata
     return method, loader
