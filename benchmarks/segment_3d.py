@@ -48,7 +48,7 @@ class Settings:
     sw_roi_size: list[int] = field(default_factory=lambda: [128, 128, 128])  # inference tile: the whole volume
     pos_fraction: float = 0.67  # crops centred on an organ voxel (organs are ~0.1% of the volume)
     batch_size: int = 2
-    epochs: float = 12.0  # epochs of the training patients ...
+    epochs: float = 16.0  # epochs of the training patients ...
     min_iterations: int = 200  # ... but at least this many steps (5% / 15% of the patients train longer)
     max_validations: int = 5
     max_val_cases: int = 4
