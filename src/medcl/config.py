@@ -6,7 +6,7 @@ command-line overrides ``key.sub=value``::
     method: uscl            # selects the method and the method section below
     out: runs/uscl          # run folder
     # shared sections: only for the methods that use them (see "Sections per method" below)
-    data:     {manifest, size, in_channels, label_fraction, label_seed}
+    data:     {manifest, size, in_channels, label_fraction, label_seed, store: auto|memory|shards, shuffle_buffer}
     sampling: {pairing: video|frame, mixup: paper|shared_lambda|none, alpha, beta}
     augment:  {enabled, crop_scale, crop_ratio, flip_p, rotate_degrees, brightness, contrast}
     model:    {backbone, proj_hidden, proj_dim}
@@ -102,6 +102,12 @@ class DataConfig(Section):
     in_channels: int = Field(1, ge=1)  # grayscale frames are repeated when > 1
     label_fraction: float = Field(0.01, gt=0.0, le=1.0)  # fraction of labeled videos kept, per class
     label_seed: int = 0
+    # where frame-set methods (USCL, SimCLR, MoCo, supervised) read frames: `memory` packs every frame
+    # into RAM (small corpora); `shards` streams WebDataset shards (medcl.sampling.streamed; made by
+    # `medcl ingest --shards` or `medcl ingest shard`); `auto`: shards when the ingest folder has a shard
+    # index (OUT/shards/index.json), memory otherwise. The semi-supervised methods always read into memory.
+    store: Literal["auto", "memory", "shards"] = "auto"
+    shuffle_buffer: int = Field(256, ge=1)  # data.store=shards: whole videos held per process (the memory bound)
 
     @field_validator("manifest")
     @classmethod

@@ -55,9 +55,30 @@ USER_ERRORS = (ValueError, OSError)
 EXIT_BAD_INPUT = 2
 
 
+def subcommand_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, list[str], bool] | None:
+    """``medcl [--debug] COMMAND WORD ...`` where COMMAND's module lists WORD in ``SUBCOMMANDS``
+    (e.g. ``medcl ingest merge``, beside ``medcl ingest SRC OUT``): (its parser, the rest, debug)."""
+    debug = argv[:1] == ["--debug"]
+    rest = argv[1:] if debug else argv
+    if len(rest) < 2 or rest[0] not in COMMANDS:
+        return None
+    builders = getattr(importlib.import_module(COMMANDS[rest[0]]), "SUBCOMMANDS", {})
+    if rest[1] not in builders:
+        return None
+    return builders[rest[1]](), rest[2:], debug
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    routed = subcommand_parser(argv)
+    if routed is not None:
+        sub_parser, sub_argv, debug = routed
+        args = sub_parser.parse_args(sub_argv)
+        args.debug = debug
+        parser = sub_parser
+    else:
+        parser = build_parser()
+        args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -6,7 +6,8 @@
 
 Modules: ``video`` (PyAV decode + real-time fps sampling), ``dicom``, ``sector`` (crop the
 ultrasound fan), ``labels`` (metadata tables and file-name patterns), ``store`` (output folder,
-atomic writes, resume), ``pipeline`` (``ingest_videos``).
+atomic writes, resume), ``pipeline`` (``ingest_videos``), ``pack`` (WebDataset shards of an ingest
+folder: ``pack_shards``), ``parts`` (``--part k/N`` and ``merge_ingests``).
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ from medcl.data.manifest import MANIFEST_NAME, VideoRecord
 from medcl.ingest import store
 from medcl.ingest.dicom import read_identity
 from medcl.ingest.labels import LabelSource, hash_id
+from medcl.ingest.pack import DEFAULT_SHARD_BYTES, PackSummary, pack_shards
+from medcl.ingest.parts import PART_KEY, parse_part, part_of
 from medcl.ingest.sector import CropBox, crop_square, detect_sector
 from medcl.ingest.video import STUDIO_TO_FULL_RANGE, DecodedClip, DecodeError, decode_video
 
@@ -48,6 +50,9 @@ class IngestSummary:
     n_unlabeled: int = 0
     n_unmatched_metadata_rows: int = 0
     dicom_without_patient: list[str] = field(default_factory=list)  # no PatientID and no other patient source
+    part: tuple[int, int] | None = None  # --part k/N: this run ingested the files of part k only
+    n_other_parts: int = 0  # source files left to the other parts
+    packed: PackSummary | None = None  # --shards
     seconds: float = 0.0
 
     @property
@@ -64,6 +69,9 @@ class IngestSummary:
             f"{self.n_skipped} already done, {len(self.failed)} failed, in {self.seconds:.1f} s",
             f"manifest: {self.manifest}",
         ]
+        if self.part:
+            lines.append(f"part {self.part[0]}/{self.part[1]}: {self.n_other_parts} other source file(s) are left to the "
+                         "other parts (join them with: medcl ingest merge)")
         if self.n_ignored_files:
             lines.append(f"ignored {self.n_ignored_files} file(s) that are not video, image or DICOM")
         if self.n_unlabeled:
@@ -83,6 +91,8 @@ class IngestSummary:
             lines += [f"  {name}: {reason}" for name, reason in self.failed[:10]]
             if len(self.failed) > 10:
                 lines.append(f"  ... and {len(self.failed) - 10} more")
+        if self.packed is not None:
+            lines.append(self.packed.describe())
         return "\n".join(lines)
 
 
@@ -228,6 +238,9 @@ def ingest_videos(
     keep_partial: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    part: tuple[int, int] | str | None = None,
+    shards: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> IngestSummary:
     """Ingest every video / cine DICOM / still image under ``src`` into ``out``.
 
@@ -240,6 +253,9 @@ def ingest_videos(
     ``hash_patient_ids``: a salt; patient and study ids are then stored as
     :func:`medcl.ingest.labels.hash_id` of the raw ones. ``workers > 1`` decodes in that many
     processes. Resumable: finished videos whose source is unchanged are skipped.
+    ``part`` (``(k, N)`` or ``"k/N"``): ingest only the files of part k of N (see
+    :mod:`medcl.ingest.parts`; join the parts with :func:`medcl.ingest.parts.merge_ingests`).
+    ``shards``: then pack OUT into WebDataset shards of about ``shard_bytes`` (:mod:`medcl.ingest.pack`).
     Returns an :class:`IngestSummary` (``exit_code`` 2 when any file failed). Raises
     :class:`store.OutputError` when OUT cannot be written (full disk): earlier work is kept.
     """
@@ -268,7 +284,11 @@ def ingest_videos(
         patient_label_column=patient_label_column,
         label_map=dict(label_map or {}),
     )
-    settings = {"fps": float(fps), "size": int(size), "crop": bool(crop), "keep_partial": bool(keep_partial)}
+    settings: dict[str, object] = {"fps": float(fps), "size": int(size), "crop": bool(crop),
+                                   "keep_partial": bool(keep_partial)}
+    if part is not None:
+        part = parse_part(part if isinstance(part, str) else f"{part[0]}/{part[1]}")
+        settings[PART_KEY] = list(part)  # a folder of one part is never resumed as another part
     reuse = store.check_settings(out, settings, overwrite=overwrite)
     store.prepare_output(out)
     store.write_settings(out, settings)
@@ -279,7 +299,13 @@ def ingest_videos(
 
     sources, n_ignored = store.find_sources(src, exclude=out)
     root = src if src.is_dir() else src.parent
-    summary = IngestSummary(out=out, n_sources=len(sources), n_ignored_files=n_ignored)
+    if part is not None:
+        n_all = len(sources)
+        sources = [p for p in sources
+                   if part_of(store.escape_undecodable(p.relative_to(root).as_posix()), part[1]) == part[0]]
+    summary = IngestSummary(out=out, n_sources=len(sources), n_ignored_files=n_ignored, part=part)
+    if part is not None:
+        summary.n_other_parts = n_all - len(sources)
     records: dict[str, VideoRecord] = {}
     taken = {r.video_id for r in done.values()}
     listed: set[str] = set()
@@ -335,7 +361,8 @@ def ingest_videos(
                 "keep_partial": keep_partial,
             }
         )
-    summary.n_unmatched_metadata_rows = labels.n_unmatched_rows if metadata else 0
+    # a part sees only its files: the other parts' metadata rows are not "unmatched"
+    summary.n_unmatched_metadata_rows = labels.n_unmatched_rows if metadata and part is None else 0
     store.write_records(out, records)  # drops rows of videos that are gone or being redone
     store.write_errors(out, summary.failed)
 
@@ -420,6 +447,8 @@ def ingest_videos(
     finally:
         bar.close()
     store.write_records(out, records)
+    if shards:
+        summary.packed = pack_shards(out, shard_bytes, progress=progress)
     summary.n_unlabeled = sum(1 for r in records.values() if not r.label)
     summary.seconds = time.perf_counter() - start
     return summary

@@ -251,6 +251,20 @@ def prepare_output(out: Path) -> None:
         remove_stale_temporaries(out)
 
 
+def read_settings(out: Path) -> dict[str, object]:
+    """The settings OUT was ingested with (``ingest.json``); empty when OUT has none."""
+    path = Path(out) / SETTINGS_NAME
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc}); not the JSON settings ingest writes") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: not the JSON settings ingest writes (a {type(settings).__name__})")
+    return settings
+
+
 def write_settings(out: Path, settings: dict[str, object]) -> None:
     with writing_into(out, f"writing {SETTINGS_NAME}"), replaced_atomically(out / SETTINGS_NAME) as tmp:
         tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")

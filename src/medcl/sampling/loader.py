@@ -75,6 +75,9 @@ class IndexBatchLoader:
         return {"rng": self.rng.bit_generator.state, "seed": self.seed, "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("store", "memory") != "memory":
+            raise ValueError(f"the checkpoint was trained with the streamed loader (data.store={state['store']}); resume "
+                             f"with data.store={state['store']}")
         if state.get("world_size", self.world_size) != self.world_size:
             raise ValueError(f"checkpoint loader was saved with world_size {state['world_size']}, now {self.world_size}")
         self.rng.bit_generator.state = state["rng"]

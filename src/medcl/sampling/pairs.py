@@ -56,6 +56,7 @@ from medcl.sampling.loader import IndexBatchLoader
 
 if TYPE_CHECKING:
     from medcl.config import Config
+    from medcl.sampling.streamed import PairRecipe, StreamedFrameSetLoader
 
 Pairing = Literal["video", "frame"]
 Mixup = Literal["paper", "shared_lambda", "none"]
@@ -81,7 +82,8 @@ class PairGenerator:
     """Builds USCL positive pairs from frame sets (see the module docstring).
 
     ``frames``: one uint8 array [n_i, H, W] per video (frames of a different size are resized to
-    the most common size once, here). ``targets``: int64 class index per video, -1 = unlabeled.
+    the most common size once, here, or to ``frame_shape`` when given). ``targets``: int64 class
+    index per video, -1 = unlabeled.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class PairGenerator:
         channels: int = 1,
         augment: AugmentParams | None = None,
         device: torch.device | str = "cpu",
+        frame_shape: tuple[int, int] | None = None,
     ) -> None:
         if pairing not in ("video", "frame"):
             raise ValueError(f"pairing must be 'video' or 'frame', got {pairing!r}")
@@ -123,7 +126,8 @@ class PairGenerator:
         # Frames much larger than the model input are shrunk once (area filter, anti-aliased) to the
         # smallest side at which even the smallest random crop still holds `size` source pixels.
         min_scale = self.augment.crop_scale[0] if self.augment.enabled else 1.0
-        self.frames = pack_frames(frames, max_side=math.ceil(size / math.sqrt(min_scale)))  # uint8 [total, H, W]
+        max_side = math.ceil(size / math.sqrt(min_scale))
+        self.frames = pack_frames(frames, max_side=max_side, shape=frame_shape)  # uint8 [total, H, W]
 
     @property
     def n_items(self) -> int:
@@ -193,12 +197,13 @@ class PairGenerator:
         return {"view1": view1, "view2": view2, "label": self.targets[video], "video": video}
 
 
-def pack_frames(frames: list[np.ndarray], max_side: int | None = None) -> Tensor:
+def pack_frames(frames: list[np.ndarray], max_side: int | None = None, shape: tuple[int, int] | None = None) -> Tensor:
     """All videos' uint8 frames as one tensor [total, H, W] (video after video), at the most common
-    frame size, shrunk (area filter) so that the longer side is at most ``max_side``."""
+    frame size (or ``shape``: the corpus' size when ``frames`` are a few of its videos), shrunk
+    (area filter) so that the longer side is at most ``max_side``."""
     shapes = Counter(f.shape[1:] for f in frames)
-    common = shapes.most_common(1)[0][0]
-    if len(shapes) > 1:
+    common = tuple(shape) if shape is not None else shapes.most_common(1)[0][0]
+    if len(shapes) > 1 and shape is None:
         warnings.warn(f"frame sets have {len(shapes)} frame sizes; resizing all to {common[0]}x{common[1]}", stacklevel=3)
     if max_side is not None and max(common) > max_side:
         factor = max_side / max(common)
@@ -231,9 +236,10 @@ def read_frame_sets(config: Config, *, world_size: int = 1, labeled_only: bool =
     from medcl.data.frames import FrameSets
     from medcl.data.splits import label_targets, select_labeled_videos
 
-    device = resolve_device(config.train.device)
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if config.data.store == "shards":
+        raise ValueError(f"data.store=shards: method {config.method!r} reads every frame into memory (only the "
+                         "frame-set methods uscl, simclr, moco and supervised stream shards); use data.store=memory")
+    device = batch_device(config, world_size)
     sets = FrameSets(config.data.manifest, cache=False)  # frames are packed into one tensor by the sampler, once
     classes = sets.classes
     keep = select_labeled_videos(sets.labels, config.data.label_fraction, config.data.label_seed)
@@ -245,14 +251,32 @@ def read_frame_sets(config: Config, *, world_size: int = 1, labeled_only: bool =
     return FrameSetData(frames, targets[indices], classes, Path(sets.manifest_path), device)
 
 
+def batch_device(config: Config, world_size: int) -> torch.device:
+    """Where batches are augmented: ``train.device``, this process's GPU under torchrun."""
+    device = resolve_device(config.train.device)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
 def frame_set_loader(
     config: Config, *, rank: int = 0, world_size: int = 1, labeled_only: bool = False
-) -> tuple[IndexBatchLoader, PairGenerator, list[str]]:
+) -> tuple[IndexBatchLoader | StreamedFrameSetLoader, PairGenerator | PairRecipe, list[str]]:
     """The loader every frame-set method (USCL, SimCLR, supervised, MoCo) trains on.
 
-    Reads the frame sets (:func:`read_frame_sets`), optionally keeps only the labeled videos, and
-    builds the pair generator and a resumable, rank-sharded loader. Returns (loader, generator, classes).
+    ``data.store`` (resolved by :func:`medcl.data.shards.resolve_store`) picks it: ``memory`` reads
+    the frame sets (:func:`read_frame_sets`), optionally keeps only the labeled videos, and builds
+    the pair generator and a resumable, rank-sharded :class:`IndexBatchLoader`; ``shards`` streams
+    them (:func:`medcl.sampling.streamed.streamed_frame_set_loader`). Returns (loader, pair
+    generator or recipe, classes).
     """
+    from medcl.data.shards import resolve_store
+
+    if resolve_store(config.data.store, config.data.manifest) == "shards":
+        from medcl.sampling.streamed import streamed_frame_set_loader
+
+        return streamed_frame_set_loader(config, PairGenerator, batch_device(config, world_size), rank=rank,
+                                         world_size=world_size, labeled_only=labeled_only)
     data = read_frame_sets(config, world_size=world_size, labeled_only=labeled_only)
     generator = PairGenerator(
         data.frames,

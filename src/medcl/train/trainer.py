@@ -22,7 +22,12 @@ of updates done.
 Resume (``resume=True``): loads ``checkpoints/last.pt`` and continues exactly -- model, optimiser,
 scheduler, every RNG state and the loader position and generator are restored, and metrics logged
 after that checkpoint are dropped from ``metrics.jsonl`` -- so on CPU the resumed loss curve equals
-the uninterrupted one. The config must match the checkpoint's except for ``train.*``, ``out``,
+the uninterrupted one. The world size must be the checkpoint's, unless the loader says it
+``resumes_at_other_world_size`` (the streamed loader of ``data.store=shards``): each new rank then
+takes the RNG and loader states of saved rank ``rank % saved_world_size`` and the loader re-divides
+the rest of the interrupted epoch (what stays exact: ``medcl.sampling.streamed``). Keys added to
+the shared config sections since a checkpoint was written count as equal when they hold their
+default now. The config must match the checkpoint's except for ``train.*``, ``out``,
 the run length (``optim.max_steps`` / ``optim.epochs``: extending a finished run re-spans the cosine)
 and shared sections the method does not use (``Config.unused_sections``; older checkpoints of MixCL
 runs carry USCL's defaults there).
@@ -350,17 +355,22 @@ class Trainer:
         # sections the method does not use had no effect (checkpoints written before sections became
         # per-method carry USCL's defaults in a MixCL run's config): they never block a resume
         ignore = ("train", "out", "optim.max_steps", "optim.epochs", *self.config.unused_sections())
-        diffs = _config_differences(ckpt["config"], self.config.to_dict(), ignore=ignore)
+        diffs = _config_differences(_with_added_defaults(ckpt["config"], self.config.to_dict()), self.config.to_dict(),
+                                    ignore=ignore)
         if diffs:
             raise ValueError(f"{self.last_path}: cannot resume with a different configuration: " + "; ".join(diffs))
-        if ckpt.get("world_size", 1) != self.world_size:
-            raise ValueError(f"{self.last_path}: saved with world_size {ckpt.get('world_size', 1)}, now {self.world_size}")
+        saved_world = int(ckpt.get("world_size", 1))
+        if saved_world != self.world_size and not getattr(self.loader, "resumes_at_other_world_size", False):
+            raise ValueError(f"{self.last_path}: saved with world_size {saved_world}, now {self.world_size} (only "
+                             "the streamed loader, data.store=shards, resumes at another world size)")
         self.method.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step = self.saved_step = int(ckpt["step"])
-        set_rng_state(ckpt["rng_per_rank"][self.rank])
-        self.loader.load_state_dict(ckpt["loader_per_rank"][self.rank])
+        # at another world size a new rank continues from a saved rank's states; the loader then
+        # re-divides the rest of the epoch (medcl.sampling.streamed: what stays exact)
+        set_rng_state(ckpt["rng_per_rank"][self.rank % saved_world])
+        self.loader.load_state_dict(ckpt["loader_per_rank"][self.rank % saved_world])
         if self.is_main and self.metrics_path.is_file():  # drop what was logged after this checkpoint
             kept = [ln for ln in self.metrics_path.read_text().splitlines() if _logged_step(ln) <= self.step]
             self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
@@ -536,6 +546,22 @@ def _logged_step(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return math.inf
+
+
+def _with_added_defaults(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the keys added to the shared sections since it was written (absent there)
+    taken from ``current`` when they hold their default there: they had that effect then."""
+    from medcl.config import SHARED_SECTIONS
+
+    saved = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for name, section in SHARED_SECTIONS.items():
+        if not isinstance(saved.get(name), dict) or not isinstance(current.get(name), dict):
+            continue
+        defaults = section().model_dump(mode="json")
+        for key, value in current[name].items():
+            if key not in saved[name] and value == defaults.get(key):
+                saved[name][key] = value
+    return saved
 
 
 def _config_differences(saved: dict[str, Any], current: dict[str, Any], ignore: tuple[str, ...], prefix: str = "") -> list[str]:
