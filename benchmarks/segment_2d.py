@@ -16,7 +16,9 @@
    paired difference against scratch, with the published references and medcl's UNETR + MixCL
    numbers beside. Run folders stay under benchmarks/work/segment_2d/ (ignored by git).
 
-Budget: see ``Settings`` (the results file records them and the wall time).
+Budget (``Settings``, recorded in the results file): BUS-BRA folds 1-2 of 5 at 128 px, 8 epochs of
+the training cases but at least 350 steps of batch 16, 12 validations; pretraining 25 video epochs
+at 128 px per method. About 85 min on 2 idle CPU cores (``--folds 1,2,3,4,5``: ~3.5 h).
 """
 
 from __future__ import annotations
