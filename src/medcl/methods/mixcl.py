@@ -62,11 +62,19 @@ class MixCL(Method):
         dims, width = encoder.spatial_dims, encoder.hidden_size
         self.projectors = nn.ModuleList(Projector(dims, width, projector_norm) for _ in range(encoder.num_layers))
         self.decoder = build_decoder(encoder, out_channels=encoder.kwargs["in_channels"], feature_size=feature_size) if use_recon else None
+        self._set_terms(lambda_offdiag, temperature, alpha, beta, use_label, use_recon, label_layer - 1, pixel_budget,
+                        mu, eps, label_pooling, label_min_fraction, cross_view_only, log_grad_norms)
+
+    def _set_terms(self, lambda_offdiag: float, temperature: float, alpha: float, beta: float, use_label: bool,
+                   use_recon: bool, label_index: int, pixel_budget: int, mu: float, eps: float, label_pooling: str,
+                   label_min_fraction: float, cross_view_only: bool, log_grad_norms: bool) -> None:
+        """The loss terms and their options (shared with :class:`medcl.methods.mixcl_cnn.MixCLCNN`);
+        ``label_index``: 0-based layer / stage of the label term."""
         self.identity_loss = PixelBarlowTwinsLoss(lambda_offdiag)
         self.label_loss = PixelContrastLoss(temperature)
         self.recon_loss = ReconstructionLoss()
         self.alpha, self.beta, self.use_label, self.use_recon = alpha, beta, use_label, use_recon
-        self.label_layer, self.pixel_budget, self.mu, self.eps = label_layer - 1, pixel_budget, mu, eps
+        self.label_layer, self.pixel_budget, self.mu, self.eps = label_index, pixel_budget, mu, eps
         self.label_pooling, self.label_min_fraction, self.cross_view_only = label_pooling, label_min_fraction, cross_view_only
         self.log_grad_norms = log_grad_norms
 

@@ -27,12 +27,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from medcl.losses.pixel_barlow import PixelBarlowTwinsLoss
-from medcl.losses.pixel_contrast import PixelContrastLoss
-from medcl.losses.reconstruction import ReconstructionLoss
 from medcl.methods.base import Method
 from medcl.methods.mixcl import Encoded, MixCL, MixCLConfig
-from medcl.models.unet import ENCODER_CHANNELS, STRIDE, ResNetUNet
+from medcl.models.unet import ENCODER_CHANNELS, STRIDE, ResNetUNet, resnet_stages
 from medcl.models.unetr import Projector
 
 
@@ -64,28 +61,18 @@ class MixCLCNN(MixCL):
         unet = ResNetUNet(out_channels=in_channels, in_channels=in_channels, decoder=decoder, spatial_dims=spatial_dims)
         self.backbone = unet.encoder  # theta
         self.backbone_spec = {"name": "resnet18", "kwargs": {"in_channels": in_channels, "spatial_dims": spatial_dims}}
-        self._stages = ResNetUNet.encode  # the U-Net's own split of the ResNet into stages
         self.projectors = nn.ModuleList(Projector(spatial_dims, c, projector_norm) for c in ENCODER_CHANNELS)
         self.decoder = _Decoder(unet) if use_recon else None
-        self.identity_loss = PixelBarlowTwinsLoss(lambda_offdiag)
-        self.label_loss = PixelContrastLoss(temperature)
-        self.recon_loss = ReconstructionLoss()
-        self.alpha, self.beta, self.use_label, self.use_recon = alpha, beta, use_label, use_recon
-        self.label_layer, self.pixel_budget, self.mu, self.eps = label_stage - 1, pixel_budget, mu, eps
-        self.label_pooling, self.label_min_fraction, self.cross_view_only = label_pooling, label_min_fraction, cross_view_only
-        self.log_grad_norms = log_grad_norms
+        self._set_terms(lambda_offdiag, temperature, alpha, beta, use_label, use_recon, label_stage - 1, pixel_budget,
+                        mu, eps, label_pooling, label_min_fraction, cross_view_only, log_grad_norms)
 
     def encode(self, batch: dict[str, Any]) -> Encoded:
         views = [batch["view1"], batch["view1b"]] + ([batch["view2"]] if self.use_label or self.use_recon else [])
         x = torch.cat(views)
         if any(n % STRIDE for n in x.shape[2:]):
             raise ValueError(f"MixCL on a ResNet needs patches that are multiples of {STRIDE} pixels, got {list(x.shape[2:])}")
-        feats = self._stages(self, x)  # ResNetUNet.encode reads self.encoder
+        feats = resnet_stages(self.backbone, x)  # the U-Net's own split of the ResNet into stages
         return Encoded(x, feats[-1], feats, [proj(f) for proj, f in zip(self.projectors, feats)])
-
-    @property
-    def encoder(self) -> nn.Module:  # what ResNetUNet.encode calls the ResNet
-        return self.backbone
 
     def reconstruct(self, encoded: Encoded) -> Tensor:
         return self.decoder(encoded.x, encoded.hidden)

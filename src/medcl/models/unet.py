@@ -45,6 +45,18 @@ LEGACY_DECODER = (256, 128, 64, 64, 32)
 STRIDE = 32  # the encoder's total downsampling
 
 
+def resnet_stages(e: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The stage maps of a MONAI ResNet ``e`` (stem, layer1 .. layer4) for an input already
+    normalised and padded to a multiple of :data:`STRIDE` (the U-Net's skips, MixCL-CNN's levels)."""
+    x = e.act(e.bn1(e.conv1(x)))
+    feats = [x]
+    x = x if getattr(e, "no_max_pool", False) else e.maxpool(x)
+    for layer in (e.layer1, e.layer2, e.layer3, e.layer4):
+        x = layer(x)
+        feats.append(x)
+    return feats
+
+
 class ResNetUNet(nn.Module):
     """U-Net on a ResNet-18 encoder: ``[B, 1 or in_channels, *spatial]`` in [0, 1] -> logits
     ``[B, out_channels, *spatial]`` (``spatial``: H, W or H, W, D)."""
@@ -79,14 +91,7 @@ class ResNetUNet(nn.Module):
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encoder features at 1/2, 1/4, 1/8, 1/16, 1/32 of a model input (already normalised)."""
-        e = self.encoder
-        x = e.act(e.bn1(e.conv1(x)))
-        feats = [x]
-        x = x if getattr(e, "no_max_pool", False) else e.maxpool(x)
-        for layer in (e.layer1, e.layer2, e.layer3, e.layer4):
-            x = layer(x)
-            feats.append(x)
-        return feats
+        return resnet_stages(self.encoder, x)
 
     def decode(self, x: torch.Tensor, feats: list[torch.Tensor]) -> torch.Tensor:
         """Logits from a model input (normalised, padded to a multiple of 32) and its :meth:`encode`
