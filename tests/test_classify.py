@@ -214,3 +214,63 @@ def test_label_fraction_keeps_whole_patients_of_each_training_fold(tiny_data):
         kept = set(patients[b.train])
         assert len(kept) == max(1, round(0.5 * len(set(patients[a.train]))))
         assert set(b.train) == {v for v in a.train if patients[v] in kept}  # every video of a kept patient
+
+
+def _uscl_checkpoint(path, seed):
+    from medcl.weights import save_checkpoint
+
+    torch.manual_seed(seed)
+    net = resnet18_backbone()
+    ckpt = {"format": "medcl-checkpoint-v1", "method": "uscl", "config": {}, "step": 3, "epoch": 1,
+            "model": {f"backbone.{k}": v for k, v in net.state_dict().items()},
+            "backbone": {"name": "resnet18", "kwargs": {"in_channels": 1}, "prefix": "backbone."}}
+    return save_checkpoint(path, ckpt)
+
+
+def test_per_fold_init_uses_each_folds_own_backbone(tiny_data, tmp_path):
+    """``{fold}`` in an init path: fold f is fine-tuned from fold f's file, exactly as a run with
+    that file alone does on that fold (e.g. backbones pretrained on each fold's training videos)."""
+    import csv
+
+    from medcl.evaluate.classify import finetune
+
+    for fold in range(3):
+        _uscl_checkpoint(tmp_path / f"pre-fold{fold}" / "checkpoints" / "final.pt", seed=10 + fold)
+    config = FinetuneConfig(protocol="linear", **TINY)
+    quiet = lambda *_: None  # noqa: E731
+    template = str(tmp_path / "pre-fold{fold}" / "checkpoints" / "final.pt")
+    spec = InitSpec.parse(f"perfold={template}")
+    assert spec.per_fold and spec.for_fold(0, 2).path.endswith("pre-fold2/checkpoints/final.pt")
+    assert not InitSpec.parse(template.format(fold=0)).per_fold
+
+    def probabilities(run: str, fold: int) -> list[list[str]]:
+        with (tmp_path / run / "predictions.csv").open(newline="") as handle:
+            return [[v for k, v in row.items() if k.startswith("prob_")] for row in csv.DictReader(handle)
+                    if row["fold"] == str(fold)]
+
+    finetune(tiny_data, [spec], config, tmp_path / "pf", log=quiet)
+    for fold in range(3):
+        finetune(tiny_data, [f"f{fold}={template.format(fold=fold)}"], config, tmp_path / f"alone{fold}", log=quiet)
+    for fold in range(3):
+        assert probabilities("pf", fold) == probabilities(f"alone{fold}", fold)  # fold f from file f, bit for bit
+        assert probabilities("pf", fold) != probabilities(f"alone{(fold + 1) % 3}", fold)  # not from another file
+    record = json.loads((tmp_path / "pf" / "results.json").read_text())
+    assert record["init"]["path"] == template and [f["fold"] for f in record["folds"]] == [0, 1, 2]
+
+
+def test_per_fold_init_errors(tiny_data, tmp_path):
+    from medcl.evaluate.classify import finetune
+    from medcl.weights import WeightsError
+
+    _uscl_checkpoint(tmp_path / "pre-fold0" / "final.pt", seed=1)  # folds 1 and 2 are missing
+    template = str(tmp_path / "pre-fold{fold}" / "final.pt")
+    with pytest.raises(FileNotFoundError, match="pre-fold1"):
+        finetune(tiny_data, ["scratch", f"pf={template}"], FinetuneConfig(**TINY), tmp_path / "out", log=lambda *_: None)
+    assert not (tmp_path / "out").exists()  # refused before any fold ran
+    with pytest.raises(WeightsError, match="placeholders"):
+        InitSpec("x", str(tmp_path / "{fold}-{patient}.pt")).for_fold(0, 0)
+    for fold in (1, 2):
+        _uscl_checkpoint(tmp_path / f"pre-fold{fold}" / "final.pt", seed=1 + fold)
+    with pytest.raises(ValueError, match="final model"):
+        finetune(tiny_data, [f"pf={template}"], FinetuneConfig(**TINY, final_model=True), tmp_path / "out2",
+                 log=lambda *_: None)

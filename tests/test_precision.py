@@ -81,6 +81,9 @@ def test_bf16_pretraining_tracks_fp32(tmp_path):
     np.testing.assert_allclose(bf16, fp32, rtol=LOSS_RTOL)
     environment = json.loads((tmp_path / "bf16" / "environment.json").read_text())
     assert "cpu_native_bf16" in environment
+    # what the run actually used is recorded beside what the machine offers
+    assert environment["precision"] == "bfloat16" and environment["device"] == "cpu"
+    assert json.loads((tmp_path / "fp32" / "environment.json").read_text())["precision"] == "fp32"
 
 
 def test_bf16_finetuning_tracks_fp32(tmp_path):

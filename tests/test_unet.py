@@ -305,3 +305,29 @@ def test_a_torchvision_resnet18_file_initialises_the_unet_with_imagenet_normalis
     net = build_unet(out_channels=2, **kwargs)
     load_encoder_into(net, encoder_state)
     torch.testing.assert_close(net.encoder.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+
+
+def test_monai_augmentation_in_3d_keeps_volume_and_mask_aligned():
+    rng = np.random.default_rng(1)
+    zz, yy, xx = np.mgrid[:24, :24, :16]
+    changed = 0
+    apply = monai_augmenter(seed=5, spatial_dims=3)
+    for _ in range(12):
+        cz, cy, cx = rng.integers(8, 16, 3)
+        mask = (((zz - cz) ** 2 + (yy - cy) ** 2 + (xx - min(cx, 10)) ** 2) < 5 ** 2).astype(np.uint8)[None]
+        image = np.where(mask > 0, 0.9, 0.1).astype(np.float32)
+        image2, mask2 = apply(image, mask)
+        assert image2.shape == image.shape and mask2.shape == mask.shape and mask2.dtype == np.uint8
+        assert 0.0 <= image2.min() and image2.max() <= 1.0 and set(np.unique(mask2)) <= {0, 1}
+        disagree = np.logical_xor(image2 > 0.5, mask2 > 0).sum()
+        assert disagree <= 0.1 * max(1, mask2.sum())  # image and labels moved together
+        changed += int(not np.array_equal(mask2, mask))
+    assert changed > 3
+    # the last (slice) axis is never flipped: a mask occupying only the first slices stays there
+    mask = np.zeros((1, 24, 24, 16), np.uint8)
+    mask[0, 8:16, 8:16, :3] = 1
+    for seed in range(10):
+        _, mask2 = monai_augmenter(seed=seed, spatial_dims=3)(mask.astype(np.float32), mask)
+        assert mask2[0, :, :, 8:].sum() == 0
+    with pytest.raises(ValueError, match="spatial_dims"):
+        monai_augmenter(seed=0, spatial_dims=4)

@@ -9,7 +9,7 @@ command-line overrides ``key.sub=value``::
     data:     {manifest, size, in_channels, label_fraction, label_seed, store: auto|memory|shards, shuffle_buffer}
     sampling: {pairing: video|frame, mixup: paper|shared_lambda|none, alpha, beta}
     augment:  {enabled, crop_scale, crop_ratio, flip_p, rotate_degrees, brightness, contrast}
-    model:    {backbone, proj_hidden, proj_dim}
+    model:    {backbone, proj_hidden, proj_dim, init}
     # every run
     optim:    {name: adam|adamw, lr, weight_decay, batch_size, epochs, warmup_epochs, max_steps, min_lr_ratio}
     train:    {seed, device, amp, precision, channels_last, checkpoint_every, log_every, progress, tensorboard, sync_batchnorm}
@@ -159,6 +159,16 @@ class ModelConfig(Section):
     backbone: str = "resnet18"  # a name of medcl.models.backbones.BACKBONES
     proj_hidden: int = Field(512, ge=1)
     proj_dim: int = Field(256, ge=1)
+    # start the backbone from these weights instead of a random draw (a medcl checkpoint, run folder or
+    # export, or a torchvision / timm resnet18 state dict: anything `--init` accepts); heads start random
+    init: str | None = None
+
+    @field_validator("init")
+    @classmethod
+    def _init_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).exists():
+            raise ValueError(f"file or folder not found: {value}")
+        return value
 
     @field_validator("backbone")
     @classmethod

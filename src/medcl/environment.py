@@ -74,9 +74,10 @@ def collect_environment() -> dict[str, Any]:
     return env
 
 
-def write_environment(run_dir: str | Path) -> Path:
-    """Write ``run_dir/environment.json`` (overwriting: a resumed run records where it finished)."""
+def write_environment(run_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write ``run_dir/environment.json`` (overwriting: a resumed run records where it finished);
+    ``extra``: what the run resolved from the machine (e.g. the precision ``auto`` chose)."""
     path = Path(run_dir) / ENVIRONMENT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(collect_environment(), indent=2) + "\n")
+    path.write_text(json.dumps({**collect_environment(), **(extra or {})}, indent=2) + "\n")
     return path

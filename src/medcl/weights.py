@@ -483,10 +483,30 @@ def load_backbone(path: str | Path, device: str | torch.device = "cpu") -> nn.Mo
 @dataclass
 class InitSpec:
     """A backbone initialisation: ``scratch`` (path None), a medcl checkpoint, a run folder or
-    exported weights (file or folder)."""
+    exported weights (file or folder).
+
+    A path with a ``{fold}`` placeholder (and optionally ``{repeat}``; both 0-based, as in
+    results.json) is a *per-fold* init: cross-validation loads ``path.format(repeat=r, fold=f)``
+    for each fold, e.g. ``runs/pocus-fold{fold}/checkpoints/final.pt`` for backbones each
+    pretrained on one fold's training videos only (never on its test videos)."""
 
     name: str
     path: str | None = None
+
+    @property
+    def per_fold(self) -> bool:
+        return self.path is not None and "{fold}" in self.path
+
+    def for_fold(self, repeat: int, fold: int) -> InitSpec:
+        """The init of one cross-validation fold (itself unless :attr:`per_fold`)."""
+        if not self.per_fold:
+            return self
+        try:
+            path = self.path.format(repeat=repeat, fold=fold)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise WeightsError(f"initialisation {self.name!r}: path {self.path!r}: only {{repeat}} and {{fold}} "
+                               f"placeholders are allowed ({type(exc).__name__}: {exc})") from None
+        return InitSpec(self.name, path)
 
     @staticmethod
     def parse(spec: str) -> InitSpec:

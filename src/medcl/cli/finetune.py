@@ -161,7 +161,7 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--channel", type=int, default=None, metavar="K",
                        help="3D: channel (modality) of 4D images [X, Y, Z, C] to segment from, 0-based")
     group.add_argument("--seg-augment", dest="seg_augment", choices=["flips", "monai"], default=None,
-                       help="flips (default: random in-plane flips) or monai (2D flips, small affine, intensity)")
+                       help="flips (default: random in-plane flips) or monai (in-plane flips, small affine, intensity; 2D and 3D)")
     group.add_argument("--binarize", type=int, default=None, metavar="T",
                        help="binary masks: foreground = mask value > T (e.g. 127 for 0/255 masks with JPEG noise); "
                             "without it, mask values the task does not declare are an error")

@@ -498,22 +498,38 @@ def run_classification(data: FrameData, folds: list[Fold], init: InitSpec, confi
     With ``out``, ``config.save_models`` keeps each fold's selected model in ``out/models/`` and
     ``config.final_model`` adds one trained on all labeled videos (:mod:`medcl.evaluate.models`)."""
     device, dtype, memory_format = compute_settings(config)
-    loaded = init_backbone(init, seed=config.seed)
-    backbone, spec = loaded.network, loaded.input
+    if init.per_fold and config.final_model:
+        raise ValueError(f"initialisation {init.name!r} is per fold ({init.path}): a final model trained on every "
+                         "labeled video has no single backbone to start from (drop final_model)")
+    cached = use_feature_cache(config)
+    timing = {"feature_cache_s": 0.0, "train_s": 0.0}
+    prepared: dict[str | None, tuple[LoadedBackbone, Any]] = {}
+
+    def backbone_of(fold_init: InitSpec) -> tuple[LoadedBackbone, Any]:
+        """The fold's backbone and feature cache (once per distinct file: once unless per fold)."""
+        if fold_init.path not in prepared:
+            prepared.clear()  # per-fold inits: keep one backbone (and its cache) in memory at a time
+            loaded = init_backbone(fold_init, seed=config.seed)
+            cache = None
+            if cached:
+                t0 = time.perf_counter()
+                prefix, _ = split_backbone(copy.deepcopy(loaded.network), config.protocol)
+                cache = compute_feature_cache(prefix, data, loaded.input, device, dtype=dtype,
+                                              memory_format=memory_format)
+                timing["feature_cache_s"] += time.perf_counter() - t0
+            prepared[fold_init.path] = (loaded, cache)
+        return prepared[fold_init.path]
+
+    loaded, cache = backbone_of(init.for_fold(folds[0].repeat, folds[0].fold))
+    spec = loaded.input
     classes = data.classes
     models_dir = models_folder(out, config.save_models or config.final_model)
     card = classification_card(data, init, loaded, config) if models_dir is not None else {}
     kept: list[dict] = []
-    cached = use_feature_cache(config)
-    timing = {"feature_cache_s": 0.0, "train_s": 0.0}
-    cache = None
-    if cached:
-        t0 = time.perf_counter()
-        prefix, _ = split_backbone(copy.deepcopy(backbone), config.protocol)
-        cache = compute_feature_cache(prefix, data, spec, device, dtype=dtype, memory_format=memory_format)
-        timing["feature_cache_s"] = time.perf_counter() - t0
     fold_results, predictions, curves = [], [], []
     for fold in folds:
+        loaded, cache = backbone_of(init.for_fold(fold.repeat, fold.fold))
+        backbone, spec = loaded.network, loaded.input
         t0 = time.perf_counter()
         head_seed = config.seed * 100003 + fold.repeat * 101 + fold.fold
         model = build_classifier(backbone, config.protocol, len(classes), head_seed).to(device)
@@ -768,5 +784,10 @@ def _run_all(data: FrameData, folds: list[Fold], inits, config: FinetuneConfig,
         return compare_results([r.predictions for r in runs], [r.init for r in runs],
                                metrics=compare_metrics, n_boot=n_boot, seed=config.seed)
 
+    def check(init: InitSpec) -> None:
+        """Every file an init needs loads (each fold's, for a per-fold init) before the first run starts."""
+        for path in dict.fromkeys(init.for_fold(f.repeat, f.fold).path for f in folds):
+            load_init(InitSpec(init.name, path))
+
     return compare_inits(inits, lambda init, run_out: run_classification(data, folds, init, config, run_out, extra, log),
-                         compare, write_comparison, out, check=load_init, overwrite=overwrite, command=command)
+                         compare, write_comparison, out, check=check, overwrite=overwrite, command=command)

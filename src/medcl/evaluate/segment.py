@@ -123,7 +123,8 @@ class SegmentConfig(BaseModel):
     arch: Literal["unetr", "unet"] = Field(
         default="unetr", description="unetr (MixCL's ViT encoder) or unet (2D or 3D U-Net on the ResNet-18 backbone)")
     augment: Literal["flips", "monai"] = Field(
-        default="flips", description="flips (random in-plane flips) or monai (2D: flips, small affine, intensity scale / shift)")
+        default="flips", description="flips (random in-plane flips) or monai (in-plane flips, small affine, intensity "
+                                     "scale / shift; 2D and 3D)")
     epochs: float | None = Field(
         default=None, description="budget in epochs of the training cases (iterations = ceil(epochs * n_train / "
                                   "batch_size), validation every epoch); None = iterations / val_every")
@@ -294,18 +295,23 @@ def augment(image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, spa
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
 
 
-def monai_augmenter(seed: int) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """``augment='monai'`` for 2D ``[1, H, W]`` (image, labels): random flips of both axes, a small
-    affine (rotation up to 15 degrees, scale +-10 %; bilinear for the image, nearest for the
-    labels, so both move together), then intensity scale and shift (+-10 %) of the image, which is
-    clipped back to [0, 1]. Seeded: the same ``seed`` gives the same draws."""
+def monai_augmenter(seed: int, spatial_dims: int = 2) -> Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``augment='monai'`` for channel-first (image, labels), 2D ``[1, H, W]`` or 3D ``[1, H, W, D]``:
+    random flips of the two in-plane axes, a small affine (rotation up to 15 degrees in the
+    (H, W) plane -- the axial plane of a CT -- scale +-10 % on every axis; bilinear for the image,
+    nearest for the labels, so both move together), then intensity scale and shift (+-10 %) of the
+    image, which is clipped back to [0, 1]. Seeded: the same ``seed`` gives the same draws."""
     from monai.transforms import Compose, RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     keys = ("image", "label")
+    # MONAI's 3D rotate_range is (about axis 0, axis 1, axis 2): rotating about the last axis turns the (H, W) plane
+    rotate = (math.pi / 12,) if spatial_dims == 2 else (0.0, 0.0, math.pi / 12)
     transform = Compose([
         RandFlipd(keys, prob=0.5, spatial_axis=0),
         RandFlipd(keys, prob=0.5, spatial_axis=1),
-        RandAffined(keys, prob=0.5, rotate_range=(math.pi / 12,), scale_range=(0.1, 0.1),
+        RandAffined(keys, prob=0.5, rotate_range=rotate, scale_range=(0.1,) * spatial_dims,
                     mode=("bilinear", "nearest"), padding_mode="zeros"),
         RandScaleIntensityd("image", factors=0.1, prob=0.5),
         RandShiftIntensityd("image", offsets=0.1, prob=0.5),
@@ -512,7 +518,7 @@ def finetune_once(
     if cfg.arch == "unet":
         channels_last(model)  # medcl.precision: the memory format CNNs prefer on CPUs (same values)
     iterations, val_every = budget(cfg, len(train_images))
-    monai_augment = monai_augmenter(int(rng.integers(2**31))) if cfg.augment == "monai" else None
+    monai_augment = monai_augmenter(int(rng.integers(2**31)), task.spatial_dims) if cfg.augment == "monai" else None
     dtype = resolve_precision(cfg.precision, "cpu", model)  # medcl.precision (segmentation runs on the CPU here)
     if encoder_state is not None:
         load_encoder_into(model, encoder_state, cfg.checkpoint or "checkpoint")
@@ -721,8 +727,6 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
     if out is not None:
         (out / "overlays").mkdir(parents=True, exist_ok=True)
 
-    if task.spatial_dims != 2 and cfg.augment == "monai":
-        raise ValueError(f"task {task.name!r} is {task.spatial_dims}D: augment 'monai' is 2D only (use augment 'flips')")
     encoder_state, model_kwargs = None, dict(cfg.model)
     if cfg.checkpoint:
         encoder_state, ckpt_kwargs = load_encoder_checkpoint(cfg.checkpoint, cfg.arch, task.spatial_dims)
@@ -992,6 +996,9 @@ def finetune(
         return result
 
     def check(init: InitSpec) -> None:
+        if init.per_fold:
+            raise ValueError(f"initialisation {init.name!r}: per-fold paths ({init.path}) are supported by "
+                             "classification fine-tuning only")
         if init.path is not None:
             load_encoder_checkpoint(init.path, config.arch, task.spatial_dims)
 

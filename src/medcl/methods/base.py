@@ -72,6 +72,17 @@ class Method(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         return self.training_step(batch)
 
+    def start_backbone_from(self, state: dict[str, Tensor], source: str) -> None:
+        """Load a backbone state dict (``model.init``: a pretraining run that starts from given
+        weights); every key must match. Methods holding a copy of the backbone (MoCo's key
+        encoder) override this to refresh it too."""
+        try:
+            self.backbone.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ValueError(f"model.init={source}: does not fit the {self.backbone_spec.get('name')} backbone "
+                             f"({first})") from None
+
     def backbone_info(self) -> dict[str, Any]:
         """The checkpoint's ``backbone`` entry: name, kwargs and state-dict prefix."""
         spec = getattr(self, "backbone_spec", None)

@@ -62,6 +62,10 @@ class MoCo(Method):
         self.contrast = QueueInfoNCELoss(temperature)
         self.momentum = momentum
 
+    def start_backbone_from(self, state: dict[str, Tensor], source: str) -> None:
+        super().start_backbone_from(state, source)
+        self.key_backbone.load_state_dict(self.backbone.state_dict())  # the key encoder starts as the query one
+
     def training_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         q = self.projection(self.backbone(batch["view1"]))
         with torch.no_grad():

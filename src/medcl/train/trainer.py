@@ -177,6 +177,17 @@ class DivergenceWatch:
                 "is probably diverging; lower optim.lr")
 
 
+def start_backbone(method: Method, init: str, backbone: str) -> None:
+    """``model.init``: the method's backbone starts from the weights at ``init`` (anything an
+    ``--init`` accepts: checkpoint, run folder, export, torchvision / timm resnet18 state dict)."""
+    from medcl.weights import InitSpec, load_init
+
+    loaded = load_init(InitSpec("model.init", init))
+    if loaded.architecture != backbone:
+        raise ValueError(f"model.init={init}: a {loaded.architecture!r} backbone, but model.backbone is {backbone!r}")
+    method.start_backbone_from(loaded.network.state_dict(), init)
+
+
 class TrainerCallback:
     """Step hooks of :class:`Trainer` (see the module docstring); subclass and override either."""
 
@@ -274,6 +285,9 @@ class Trainer:
         self.total_steps = optim.max_steps or optim.epochs * self.steps_per_epoch
         self.warmup_steps = min(self.total_steps, round(optim.warmup_epochs * self.steps_per_epoch))
 
+        init = getattr(config.model, "init", None) if config.model is not None else None
+        if init and not resume:  # a resumed run takes its backbone from the checkpoint
+            start_backbone(self.method, init, config.model.backbone)
         self.method.to(self.device)
         self.autocast_dtype = resolve_precision(config.train.precision if config.train.amp else "fp32", self.device)
         self.channels_last = bool(config.train.channels_last and is_2d_cnn(self.method))
@@ -436,7 +450,10 @@ class Trainer:
             self._restore()
         if self.is_main:
             (self.out_dir / "config.yaml").write_text(self.config.to_yaml())
-            write_environment(self.out_dir)
+            write_environment(self.out_dir, {
+                "device": str(self.device), "channels_last": self.channels_last,
+                # what train.precision resolved to on this machine (auto: bf16 where native)
+                "precision": "fp32" if self.autocast_dtype is None else str(self.autocast_dtype).replace("torch.", "")})
             if not self.resume:
                 self.metrics_path.write_text("")
         self._open_tensorboard()
