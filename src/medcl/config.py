@@ -317,6 +317,7 @@ METHOD_CONFIGS: dict[str, type[MethodConfig] | str] = {
     "supervised": SupervisedConfig,
     "mixcl": "medcl.methods.mixcl:MixCLConfig",
     "mixcl_cnn": "medcl.methods.mixcl_cnn:MixCLCNNConfig",
+    "joint": "medcl.methods.joint:JointConfig",
     "moco": MoCoConfig,
     "fixmatch": FixMatchConfig,
     "pimodel": PiModelConfig,

@@ -48,6 +48,7 @@ METHOD_MODULES: dict[str, str] = {
     "supervised": "medcl.methods.supervised",
     "mixcl": "medcl.methods.mixcl",
     "mixcl_cnn": "medcl.methods.mixcl_cnn",
+    "joint": "medcl.methods.joint",
     "moco": "medcl.methods.moco",
     "fixmatch": "medcl.methods.fixmatch",
     "pimodel": "medcl.methods.pimodel",

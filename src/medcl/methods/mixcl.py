@@ -241,20 +241,22 @@ def build(config, *, rank: int = 0, world_size: int = 1):
     return method, loader
 
 
-def pool_loader(config, *, rank: int = 0, world_size: int = 1):
+def pool_loader(config, *, rank: int = 0, world_size: int = 1, params: MixCLConfig | None = None,
+                batch_size: int | None = None):
     """``(loader, metadata)``: the pooled datasets, their views and batches (shared with
-    :mod:`medcl.methods.mixcl_cnn`); metadata = class names and sources for the checkpoint."""
+    :mod:`medcl.methods.mixcl_cnn` and :mod:`medcl.methods.joint`, which passes its ``pixel``
+    section as ``params`` and its own ``batch_size``); metadata = class names and sources."""
     from medcl.data.mixcl_views import MixCLViewMaker
     from medcl.data.pool import pool_from_specs
     from medcl.sampling.loader import IndexBatchLoader
 
-    p: MixCLConfig = config.params
+    p: MixCLConfig = params if params is not None else config.params
     specs = [entry.model_dump(exclude_none=True) for entry in p.datasets]
     pool = pool_from_specs(specs, cache=p.cache, spacing=p.spacing, image_size=p.image_size)
     if pool.spatial_dims != p.spatial_dims:
         raise ValueError(f"mixcl.spatial_dims={p.spatial_dims} but the datasets are {pool.spatial_dims}D")
     views = MixCLViewMaker(pool, p.patch_size, same_image_prob=p.same_image_prob, fg_crop_prob=p.fg_crop_prob,
                            affine_prob=p.affine_prob, elastic_prob=p.elastic_prob, intensity_prob=p.intensity_prob)
-    loader = IndexBatchLoader(len(pool), config.optim.batch_size, views.make_batch, seed=config.train.seed,
+    loader = IndexBatchLoader(len(pool), batch_size or config.optim.batch_size, views.make_batch, seed=config.train.seed,
                               rank=rank, world_size=world_size, what="pooled images")
     return loader, {"class_names": pool.class_names, "sources": [s.name for s in pool.sources]}

@@ -96,13 +96,17 @@ def build(config, *, rank: int = 0, world_size: int = 1):
     """``(method, loader)``: MixCL's pool and views (:func:`medcl.methods.mixcl.build`), this encoder."""
     from medcl.methods import mixcl
 
-    p: MixCLCNNConfig = config.params
     loader, metadata = mixcl.pool_loader(config, rank=rank, world_size=world_size)
-    method = MixCLCNN(spatial_dims=p.spatial_dims, in_channels=1, projector_norm=p.projector_norm,
-                      lambda_offdiag=p.lambda_offdiag, temperature=p.temperature, alpha=p.alpha, beta=p.beta,
-                      use_label=p.use_label, use_recon=p.use_recon, label_stage=p.label_stage,
-                      pixel_budget=p.pixel_budget, mu=p.mu, eps=p.eps, label_pooling=p.label_pooling,
-                      label_min_fraction=p.label_min_fraction, cross_view_only=p.label_pairs == "cross",
-                      decoder=p.decoder, log_grad_norms=p.log_grad_norms)
+    method = from_section(config.params)
     method.metadata = metadata
     return method, loader
+
+
+def from_section(p: MixCLCNNConfig, in_channels: int = 1) -> MixCLCNN:
+    """The method a ``mixcl_cnn:`` section describes (also ``joint.pixel``)."""
+    return MixCLCNN(spatial_dims=p.spatial_dims, in_channels=in_channels, projector_norm=p.projector_norm,
+                    lambda_offdiag=p.lambda_offdiag, temperature=p.temperature, alpha=p.alpha, beta=p.beta,
+                    use_label=p.use_label, use_recon=p.use_recon, label_stage=p.label_stage,
+                    pixel_budget=p.pixel_budget, mu=p.mu, eps=p.eps, label_pooling=p.label_pooling,
+                    label_min_fraction=p.label_min_fraction, cross_view_only=p.label_pairs == "cross",
+                    decoder=p.decoder, log_grad_norms=p.log_grad_norms)
