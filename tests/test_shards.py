@@ -91,6 +91,41 @@ def test_every_video_once_per_epoch_i1_and_the_memory_bound(packed):
     assert orders[0] != orders[1]  # shuffled anew each epoch
 
 
+def test_read_workers_give_the_same_batches_within_the_memory_bound(packed):
+    """``data.read_workers``: the buffer's newcomers are read by threads in the background; the
+    batches (videos and rendered views) are those of the in-line reads, the bound still holds, and
+    a consumer that stops early leaves nothing held."""
+    for buffer in (5, BATCH):
+        plain = make_loader(packed, **{"data.shuffle_buffer": buffer})
+        threaded = make_loader(packed, **{"data.shuffle_buffer": buffer, "data.read_workers": 3})
+        assert threaded.read_workers == 3
+        for epoch in range(2):
+            for a, b in zip(plain.epoch_batches(epoch), threaded.epoch_batches(epoch), strict=True):
+                assert a["video"].tolist() == b["video"].tolist()
+                torch.testing.assert_close(a["view1"], b["view1"])
+                torch.testing.assert_close(a["view2"], b["view2"])
+        assert threaded.max_held <= buffer and threaded.held == 0 and threaded.store.reads == 2 * N_VIDEOS
+        batches = threaded.epoch_batches(2)  # stop after one batch: what is held or being read is let go
+        assert len(next(batches)["video"]) == BATCH  # the buffer is refilled (reads in flight) by now
+        batches.close()
+        assert threaded.held == 0
+
+
+def test_shard_reads_from_many_threads_at_once(packed):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = ShardStore(packed)
+    store.MAX_OPEN = 2  # fewer open files than shards: descriptors are closed while others read
+    expected = [np.load(packed / v.record.frames_file) for v in store.videos]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(store.read, store.videos * 4))
+    for i, frames in enumerate(got):
+        np.testing.assert_array_equal(frames, expected[i % len(expected)])
+    assert store.reads == 4 * len(store.videos)
+    assert len(store._fds) <= 2 + 6  # MAX_OPEN, plus at most one per concurrent reader while all were busy
+    store.close()
+
+
 def test_frame_pairing_streams_one_anchor_per_video(packed):
     loader = make_loader(packed, **{"sampling.pairing": "frame", "sampling.mixup": "none"})
     videos = epoch_videos(loader, 0)

@@ -6,7 +6,8 @@ command-line overrides ``key.sub=value``::
     method: uscl            # selects the method and the method section below
     out: runs/uscl          # run folder
     # shared sections: only for the methods that use them (see "Sections per method" below)
-    data:     {manifest, size, in_channels, label_fraction, label_seed, store: auto|memory|shards, shuffle_buffer}
+    data:     {manifest, size, in_channels, label_fraction, label_seed, store: auto|memory|shards, shuffle_buffer,
+               read_workers}
     sampling: {pairing: video|frame, mixup: paper|shared_lambda|none, alpha, beta}
     augment:  {enabled, crop_scale, crop_ratio, flip_p, rotate_degrees, brightness, contrast}
     model:    {backbone, proj_hidden, proj_dim, init}
@@ -108,6 +109,9 @@ class DataConfig(Section):
     # index (OUT/shards/index.json), memory otherwise. The semi-supervised methods always read into memory.
     store: Literal["auto", "memory", "shards"] = "auto"
     shuffle_buffer: int = Field(256, ge=1)  # data.store=shards: whole videos held per process (the memory bound)
+    # data.store=shards: threads that read the buffer's newcomers while the model computes (0 = read in line;
+    # worth it when shards sit on network storage or the step is fast, e.g. on a GPU)
+    read_workers: int = Field(0, ge=0)
 
     @field_validator("manifest")
     @classmethod

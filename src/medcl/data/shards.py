@@ -38,12 +38,13 @@ import json
 import os
 import shutil
 import tarfile
+import threading
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
@@ -117,9 +118,13 @@ class ShardStore:
     >>> store = ShardStore("ingested/")                  # doctest: +SKIP
     >>> video = store.videos[0]; store.read(video).shape  # doctest: +SKIP
 
-    ``reads`` counts the videos read (the streamed loader's tests use it). One shard file is kept
-    open at a time (readers go through a shard's videos in order).
+    ``reads`` counts the videos read (the streamed loader's tests use it). Reads are positional
+    (``os.pread``: no shared file position), so several threads may read at once (the streamed
+    loader's ``data.read_workers``); a few shard files are kept open (readers go through a shard's
+    videos in order).
     """
+
+    MAX_OPEN = 4  # shard files kept open at once
 
     def __init__(self, root: str | Path) -> None:
         self.folder = shards_folder(root)
@@ -150,7 +155,9 @@ class ShardStore:
             raise ShardError(f"{self.index_path}: malformed shard index ({type(exc).__name__}: {exc}); rebuild it with: "
                              f"medcl ingest shard {self.folder.parent}") from None
         self.reads = 0
-        self._open: tuple[str, BinaryIO] | None = None
+        self._fds: dict[str, int] = {}  # open shard files, least recently used first
+        self._readers: dict[str, int] = {}  # threads reading each shard right now
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.videos)
@@ -177,26 +184,30 @@ class ShardStore:
     def path(self, shard: str) -> Path:
         return self.folder / shard
 
-    def _handle(self, shard: str) -> BinaryIO:
-        if self._open is not None and self._open[0] == shard:
-            return self._open[1]
-        self.close()
-        path = self.path(shard)
-        try:
-            handle = path.open("rb")
-        except OSError as exc:
-            raise ShardError(f"{path}: cannot open shard ({exc.strerror or exc}); it is listed in "
-                             f"{self.index_path}") from None
-        self._open = (shard, handle)
-        return handle
+    def _fd(self, shard: str) -> int:
+        """The shard's open descriptor; beyond :attr:`MAX_OPEN` files, the least recently used one
+        that no thread is reading is closed."""
+        with self._lock:
+            if shard in self._fds:
+                self._fds[shard] = self._fds.pop(shard)  # now the most recently used
+                return self._fds[shard]
+            path = self.path(shard)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise ShardError(f"{path}: cannot open shard ({exc.strerror or exc}); it is listed in "
+                                 f"{self.index_path}") from None
+            self._fds[shard] = fd
+            idle = [s for s in self._fds if s != shard and not self._readers.get(s)]
+            for old in idle[: max(0, len(self._fds) - self.MAX_OPEN)]:
+                os.close(self._fds.pop(old))
+            return fd
 
     def read(self, video: ShardVideo) -> np.ndarray:
         """The video's uint8 frames ``[n, H, W]``, checked against the index (size, CRC-32, shape)."""
-        handle = self._handle(video.shard)
         where = f"{self.path(video.shard)}: video {video.video_id!r}"
         try:
-            handle.seek(video.offset)
-            data = handle.read(video.size)
+            data = self._pread(video)
         except OSError as exc:
             raise ShardError(f"{where}: cannot read ({exc.strerror or exc})") from None
         if len(data) != video.size:
@@ -212,16 +223,37 @@ class ShardStore:
         expected = (video.record.n_frames, video.record.height, video.record.width)
         if frames.dtype != np.uint8 or frames.shape != expected:
             raise ShardError(f"{where}: expected uint8 frames {expected}, got {frames.dtype} {frames.shape}")
-        self.reads += 1
+        with self._lock:
+            self.reads += 1
         return frames
 
-    def close(self) -> None:
-        if getattr(self, "_open", None) is not None:
-            self._open[1].close()
-            self._open = None
+    def _pread(self, video: ShardVideo) -> bytes:
+        """The video's bytes; the shard's descriptor is pinned (not closed by another thread) meanwhile."""
+        with self._lock:
+            self._readers[video.shard] = self._readers.get(video.shard, 0) + 1
+        try:
+            fd = self._fd(video.shard)
+            chunks, offset, left = [], video.offset, video.size
+            while left > 0:
+                chunk = os.pread(fd, left, offset)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                offset, left = offset + len(chunk), left - len(chunk)
+            return b"".join(chunks)
+        finally:
+            with self._lock:
+                self._readers[video.shard] -= 1
 
-    def __del__(self) -> None:  # the one open shard
-        self.close()
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:  # the open shards
+        if getattr(self, "_fds", None):
+            self.close()
 
 
 def _npy_bytes(frames: np.ndarray) -> bytes:

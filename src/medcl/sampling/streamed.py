@@ -50,7 +50,9 @@ its peak, which never exceeds ``buffer_size``; the tests assert it.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -134,7 +136,7 @@ class StreamedFrameSetLoader:
 
     def __init__(self, store: ShardStore, videos: list[ShardVideo], targets: np.ndarray, batch_size: int,
                  recipe: PairRecipe, *, buffer_size: int = 256, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 what: str = "videos") -> None:
+                 what: str = "videos", read_workers: int = 0) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} / world_size {world_size} invalid")
         if batch_size < world_size or batch_size % world_size:
@@ -147,7 +149,10 @@ class StreamedFrameSetLoader:
         if buffer_size < self.local_batch_size:
             raise ValueError(f"data.shuffle_buffer={buffer_size} is smaller than the {self.local_batch_size} videos of "
                              f"one process's batch (optim.batch_size {batch_size} / {world_size} processes); raise it")
+        if read_workers < 0:
+            raise ValueError(f"data.read_workers must be >= 0, got {read_workers}")
         self.store, self.videos, self.recipe = store, videos, recipe
+        self.read_workers = read_workers
         self.targets = np.asarray(targets, dtype=np.int64)
         self.batch_size, self.buffer_size = batch_size, buffer_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -159,6 +164,7 @@ class StreamedFrameSetLoader:
         self.rng = np.random.default_rng([seed, rank, 0x5EED])
         self.epoch, self.position = 0, 0  # the next batch to yield
         self.held = self.max_held = 0  # videos in memory now / at most (module docstring: memory)
+        self._count_lock = threading.Lock()
         self._resume_from: tuple[int, int, int] | None = None  # (world size, epoch, start) of a checkpoint
 
     def __len__(self) -> int:
@@ -205,30 +211,50 @@ class StreamedFrameSetLoader:
     # ------------------------------------------------------------- batches
     def _read(self, video: int) -> np.ndarray:
         frames = self.store.read(self.videos[video])
-        self.held += 1
-        self.max_held = max(self.max_held, self.held)
+        with self._count_lock:  # reader threads count too
+            self.held += 1
+            self.max_held = max(self.max_held, self.held)
         return frames
 
+    def _release(self, n: int) -> None:
+        with self._count_lock:
+            self.held -= n
+
     def epoch_batches(self, epoch: int, start: int = 0) -> Iterator[dict[str, Tensor]]:
+        """The batches of ``epoch`` from ``start``. With ``read_workers`` threads, the videos that
+        enter the buffer are read in the background (while the model computes the step); the batches
+        are the same as without (the schedule, not the reading order, decides them)."""
         schedule, replay = self._epoch_schedule(epoch, start)
         for _ in range(replay):
             schedule.take()
-        held: dict[int, np.ndarray] = {}
+        held: dict[int, Any] = {}  # video -> frames, or the Future reading them
+        pool = ThreadPoolExecutor(self.read_workers, thread_name_prefix="medcl-shard-read") if self.read_workers else None
+
+        def fill() -> None:
+            schedule.fill()
+            for video in schedule.buffer:
+                if video not in held:
+                    held[video] = pool.submit(self._read, video) if pool is not None else self._read(video)
+
         try:
+            if start < len(self):
+                fill()
             for index in range(start, len(self)):
-                schedule.fill()
-                for video in schedule.buffer:
-                    if video not in held:
-                        held[video] = self._read(video)
                 taken = schedule.take()
                 frames = [held.pop(v) for v in taken]
+                frames = [f.result() if isinstance(f, Future) else f for f in frames]
                 batch = self.recipe.make_batch(frames, self.targets[taken], np.asarray(taken), self.rng)
                 del frames
-                self.held -= len(taken)
+                self._release(len(taken))
                 self.epoch, self.position = epoch, index + 1
+                if index + 1 < len(self):
+                    fill()  # the next batch's newcomers: read by the workers while the model uses this batch
                 yield batch
         finally:  # the trainer stopped early, or the epoch ended: what the buffer holds is let go
-            self.held -= len(held)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            self._release(sum(1 for v in held.values()
+                              if not isinstance(v, Future) or (not v.cancelled() and v.exception() is None)))
             held.clear()
             self.store.close()
 
@@ -292,5 +318,5 @@ def streamed_frame_set_loader(config: Config, generator: Callable[..., Any], dev
     loader = StreamedFrameSetLoader(store, [located[records[int(i)].video_id] for i in keep], targets[keep],
                                     config.optim.batch_size, recipe, buffer_size=config.data.shuffle_buffer,
                                     seed=config.train.seed, rank=rank, world_size=world_size,
-                                    what=f"videos in {store.index_path}")
+                                    what=f"videos in {store.index_path}", read_workers=config.data.read_workers)
     return loader, recipe, classes
