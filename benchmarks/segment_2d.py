@@ -69,6 +69,17 @@ class Settings:
         return cls(size=64, folds=[1], fractions=[0.05, 1.0], epochs=0.5, min_iterations=8, max_validations=2,
                    patience=2, batch_size=8, max_val_cases=16, pretrain_size=32, pretrain_epochs=1, n_boot=200)
 
+    def segment_config(self, threads: int):
+        """The U-Net fine-tuning recipe (medcl.evaluate.segment.SegmentConfig) of these settings."""
+        from medcl.evaluate.segment import SegmentConfig
+
+        return SegmentConfig(arch="unet", size=[self.size, self.size], augment="monai", batch_size=self.batch_size,
+                             lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
+                             min_iterations=self.min_iterations, max_validations=self.max_validations,
+                             patience=self.patience, fractions=self.fractions, folds=self.folds,
+                             max_val_cases=self.max_val_cases, seed=self.seed, save_models=False, n_overlays=2,
+                             num_threads=threads)
+
     def pretraining(self) -> pocus_transfer.Settings:
         """pocus_transfer's settings for the same pretraining (its cache key)."""
         base = pocus_transfer.Settings.quick() if self.pretrain_epochs <= 1 else pocus_transfer.Settings()
@@ -103,12 +114,7 @@ def main(argv=None) -> int:
 
     from medcl.data.seg_manifest import busbra_task
     from medcl.evaluate.compare import segmentation_comparison_markdown
-    from medcl.evaluate.segment import (
-        SegmentConfig,
-        comparison_markdown,
-        finetune,
-        surface_comparison_markdown,
-    )
+    from medcl.evaluate.segment import comparison_markdown, finetune, surface_comparison_markdown
 
     # 1. pretraining (shared cache with pocus_transfer.py)
     ps = s.pretraining()
@@ -120,11 +126,7 @@ def main(argv=None) -> int:
 
     # 2. fine-tuning: the same folds, fractions and cases for every init
     task = busbra_task(args.data / "us-seg" / "busbra")
-    cfg = SegmentConfig(arch="unet", size=[s.size, s.size], augment="monai", batch_size=s.batch_size, lr=s.lr,
-                        weight_decay=s.weight_decay, epochs=s.epochs, min_iterations=s.min_iterations,
-                        max_validations=s.max_validations, patience=s.patience, fractions=s.fractions,
-                        folds=s.folds, max_val_cases=s.max_val_cases, seed=s.seed, save_models=False,
-                        n_overlays=2, num_threads=args.threads)
+    cfg = s.segment_config(args.threads)
     inits = ["scratch", f"simclr={checkpoints['simclr']}", f"uscl={checkpoints['uscl']}"]
     t0 = time.time()
     result = finetune(task, inits, cfg, work / "finetune", log=log, n_boot=s.n_boot, overwrite=True)

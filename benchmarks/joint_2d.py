@@ -1,0 +1,308 @@
+"""One ultrasound encoder for classification AND segmentation: scratch / SimCLR / USCL / MixCL-CNN / joint,
+each evaluated on POCUS classification and on BUS-BRA lesion segmentation, in stages that cache their work.
+
+    python benchmarks/joint_2d.py --stage pretrain   # the encoders (cached; SimCLR / USCL shared with segment_2d.py)
+    python benchmarks/joint_2d.py --stage pocus      # POCUS: linear probe + last_stage, 5 folds by patient
+    python benchmarks/joint_2d.py --stage busbra     # BUS-BRA: 2D U-Net at 5% and 15% of the patients, folds 1-2
+    python benchmarks/joint_2d.py --stage report     # benchmarks/results/joint_2d.md from the stages' run folders
+    python benchmarks/joint_2d.py                    # every stage in turn (see the results file for the wall time)
+    python benchmarks/joint_2d.py --quick            # every stage, tiny (joint_2d_quick.md)
+
+Encoders (ResNet-18, 2D, 128 px), each for the same number of optimisation steps (pocus_transfer's
+COVID-BLUES budget: ``pretrain_epochs`` video epochs of 32 pairs):
+- SimCLR and USCL on COVID-BLUES videos (benchmarks/pocus_transfer.py's pretraining, shared cache);
+- MixCL-CNN on the 2D ultrasound segmentation pool (HC18 fetal heads, TG3K thyroid nodules, CTRUS;
+  NOT BUS-BRA, the segmentation target), ``log_grad_norms`` on: the scale of each term and of its
+  gradient on the encoder is reported (does the label term fall, and does it push the encoder?);
+- joint: one run on both (``method: joint``: USCL batch + pool batch every step, weights 1 / 1).
+
+Evaluations, the same folds / cases for every encoder: POCUS with pocus_transfer's protocols at
+128 px (``linear`` probe and ``last_stage``, 5 folds by patient); BUS-BRA with segment_2d's U-Net
+recipe at 5% and 15% of the training patients (where pretraining should matter), folds 1-2.
+Goals (issue 17): the joint encoder at least as good as the best single-method encoder on both
+tasks (paired intervals), and MixCL-CNN ahead of scratch at 5% on BUS-BRA (interval above zero).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pocus_transfer  # noqa: E402  (COVID-BLUES / POCUS ingest, the shared pretraining cache)
+import segment_2d  # noqa: E402  (the BUS-BRA U-Net recipe)
+from _segbench import Log, command_line, machine, write_results  # noqa: E402
+
+ENCODERS = ("scratch", "simclr", "uscl", "mixcl_cnn", "joint")
+LABELS = {"scratch": "scratch", "simclr": "SimCLR (videos)", "uscl": "USCL (videos)",
+          "mixcl_cnn": "MixCL-CNN (pixel labels)", "joint": "joint (videos + pixel labels)"}
+POOL = ("hc18", "tg3k", "ctrus")
+STAGES = ("pretrain", "pocus", "busbra", "report")
+
+
+@dataclass
+class Settings:
+    size: int = 128
+    pretrain_epochs: int = 25  # COVID-BLUES video epochs (the step count of every encoder)
+    pixel_batch: int = 8  # pooled images per step (MixCL-CNN, joint)
+    pocus_folds: int = 5
+    finetune_epochs: int = 15
+    max_train_frames_per_video: int = 10
+    seg_folds: list[int] = field(default_factory=lambda: [1, 2])
+    fractions: list[float] = field(default_factory=lambda: [0.05, 0.15])
+    n_boot: int = 2000
+    seed: int = 0
+    quick: bool = False
+
+    @classmethod
+    def tiny(cls) -> Settings:
+        return cls(size=64, pretrain_epochs=1, pixel_batch=2, pocus_folds=3, finetune_epochs=2,
+                   max_train_frames_per_video=2, seg_folds=[1], fractions=[0.05], n_boot=200, quick=True)
+
+    def pretraining(self) -> pocus_transfer.Settings:
+        """pocus_transfer's settings for SimCLR / USCL (segment_2d's at the defaults: one shared cache)."""
+        base = pocus_transfer.Settings.quick() if self.quick else pocus_transfer.Settings()
+        return replace(base, size=self.size, pretrain_epochs=self.pretrain_epochs, seed=self.seed)
+
+    def segmentation(self) -> segment_2d.Settings:
+        base = segment_2d.Settings.quick() if self.quick else segment_2d.Settings()
+        return replace(base, size=self.size, folds=list(self.seg_folds), fractions=list(self.fractions),
+                       seed=self.seed)
+
+
+def pool_datasets(data: Path) -> list[dict]:
+    return [{"adapter": name, "root": str(data / "us-seg" / name)} for name in POOL]
+
+
+def cached_pretrain(name: str, config: dict, work: Path, log) -> Path:
+    """``medcl pretrain`` of ``config`` into ``work/pretrain/<name>-<digest>`` unless its final.pt exists."""
+    from medcl.train.api import pretrain
+
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    out = work / "pretrain" / f"{name}-{digest}"
+    final = out / "checkpoints" / "final.pt"
+    if final.is_file():
+        log(f"pretrain {name}: reusing {final}")
+        return final
+    t0 = time.time()
+    pretrain({**config, "out": str(out)})
+    log(f"pretrain {name}: {time.time() - t0:.0f} s")
+    return final
+
+
+def stage_pretrain(args, s: Settings, work: Path, log) -> dict[str, str]:
+    ps = s.pretraining()
+    pre_work = ROOT / "benchmarks" / "work" / f"pocus_transfer{'_quick' if s.quick else ''}"
+    pre_work.mkdir(parents=True, exist_ok=True)
+    blues = pocus_transfer.ingest_blues(args.data, pre_work, ps, log)
+    checkpoints = {k: str(v) for k, v in pocus_transfer.pretrain_all(blues, pre_work, ps, log,
+                                                                    only=("simclr", "uscl")).items()}
+    from medcl.data.manifest import read_manifest
+
+    video_steps = len([r for r in read_manifest(blues) if r.n_frames > 0]) // ps.pretrain_batch
+    steps = max(1, ps.pretrain_epochs * video_steps)
+    train = {"seed": s.seed, "device": "auto", "progress": False, "tensorboard": False, "checkpoint_every": 100}
+    mixcl = yaml.safe_load((ROOT / "configs" / "mixcl-cnn-2d.yaml").read_text())
+    # pool images resized so that a patch covers about what BUS-BRA's fine-tuning input shows (the whole image)
+    patch = s.size if not s.quick else 32
+    mixcl["mixcl_cnn"].update(datasets=pool_datasets(args.data), patch_size=patch, image_size=[patch * 5 // 4] * 2,
+                              log_grad_norms=True)
+    mixcl["optim"].update(batch_size=s.pixel_batch, max_steps=steps)
+    mixcl["train"] = {**mixcl.get("train", {}), **train}
+    checkpoints["mixcl_cnn"] = str(cached_pretrain("mixcl_cnn", mixcl, work, log))
+    joint = yaml.safe_load((ROOT / "configs" / "joint-2d.yaml").read_text())
+    joint["data"].update(manifest=str(blues), size=ps.size, label_fraction=ps.label_fraction)
+    joint["optim"].update(batch_size=ps.pretrain_batch, epochs=ps.pretrain_epochs, max_steps=steps,
+                          warmup_epochs=ps.warmup_epochs)
+    joint["train"] = {**joint["train"], **train}
+    joint["joint"].update(pixel_batch_size=s.pixel_batch)
+    joint["joint"]["pixel"].update(datasets=pool_datasets(args.data), patch_size=patch, image_size=[patch * 5 // 4] * 2)
+    checkpoints["joint"] = str(cached_pretrain("joint", joint, work, log))
+    (work / "encoders.json").write_text(json.dumps(checkpoints, indent=1))
+    return checkpoints
+
+
+def inits(work: Path) -> list[str]:
+    encoders = json.loads((work / "encoders.json").read_text())
+    return ["scratch"] + [f"{name}={encoders[name]}" for name in ENCODERS[1:]]
+
+
+def stage_pocus(args, s: Settings, work: Path, log) -> None:
+    from medcl.evaluate.classify import FinetuneConfig, finetune
+
+    ps = s.pretraining()
+    pocus, _ = pocus_transfer.ingest_data(args.data, ROOT / "benchmarks" / "work" /
+                                          f"pocus_transfer{'_quick' if s.quick else ''}", ps, log)
+    base = dict(image_size=s.size, folds=s.pocus_folds, repeats=1, seed=s.seed, classes=pocus_transfer.CLASSES,
+                max_train_frames_per_video=s.max_train_frames_per_video, patience=5, save_models=False,
+                epochs=s.finetune_epochs)
+    for protocol in ("linear", "last_stage"):
+        t0 = time.time()
+        finetune(pocus, inits(work), FinetuneConfig(protocol=protocol, **base), work / "pocus" / protocol,
+                 log=lambda msg: None, n_boot=s.n_boot, overwrite=True)
+        log(f"POCUS {protocol}: {time.time() - t0:.0f} s")
+
+
+def stage_busbra(args, s: Settings, work: Path, log) -> None:
+    from medcl.data.seg_manifest import busbra_task
+    from medcl.evaluate.segment import finetune
+
+    ss = s.segmentation()
+    task = busbra_task(args.data / "us-seg" / "busbra")
+    cfg = ss.segment_config(args.threads).model_copy(update={"n_overlays": 0})
+    t0 = time.time()
+    finetune(task, inits(work), cfg, work / "busbra", log=log, n_boot=s.n_boot, overwrite=True)
+    log(f"BUS-BRA: {time.time() - t0:.0f} s")
+
+
+# ------------------------------------------------------------------------------------------ report
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def label_term_account(work: Path) -> list[str]:
+    """Scale of MixCL-CNN's terms and of each weighted term's gradient on the encoder, over its run."""
+    encoders = json.loads((work / "encoders.json").read_text())
+    metrics = Path(encoders["mixcl_cnn"]).parents[1] / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss_id" in r]
+    if not rows:
+        return []
+    tenth = max(1, len(rows) // 10)
+
+    def mean(key: str, part: list[dict]) -> float:
+        values = [r[key] for r in part if key in r]
+        return sum(values) / len(values) if values else float("nan")
+
+    lines = ["## MixCL-CNN: the scale of each term and of its gradient on the encoder", "",
+             f"From the pretraining run's metrics ({len(rows)} steps; first and last 10% of the steps averaged). "
+             "`grad_*`: norm of the WEIGHTED term's gradient on the encoder's parameters (alpha = beta = 0.01).", "",
+             "| quantity | first 10% | last 10% | change |", "|---|---|---|---|"]
+    for key in ("loss_id", "loss_label", "loss_recon", "grad_id", "grad_label", "grad_recon"):
+        a, b = mean(key, rows[:tenth]), mean(key, rows[-tenth:])
+        lines.append(f"| {key} | {a:.4g} | {b:.4g} | {(b - a) / a * 100 if a else float('nan'):+.0f}% |")
+    ratio = mean("grad_label", rows) / mean("grad_id", rows) if mean("grad_id", rows) else float("nan")
+    lines += ["", f"Over the run, the label term's gradient on the encoder is {ratio:.3g} x the identity term's.", ""]
+    return lines
+
+
+def stage_report(args, s: Settings, work: Path, log, started: float, out_md: Path) -> None:
+    from medcl.evaluate.compare import compare_results, compare_segmentation, comparison_markdown
+
+    lines = ["# One ultrasound encoder for classification and segmentation: scratch / SimCLR / USCL / MixCL-CNN / joint",
+             "", f"- command: `{command_line()}`", f"- machine: {machine()}",
+             f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+             f"- wall time of this invocation: {(time.time() - started) / 60:.1f} min (stages cache their work)", "",
+             "Settings: `" + json.dumps(asdict(s)) + "`", ""]
+    names = list(ENCODERS)
+    verdict = []
+    pocus_dir = work / "pocus"
+    if (pocus_dir / "last_stage" / "scratch" / "predictions.csv").is_file():
+        lines += [f"## POCUS classification (video level, {s.pocus_folds} folds by patient)", "",
+                  "| protocol | encoder | video acc | video macro-F1 |", "|---|---|---|---|"]
+        for protocol in ("linear", "last_stage"):
+            for name in names:
+                summary = json.loads((pocus_dir / protocol / name / "results.json").read_text())["summary"]["video"]
+                lines.append(f"| {protocol} | {LABELS[name]} | {summary['accuracy']['mean']:.3f} ± "
+                             f"{summary['accuracy']['std']:.3f} | {summary['macro_f1']['mean']:.3f} ± "
+                             f"{summary['macro_f1']['std']:.3f} |")
+        lines.append("")
+        for protocol in ("linear", "last_stage"):
+            tables = [_rows(pocus_dir / protocol / n / "predictions.csv") for n in names]
+            result = compare_results(tables, names, metrics=("macro_f1",), levels=("video",), n_boot=s.n_boot,
+                                     seed=s.seed)
+            lines.append(comparison_markdown(result).replace("\n## ", "\n#### ")
+                         .replace("# Paired comparison", f"### POCUS {protocol}: vs scratch", 1))
+            singles = [n for n in names if n not in ("scratch", "joint")]
+            best = max(singles, key=lambda n: next(p["value"] for p in result["levels"]["video"]["pairs"]
+                                                     if p["run"] == n))
+            pair = compare_results([tables[names.index(best)], tables[names.index("joint")]], [best, "joint"],
+                                   metrics=("macro_f1",), levels=("video",), n_boot=s.n_boot,
+                                   seed=s.seed)["levels"]["video"]["pairs"][0]
+            verdict.append(f"| POCUS {protocol} macro-F1 | joint vs best single ({LABELS[best]}) | {pair['diff']:+.3f} "
+                           f"[{pair['ci_low']:+.3f}, {pair['ci_high']:+.3f}] | "
+                           f"{'met' if pair['ci_high'] >= 0 else 'not met'} (at least as good: interval reaches 0) |")
+    seg_dir = work / "busbra"
+    if (seg_dir / "scratch" / "predictions.csv").is_file():
+        tables = [_rows(seg_dir / n / "predictions.csv") for n in names]
+        result = compare_segmentation(tables, names, n_boot=s.n_boot, seed=s.seed)
+        lines += ["## BUS-BRA lesion segmentation (2D U-Net; test Dice, paired vs scratch)", "",
+                  "| fraction | " + " | ".join(LABELS[n] for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+        for fraction, entry in result["fractions"].items():
+            lines.append(f"| {float(fraction) * 100:g}% | " + " | ".join(f"{entry['values'][n]:.3f}" for n in names) + " |")
+        lines.append("")
+        for fraction, entry in result["fractions"].items():
+            for pair in entry["pairs"]:
+                lines.append(f"- {float(fraction) * 100:g}%: {LABELS[pair['run']]} - scratch {pair['diff']:+.3f} "
+                             f"[{pair['ci_low']:+.3f}, {pair['ci_high']:+.3f}], folds better {pair['folds_better']}/"
+                             f"{pair['n_folds']}")
+                if pair["run"] == "mixcl_cnn" and float(fraction) == 0.05:
+                    verdict.append(f"| BUS-BRA 5% Dice | MixCL-CNN vs scratch | {pair['diff']:+.3f} [{pair['ci_low']:+.3f}, "
+                                   f"{pair['ci_high']:+.3f}] | {'met' if pair['ci_low'] > 0 else 'not met'} |")
+            singles = [n for n in names if n not in ("scratch", "joint")]
+            best = max(singles, key=lambda n: entry["values"][n])
+            pair = compare_segmentation([tables[names.index(best)], tables[names.index("joint")]], [best, "joint"],
+                                        n_boot=s.n_boot, seed=s.seed)["fractions"][fraction]["pairs"][0]
+            verdict.append(f"| BUS-BRA {float(fraction) * 100:g}% Dice | joint vs best single ({LABELS[best]}) | "
+                           f"{pair['diff']:+.3f} [{pair['ci_low']:+.3f}, {pair['ci_high']:+.3f}] | "
+                           f"{'met' if pair['ci_high'] >= 0 else 'not met'} (at least as good: interval reaches 0) |")
+        lines.append("")
+    lines += ["## Goals", "", "| goal | comparison | difference [95% CI] | verdict |", "|---|---|---|---|", *verdict, ""]
+    if (work / "encoders.json").is_file():
+        lines += label_term_account(work)
+    write_results(out_md, lines, log)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="every stage, tiny: checks the plumbing in minutes")
+    parser.add_argument("--stage", choices=("all", *STAGES), default="all")
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--work", type=Path, default=None, help="default benchmarks/work/joint_2d[_quick]")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/joint_2d[_quick].md")
+    args = parser.parse_args(argv)
+    for sub in ("covid-blues", "pocus", "us-seg/busbra", *(f"us-seg/{p}" for p in POOL)):
+        if not (args.data / sub).is_dir():
+            print(f"joint_2d: {args.data / sub} not found (needs ../shared/data)", file=sys.stderr)
+            return 2
+    s = Settings.tiny() if args.quick else Settings()
+    suffix = "_quick" if args.quick else ""
+    work = args.work or ROOT / "benchmarks" / "work" / f"joint_2d{suffix}"
+    out_md = args.out or ROOT / "benchmarks" / "results" / f"joint_2d{suffix}.md"
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    log, started = Log(), time.time()
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    if "pretrain" not in stages and not (work / "encoders.json").is_file():
+        print(f"joint_2d: {work / 'encoders.json'} not found: run --stage pretrain first", file=sys.stderr)
+        return 2
+    for stage in stages:
+        t0 = time.time()
+        if stage == "pretrain":
+            stage_pretrain(args, s, work, log)
+        elif stage == "pocus":
+            stage_pocus(args, s, work, log)
+        elif stage == "busbra":
+            stage_busbra(args, s, work, log)
+        else:
+            stage_report(args, s, work, log, started, out_md)
+        log(f"stage {stage}: {(time.time() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
