@@ -40,6 +40,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -117,6 +118,24 @@ def table3_variants(s: Settings, b: dict) -> list[tuple[str, str, dict]]:
     ]
 
 
+def reusable(folder: Path, inits, config) -> dict | None:
+    """``{"runs": {name: results}}`` when every init's run folder under ``folder`` holds results made
+    with ``config`` and that init; else None (the protocol is fine-tuned again)."""
+    runs = {}
+    for init in inits:
+        run = folder / init.name
+        try:
+            recorded = yaml.safe_load((run / "config.yaml").read_text())
+            results = json.loads((run / "results.json").read_text())
+        except (OSError, ValueError):
+            return None
+        wanted = {**config.model_dump(), "init": init.to_dict()}
+        if any(recorded.get(k) != v for k, v in wanted.items()):
+            return None
+        runs[init.name] = results
+    return {"runs": runs}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny settings: checks the whole script in minutes")
@@ -127,6 +146,9 @@ def main(argv=None) -> int:
     parser.add_argument("--protocols", default=",".join(PROTOCOLS), help=f"comma-separated subset of {PROTOCOLS}")
     parser.add_argument("--repeats", type=int, default=None, help="fold assignments (default pocus_transfer's)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a protocol's fine-tuning results when every init's run folder holds them with the "
+                             "same fine-tuning config and init (e.g. to write the report of an interrupted run)")
     args = parser.parse_args(argv)
     protocols = [p for p in args.protocols.split(",") if p]
     if not protocols or any(p not in PROTOCOLS for p in protocols):
@@ -169,6 +191,13 @@ def main(argv=None) -> int:
     for protocol in protocols:
         t0 = time.perf_counter()
         config = FinetuneConfig(protocol=protocol, epochs=epochs[protocol], **base)
+        kept = reusable(ft / protocol, inits, config) if args.reuse else None
+        if kept is not None:
+            results[protocol] = kept
+            seconds = sum(sum(r["timing"].values()) for r in kept["runs"].values())
+            timings[f"fine-tune {protocol} ({len(inits)} inits, reused: their recorded training time)"] = seconds
+            log(f"fine-tune {protocol}: reused {ft / protocol} ({seconds:.0f} s recorded)")
+            continue
         results[protocol] = finetune(pocus, inits, config, ft / protocol, log=lambda msg: None, n_boot=s.n_boot,
                                      overwrite=True)
         timings[f"fine-tune {protocol} ({len(inits)} inits)"] = time.perf_counter() - t0
