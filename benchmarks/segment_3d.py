@@ -51,6 +51,7 @@ class Settings:
     epochs: float = 16.0  # epochs of the training patients ...
     min_iterations: int = 200  # ... but at least this many steps (5% / 15% of the patients train longer)
     max_validations: int = 5
+    augment: str = "flips"  # "monai": + axial rotation, scale and intensity (medcl.evaluate.segment.monai_augmenter)
     max_val_cases: int = 4
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -72,9 +73,22 @@ UNETR = "benchmarks/results/mixcl_3d.md"  # medcl's UNETR on the mandible (3 fol
 
 
 def main(argv=None) -> int:
-    args, work, out_md = unet_bench_args("segment_3d", __doc__, argv)
+    def extra(parser) -> None:  # the recipe's knobs, for trying a longer or otherwise different budget
+        parser.add_argument("--fractions", default=None, help="label fractions, e.g. 0.05,0.15,1")
+        parser.add_argument("--epochs", type=float, default=None, help="epochs of the training patients")
+        parser.add_argument("--min-iterations", type=int, default=None, help="at least this many steps per run")
+        parser.add_argument("--augment", choices=("flips", "monai"), default=None,
+                            help="flips, or monai (flips + axial rotation / scale + intensity)")
+        parser.add_argument("--lr", type=float, default=None)
+
+    args, work, out_md = unet_bench_args("segment_3d", __doc__, argv, extra)
     s = Settings.quick() if args.quick else Settings()
     s.folds = args.fold_list or s.folds
+    if args.fractions:
+        s.fractions = [float(f) for f in args.fractions.split(",")]
+    for key in ("epochs", "min_iterations", "augment", "lr"):
+        if getattr(args, key) is not None:
+            setattr(s, key, getattr(args, key))
     root = args.data / "openkbp"
     if not (root / "index.json").is_file():
         print(f"segment_3d: {root / 'index.json'} not found (needs ../shared/data)", file=sys.stderr)
@@ -93,6 +107,7 @@ def main(argv=None) -> int:
                         batch_size=s.batch_size, epochs=s.epochs, min_iterations=s.min_iterations,
                         max_validations=s.max_validations, max_val_cases=s.max_val_cases, lr=s.lr,
                         weight_decay=s.weight_decay, fractions=s.fractions, n_folds=s.n_folds, folds=s.folds,
+                        augment=s.augment,
                         seed=s.seed, save_models=False, n_overlays=2, num_threads=args.threads)
     log(f"OpenKBP: {len(patients)} patients with {' + '.join(ORGANS)} contoured; folds {s.folds} of {s.n_folds}")
     result = finetune(task, ["scratch"], cfg, work / "scratch", log=log, overwrite=True)
