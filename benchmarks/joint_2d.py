@@ -109,10 +109,7 @@ def stage_pretrain(args, s: Settings, work: Path, log) -> dict[str, str]:
     blues = pocus_transfer.ingest_blues(args.data, pre_work, ps, log)
     checkpoints = {k: str(v) for k, v in pocus_transfer.pretrain_all(blues, pre_work, ps, log,
                                                                     only=("simclr", "uscl")).items()}
-    from medcl.data.manifest import read_manifest
-
-    video_steps = len([r for r in read_manifest(blues) if r.n_frames > 0]) // ps.pretrain_batch
-    steps = max(1, ps.pretrain_epochs * video_steps)
+    steps = pocus_transfer.pretrain_budget(blues, ps)["total_steps"]  # SimCLR's / USCL's step count
     train = {"seed": s.seed, "device": "auto", "progress": False, "tensorboard": False, "checkpoint_every": 100}
     mixcl = yaml.safe_load((ROOT / "configs" / "mixcl-cnn-2d.yaml").read_text())
     # pool images resized so that a patch covers about what BUS-BRA's fine-tuning input shows (the whole image)

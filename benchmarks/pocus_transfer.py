@@ -152,22 +152,32 @@ def deep_update(base: dict, extra: dict) -> dict:
     return out
 
 
+def pretrain_budget(manifest: Path, s: Settings) -> dict[str, int | float]:
+    """The step count every pretraining variant runs on ``manifest`` and the corpus sizes behind it:
+    ``pretrain_epochs`` video epochs of ``pretrain_batch`` (an "epoch" of frame-level pairing walks
+    over every frame, one of video-level pairing over every video: ``frame_steps`` / ``video_steps``)."""
+    from medcl.data.manifest import read_manifest
+
+    records = [r for r in read_manifest(manifest) if r.n_frames > 0]
+    frames = sum(r.n_frames for r in records)
+    video_steps = len(records) // s.pretrain_batch
+    return {"videos": len(records), "frames": frames, "video_steps": video_steps,
+            "frame_steps": frames // s.pretrain_batch, "total_steps": max(1, s.pretrain_epochs * video_steps),
+            "warmup_steps": s.warmup_epochs * video_steps}
+
+
 def pretrain_all(blues: Path, work: Path, s: Settings, log, only: tuple[str, ...] | None = None,
                  variants: list[tuple[str, str, dict]] | None = None) -> dict[str, Path]:
     """Pretrain each variant of :func:`pretrain_variants` (or ``variants``; ``only``: these names) on
     ``blues``; a run folder under ``work/pretrain`` whose name carries a digest of its config is
     reused (the cache other benchmarks share). A variant's own ``optim`` entries (batch size, warm-up)
     override the shared ones; every variant runs the same number of steps."""
-    from medcl.data.manifest import read_manifest
     from medcl.train.api import pretrain
 
-    # Same number of optimisation steps (= same images seen) for every variant: an "epoch" of
-    # frame-level pairing walks over every frame, one of video-level pairing over every video.
-    records = [r for r in read_manifest(blues) if r.n_frames > 0]
-    video_steps = len(records) // s.pretrain_batch
-    frame_steps = sum(r.n_frames for r in records) // s.pretrain_batch
-    total_steps = max(1, s.pretrain_epochs * video_steps)
-    warmup_steps = s.warmup_epochs * video_steps
+    # same number of optimisation steps (= same images seen) for every variant
+    b = pretrain_budget(blues, s)
+    video_steps, frame_steps, total_steps, warmup_steps = (b["video_steps"], b["frame_steps"], b["total_steps"],
+                                                           b["warmup_steps"])
     log(f"pretraining: {total_steps} steps of {s.pretrain_batch} pairs per variant ({s.pretrain_epochs} video epochs)")
     runs = {}
     for name, label, variant in (pretrain_variants(s) if variants is None else variants):
@@ -263,7 +273,7 @@ def init_label(name: str) -> str:
     return f"{METHOD_LABELS[method]} on {CORPUS_LABELS[corpus]}"
 
 
-def fold_manifests(pocus: Path, folds, video_ids: list[str], work: Path) -> dict[tuple[int, int], Path]:
+def fold_manifests(pocus: Path, folds, video_ids: list[str]) -> dict[tuple[int, int], Path]:
     """Per (repeat, fold): a manifest of the POCUS videos the fold may pretrain on (its training
     and validation videos; never its test videos), beside the ingest's manifest.csv (frame paths
     are relative to that folder)."""
@@ -303,7 +313,7 @@ def pretrain_corpora(pocus: Path, blues: Path, folds, video_ids: list[str], work
             twin = pretrain_all(blues, work, blues_s, log, variants=[
                 (name, label + ", fp32", deep_update(variant, {"train": {"precision": "fp32"}}))])
             inits["uscl-blues-fp32"] = str(twin[name])
-    manifests = fold_manifests(pocus, folds, video_ids, work)
+    manifests = fold_manifests(pocus, folds, video_ids)
     for corpus in [c for c in ("pocus", "both") if c in s.corpora]:
         for method, (name, label, variant) in variants.items():
             if corpus == "both":

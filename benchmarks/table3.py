@@ -50,6 +50,7 @@ from pocus_transfer import (  # noqa: E402
     Settings,
     ingest_data,
     pretrain_all,
+    pretrain_budget,
     pretrain_variants,
     report_head,
     setup_run,
@@ -73,17 +74,6 @@ LABELS = {
 KIND = {"scratch": "-", "simclr": "self-supervised", "uscl": "semi-supervised (contrastive + CE)",
         "moco": "self-supervised", "fixmatch": "semi-supervised", "pimodel": "semi-supervised",
         "temporal_ensembling": "semi-supervised"}
-
-
-def budget(blues: Path, s: Settings) -> dict:
-    """The step count every method runs (pocus_transfer's) and the corpus sizes the presets need."""
-    from medcl.data.manifest import read_manifest
-
-    records = [r for r in read_manifest(blues) if r.n_frames > 0]
-    n_frames = sum(r.n_frames for r in records)
-    video_steps = len(records) // s.pretrain_batch
-    return {"videos": len(records), "frames": n_frames, "total_steps": max(1, s.pretrain_epochs * video_steps),
-            "warmup_steps": s.warmup_epochs * video_steps}
 
 
 def table3_variants(s: Settings, b: dict) -> list[tuple[str, str, dict]]:
@@ -169,7 +159,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     pocus, blues = ingest_data(args.data, work, s, log)
     timings["ingest"] = time.perf_counter() - t0
-    b = budget(blues, s)
+    b = pretrain_budget(blues, s)
     variants = [v for v in pretrain_variants(s) if v[0] in ("simclr", "uscl")] + table3_variants(s, b)
     log(f"corpus: {b['videos']} videos, {b['frames']} frames; every method {b['total_steps']} steps")
     for name, _, variant in variants:

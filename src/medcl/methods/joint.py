@@ -28,18 +28,16 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from medcl.config import FrameSetMethodConfig
+from medcl.config import USCLConfig
 from medcl.methods.base import Method
 from medcl.methods.mixcl_cnn import MixCLCNN, MixCLCNNConfig, from_section
+from medcl.methods import uscl
 from medcl.methods.uscl import USCL
 
 
-class JointConfig(FrameSetMethodConfig):
-    """The ``joint:`` section (preset configs/joint-2d.yaml)."""
+class JointConfig(USCLConfig):
+    """The ``joint:`` section (preset configs/joint-2d.yaml): USCL's terms plus these."""
 
-    temperature: float = Field(0.5, gt=0.0)  # USCL's
-    lambda_sup: float = Field(0.2, ge=0.0)
-    label_aware: bool = False
     weight_video: float = Field(1.0, ge=0.0)
     weight_pixel: float = Field(1.0, ge=0.0)
     pixel_batch_size: int = Field(8, ge=2)  # pooled images per step (each gives V1, V1', V2)
@@ -130,9 +128,7 @@ def build(config, *, rank: int = 0, world_size: int = 1):
     video_loader, _, classes = frame_set_loader(config, rank=rank, world_size=world_size)
     pixel_loader, pixel_metadata = mixcl.pool_loader(config, rank=rank, world_size=world_size, params=p.pixel,
                                                      batch_size=p.pixel_batch_size)
-    video = USCL(classes, in_channels=config.data.in_channels, temperature=p.temperature, lambda_sup=p.lambda_sup,
-                 label_aware=p.label_aware, proj_hidden=config.model.proj_hidden, proj_dim=config.model.proj_dim,
-                 backbone=config.model.backbone)
+    video = uscl.from_config(config, classes)
     pixel = from_section(p.pixel, in_channels=config.data.in_channels)
     pixel.metadata = pixel_metadata
     return Joint(video, pixel, p.weight_video, p.weight_pixel), JointLoader(video_loader, pixel_loader)

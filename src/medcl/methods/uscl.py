@@ -77,8 +77,13 @@ def build(config: Config, *, rank: int = 0, world_size: int = 1):
     from medcl.sampling.pairs import frame_set_loader
 
     loader, _, classes = frame_set_loader(config, rank=rank, world_size=world_size)
+    return from_config(config, classes), loader
+
+
+def from_config(config: Config, classes: list[str]) -> USCL:
+    """The USCL a config describes (its ``model`` / ``data`` sections and USCL's terms in ``config.params``:
+    the ``uscl:`` section, or ``joint:``, which extends it)."""
     p = config.params
-    method = USCL(classes, in_channels=config.data.in_channels, temperature=p.temperature, lambda_sup=p.lambda_sup,
-                  label_aware=p.label_aware, proj_hidden=config.model.proj_hidden, proj_dim=config.model.proj_dim,
-                  backbone=config.model.backbone)
-    return method, loader
+    return USCL(classes, in_channels=config.data.in_channels, temperature=p.temperature, lambda_sup=p.lambda_sup,
+                label_aware=p.label_aware, proj_hidden=config.model.proj_hidden, proj_dim=config.model.proj_dim,
+                backbone=config.model.backbone)
