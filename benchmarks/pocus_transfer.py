@@ -56,7 +56,7 @@ class Settings:
     blues_every: int = 1  # take every N-th COVID-BLUES video
     pocus_every: int = 1  # take every N-th POCUS convex video (quick runs only)
     pretrain_epochs: int = 100  # in-domain (each fold's POCUS videos) and the POCUS part of "both"
-    blues_epochs: int = 50  # cross-domain: COVID-BLUES, one run per method shared by every fold
+    blues_epochs: int = 30  # cross-domain: COVID-BLUES, one run per method shared by every fold
     pretrain_batch: int = 32
     warmup_epochs: float = 2.0
     label_fraction: float = 0.01  # USCL's CE labels: 1% of the videos (at least one per class)
@@ -72,12 +72,13 @@ class Settings:
     methods: tuple[str, ...] = ("simclr", "uscl")
     full_inits: tuple[str, ...] = ("scratch", "simclr-pocus", "uscl-pocus")  # inits that also get `full` fine-tuning
     fp32_twin: bool = True  # USCL on COVID-BLUES once more in fp32: loss curves and downstream side by side
+    snapshot_epochs: int = 25  # in-domain runs keep a snapshot every N epochs: linear probes along the run
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(size=32, blues_every=12, pocus_every=3, pretrain_epochs=2, blues_epochs=1, pretrain_batch=8,
                    warmup_epochs=0.0, finetune_epochs_last_stage=2, finetune_epochs_full=1,
-                   max_train_frames_per_video=2, folds=3, patience=2, n_boot=300)
+                   max_train_frames_per_video=2, folds=3, patience=2, n_boot=300, snapshot_epochs=1)
 
     @classmethod
     def tables_1_2(cls) -> Settings:
@@ -269,8 +270,17 @@ def init_label(name: str) -> str:
         return "random init (scratch)"
     if name == "imagenet":
         return "ImageNet (torchvision weights from --imagenet)"
+    name, _, epoch = name.partition("@")
     method, corpus = name.split("-", 1)
-    return f"{METHOD_LABELS[method]} on {CORPUS_LABELS[corpus]}"
+    return f"{METHOD_LABELS[method]} on {CORPUS_LABELS[corpus]}" + (f", snapshot at epoch {epoch}" if epoch else "")
+
+
+def link_fold_init(links: Path, repeat: int, fold: int, target: Path) -> None:
+    """``links/r<repeat>-f<fold>.pt`` -> ``target``: a stable per-fold name for a cached checkpoint."""
+    links.mkdir(parents=True, exist_ok=True)
+    link = links / f"r{repeat}-f{fold}.pt"
+    link.unlink(missing_ok=True)
+    link.symlink_to(target.resolve())
 
 
 def fold_manifests(pocus: Path, folds, video_ids: list[str]) -> dict[tuple[int, int], Path]:
@@ -298,8 +308,12 @@ def pretrain_corpora(pocus: Path, blues: Path, folds, video_ids: list[str], work
     - ``<method>-pocus``: per fold, on that fold's POCUS training + validation videos (``pretrain_epochs``);
     - ``<method>-both``: per fold, the COVID-BLUES run continued on the fold's POCUS videos
       (``model.init`` = the COVID-BLUES backbone; ``pretrain_epochs`` more).
+    - ``<method>-pocus@<epoch>``: the in-domain runs' snapshots every ``snapshot_epochs`` epochs
+      (``train.snapshot_every``; points along one cosine run, not separately scheduled shorter runs).
     Each run lands in pretrain_all's digest-keyed cache; stable per-fold names are symlinks
     under ``work/inits``."""
+    from medcl.train.trainer import snapshot_name
+
     variants = {name: (name, label, v) for name, label, v in pretrain_variants(s) if name in s.methods}
     inits: dict[str, str] = {}
     blues_runs: dict[str, Path] = {}
@@ -318,16 +332,24 @@ def pretrain_corpora(pocus: Path, blues: Path, folds, video_ids: list[str], work
         for method, (name, label, variant) in variants.items():
             if corpus == "both":
                 variant = deep_update(variant, {"model": {"init": str(blues_runs[method])}})
-            links = work / "inits" / f"{method}-{corpus}"
-            links.mkdir(parents=True, exist_ok=True)
+            snapshots: set[int] = set()
             for (repeat, fold), manifest in manifests.items():
                 log(f"{method} on {CORPUS_LABELS[corpus]}, repeat {repeat} fold {fold} ({manifest.name})")
+                every = s.snapshot_epochs * pretrain_budget(manifest, s)["video_steps"]
+                fold_variant = (deep_update(variant, {"train": {"snapshot_every": every}})
+                                if corpus == "pocus" and 0 < s.snapshot_epochs < s.pretrain_epochs else variant)
                 run = pretrain_all(manifest, work / f"pretrain-{corpus}" / f"r{repeat}-f{fold}", s, log,
-                                   variants=[(name, label, variant)])[name]
-                link = links / f"r{repeat}-f{fold}.pt"
-                link.unlink(missing_ok=True)
-                link.symlink_to(run.resolve())
-            inits[f"{method}-{corpus}"] = str(links / "r{repeat}-f{fold}.pt")
+                                   variants=[(name, label, fold_variant)])[name]
+                link_fold_init(work / "inits" / f"{method}-{corpus}", repeat, fold, run)
+                if fold_variant is not variant:
+                    for k in range(1, -(-s.pretrain_epochs // s.snapshot_epochs)):
+                        epoch = k * s.snapshot_epochs
+                        link_fold_init(work / "inits" / f"{method}-{corpus}@{epoch}", repeat, fold,
+                                       run.parent / snapshot_name(k * every))
+                        snapshots.add(epoch)
+            inits[f"{method}-{corpus}"] = str(work / "inits" / f"{method}-{corpus}" / "r{repeat}-f{fold}.pt")
+            inits.update({f"{method}-{corpus}@{e}": str(work / "inits" / f"{method}-{corpus}@{e}" / "r{repeat}-f{fold}.pt")
+                          for e in sorted(snapshots)})
     return inits
 
 
@@ -379,6 +401,50 @@ def precision_section(pretrained: dict[str, str], out_png: Path) -> list[str]:
         ax.set_title("USCL on COVID-BLUES: bf16 autocast vs fp32")
         fig.tight_layout()
         out_png.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_png, dpi=100)
+        plt.close(fig)
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        pass
+    return lines + [""]
+
+
+def length_section(linear: dict, s: Settings, out_png: Path) -> list[str]:
+    """Linear-probe video macro-F1 along the in-domain runs (epoch 0 = the random backbone, then the
+    snapshots, then the final checkpoint): a table per method and a plot."""
+    runs = linear["runs"]
+    curves = {}
+    for method in s.methods:
+        points = [(0, "scratch")] + sorted((int(n.split("@")[1]), n) for n in runs if n.startswith(f"{method}-pocus@"))
+        points.append((s.pretrain_epochs, f"{method}-pocus"))
+        points = [(e, n) for e, n in points if n in runs]
+        if len(points) > 2:
+            curves[method] = [(e, runs[n]["summary"]["video"]["macro_f1"]) for e, n in points]
+    if not curves:
+        return []
+    epochs = sorted({e for c in curves.values() for e, _ in c})
+    lines = ["## Pretraining length: linear probe along the in-domain runs", "",
+             f"Video macro-F1 (mean ± std over test folds) of a linear probe on the frozen backbone after N of the "
+             f"{s.pretrain_epochs} epochs of in-domain pretraining (each fold's own run; epoch 0 = the random backbone). "
+             "The intermediate points are snapshots of one cosine-scheduled run (learning rate not yet annealed), "
+             f"not separately scheduled shorter runs. Plot: `{out_png.name}`.", "",
+             "| method | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "|---|" + "---|" * len(epochs)]
+    for method, curve in curves.items():
+        at = dict(curve)
+        lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(
+            f"{at[e]['mean']:.3f} ± {at[e]['std']:.3f}" if e in at else "" for e in epochs) + " |")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for method, curve in curves.items():
+            ax.errorbar([e for e, _ in curve], [v["mean"] for _, v in curve], yerr=[v["std"] for _, v in curve],
+                        marker="o", capsize=3, label=METHOD_LABELS[method])
+        ax.set_xlabel("in-domain pretraining epochs"), ax.set_ylabel("linear probe video macro-F1")
+        ax.set_title("POCUS: linear probe along pretraining"), ax.legend()
+        fig.tight_layout()
         fig.savefig(out_png, dpi=100)
         plt.close(fig)
     except ImportError:  # pragma: no cover - matplotlib is a dependency
@@ -503,9 +569,11 @@ def main(argv=None) -> int:
     else:
         log("no --imagenet weights file (or MEDCL_IMAGENET_WEIGHTS): the ImageNet row is skipped")
     full = [i for i in inits_all if i.name in (*s.full_inits, "imagenet")]
+    # the snapshots and the fp32 twin answer linear-probe questions (length, precision): linear only
+    last_stage = [i for i in inits_all if "@" not in i.name and not i.name.endswith("-fp32")]
     results = {}
     quiet = lambda msg: None  # noqa: E731
-    plan = (("linear", inits_all, s.finetune_epochs_last_stage), ("last_stage", inits_all, s.finetune_epochs_last_stage),
+    plan = (("linear", inits_all, s.finetune_epochs_last_stage), ("last_stage", last_stage, s.finetune_epochs_last_stage),
             ("full", full, s.finetune_epochs_full))
     for protocol, inits, epochs in plan:
         t0 = time.perf_counter()
@@ -600,6 +668,7 @@ def main(argv=None) -> int:
         "mixed-class sources the source cannot give the class away.", "",
         "| protocol | videos | comparison | macro-F1 | difference [95% CI] | folds better/worse | ahead |",
         "|---|---|---|---|---|---|---|", *controlled, "",
+        *length_section(results["linear"], s, out_md.with_name(out_md.stem + "_length.png")),
         *probe_lines,
         *precision_section(pretrained, out_md.with_name(out_md.stem + "_precision.png")),
     ]

@@ -467,3 +467,29 @@ def test_stale_temporary_checkpoints_are_removed_when_a_run_resumes(frames_dir, 
     pretrain(PROJECT / "configs/uscl.yaml", longer, resume=True)
     assert not dead.exists() and not alive.exists() and other.exists()
     assert load_checkpoint(ckpts / "last.pt")["step"] == 3
+
+
+def test_snapshots_keep_the_model_of_their_step(frames_dir, tmp_path):
+    """train.snapshot_every keeps checkpoints/step-NNNNNN.pt at its multiples (the end is final.pt),
+    each holding the model of that step: the same weights as last.pt of a run stopped there."""
+    overrides = tiny_overrides(frames_dir, tmp_path / "x", **{"optim.max_steps": 7, "train.snapshot_every": 3})
+    run = pretrain(PROJECT / "configs/uscl.yaml", overrides, out=tmp_path / "snap")
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step-*.pt"))
+    assert kept == ["step-000003.pt", "step-000006.pt"]
+
+    def stop(trainer):
+        raise _Interrupt
+
+    plain = tiny_overrides(frames_dir, tmp_path / "x", **{"optim.max_steps": 7, "train.checkpoint_every": 3})
+    cfg, trainer = _trainer(plain, tmp_path / "stopped", callbacks=[_OnStepStart(4, stop)])
+    with pytest.raises(_Interrupt):
+        trainer.fit()
+    at3 = load_checkpoint(cfg.out / "checkpoints" / "last.pt")
+    snap = load_checkpoint(run / "checkpoints" / "step-000003.pt")
+    assert snap["step"] == at3["step"] == 3
+    for key, value in at3["model"].items():
+        torch.testing.assert_close(snap["model"][key], value, rtol=1e-5, atol=1e-6)
+    # a snapshot is a backbone init like any checkpoint
+    path = run / "checkpoints" / "step-000006.pt"
+    backbone = build_pretrained_backbone(load_checkpoint(path), path)
+    assert sum(p.numel() for p in backbone.parameters()) > 0

@@ -13,7 +13,7 @@ command-line overrides ``key.sub=value``::
     model:    {backbone, proj_hidden, proj_dim, init}
     # every run
     optim:    {name: adam|adamw, lr, weight_decay, batch_size, epochs, warmup_epochs, max_steps, min_lr_ratio}
-    train:    {seed, device, amp, precision, channels_last, checkpoint_every, log_every, progress, tensorboard, sync_batchnorm}
+    train:    {seed, device, amp, precision, channels_last, checkpoint_every, snapshot_every, log_every, progress, tensorboard, sync_batchnorm}
     uscl:     {temperature, lambda_sup, label_aware}   # the section named after `method`
 
 >>> cfg = load_config("configs/uscl.yaml", ["data.manifest=ingested/", "out=runs/a"])  # doctest: +SKIP
@@ -203,6 +203,7 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # medcl.precision: bf16 autocast where native
     channels_last: bool = True  # channels_last memory format for 2D CNNs (same values, faster kernels)
     checkpoint_every: int = Field(500, ge=1)  # steps
+    snapshot_every: int | None = Field(None, ge=1)  # steps: also keep checkpoints/step-NNNNNN.pt (probe the run)
     log_every: int = Field(1, ge=1)  # steps
     progress: bool = True
     tensorboard: bool = False  # TensorBoard events under OUT/tb (pip install "medcl[tensorboard]"; warns once when missing)

@@ -10,7 +10,9 @@
 - ``out_dir``: the run folder. It receives ``config.yaml`` (resolved), ``metrics.jsonl`` (one JSON
   object per logged step: step, epoch, lr, loss and the method's other loss terms),
   ``checkpoints/last.pt`` every ``train.checkpoint_every`` steps and at the end, plus
-  ``checkpoints/final.pt`` at the end; TensorBoard events under ``tb/`` when installed.
+  ``checkpoints/final.pt`` at the end, and ``checkpoints/step-NNNNNN.pt`` every ``train.snapshot_every``
+  steps when set (kept: e.g. to probe the features along the run); TensorBoard events under ``tb/``
+  when installed.
 
 Optimisation: Adam or AdamW (``optim.name``, lr, weight_decay) on all method parameters; linear
 warm-up for ``optim.warmup_epochs`` then cosine decay to ``min_lr_ratio * lr`` over
@@ -206,6 +208,11 @@ def move_to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(move_to(v, device) for v in batch)
     return batch
+
+
+def snapshot_name(step: int) -> str:
+    """The file name of the snapshot ``train.snapshot_every`` keeps at ``step`` (under ``checkpoints/``)."""
+    return f"step-{step:06d}.pt"
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -487,8 +494,12 @@ class Trainer:
                         if signum:
                             self.save("last.pt")
                             raise TrainingInterrupted(signum, self.step, self.last_path)
-                        if self.step % self.config.train.checkpoint_every == 0:
-                            self.save("last.pt")
+                        names = ["last.pt"] if self.step % self.config.train.checkpoint_every == 0 else []
+                        snapshot = self.config.train.snapshot_every
+                        if snapshot and self.step % snapshot == 0:
+                            names.append(snapshot_name(self.step))
+                        if names:
+                            self.save(*names)
                 self.save("last.pt", "final.pt")
                 if self.is_main:
                     warn_if_batchnorm_unsettled(self.method, self.step)
