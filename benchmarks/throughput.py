@@ -4,8 +4,9 @@ and in medcl's automatic precision (bf16 autocast + channels_last where the CPU 
     python benchmarks/throughput.py [--sizes 112,224] [--batch 32] [--steps 12] [--warmup 3] [--rounds 2]
                                     [--threads 2] [--out benchmarks/results/throughput.md]
 
-Rows per input size: bare fp32, bare bf16 + channels_last, medcl fp32 (train.precision=fp32,
-channels_last off: the old path), medcl auto (the default). Goals of the performance issue on a
+Rows per input size: bare fp32, bare bf16 + channels_last (PyTorch's default Adam), the same with
+``Adam(fused=True)``, medcl fp32 (train.precision=fp32, channels_last off), medcl auto (the
+default; medcl's optimisers are fused where PyTorch has it: ``medcl.precision.make_optimizer``). Goals of the performance issue on a
 bf16-capable CPU: medcl auto >= 1.8x the fp32 bare loop, and >= 0.95x the bf16 bare loop. Then one
 fine-tuning epoch (classification, ``full`` protocol) and one segmentation step (UNETR 2D), each
 fp32 vs auto.
@@ -79,16 +80,18 @@ def write_frames(root: Path, n_videos: int, n_frames: int, size: int = 224, seed
     return root
 
 
-def bare_loop(size: int, images: int, steps: int, warmup: int, fast: bool = False) -> tuple[float, float]:
+def bare_loop(size: int, images: int, steps: int, warmup: int, fast: bool = False,
+              fused: bool = False) -> tuple[float, float]:
     """(images per second of forward + backward + Adam on an in-memory batch, forward s/step);
-    ``fast``: bf16 autocast + channels_last, written directly with torch (no medcl code)."""
+    ``fast``: bf16 autocast + channels_last, written directly with torch (no medcl code);
+    ``fused``: ``torch.optim.Adam(fused=True)`` instead of PyTorch's default per-tensor update."""
     torch.manual_seed(0)
     model = resnet18_backbone(in_channels=1)
     x = torch.rand(images, 1, size, size)
     if fast:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=1e-4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4, weight_decay=1e-4, **({"fused": True} if fused else {}))
     forward = []
     for i in range(warmup + steps):
         if i == warmup:
@@ -202,12 +205,12 @@ def segment_steps(precision: str, size: int = 64, batch: int = 8, steps: int = 8
     from monai.losses import DiceCELoss
 
     from medcl.evaluate.segment import build_segmentation_model
-    from medcl.precision import autocast, resolve_precision
+    from medcl.precision import autocast, make_optimizer, resolve_precision
 
     torch.manual_seed(0)
     model = build_segmentation_model(2, (size, size), 1, 2)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    optimizer = make_optimizer("adamw", model.parameters(), lr=3e-4)  # as medcl's segmentation loop
     x, y = torch.rand(batch, 1, size, size), torch.randint(0, 2, (batch, 1, size, size))
     dtype = resolve_precision(precision, "cpu")
     times = []
@@ -244,7 +247,8 @@ def main() -> int:
     load_before = load_average()
     auto = "bf16 autocast + channels_last" if resolve_precision("auto", "cpu") is not None else "fp32 (no native bf16)"
     names = {"bare fp32": "bare loop, fp32", "bare bf16": "bare loop, bf16 autocast + channels_last",
-             "medcl fp32": "medcl `Trainer.fit`, train.precision=fp32 (the path before medcl.precision)",
+             "bare bf16 fused": "bare loop, bf16 autocast + channels_last, fused Adam (`Adam(fused=True)`)",
+             "medcl fp32": "medcl `Trainer.fit`, train.precision=fp32, channels_last off",
              "medcl auto": f"medcl `Trainer.fit`, train.precision=auto (here: {auto})"}
     sections, goals = [], []
     for size in [int(v) for v in args.sizes.split(",")]:
@@ -255,7 +259,8 @@ def main() -> int:
             order = list(names) if r % 2 == 0 else list(reversed(names))  # alternate who goes first
             for which in order:
                 if which.startswith("bare"):
-                    rate, _ = bare_loop(size, 2 * batch, args.steps, args.warmup, fast=which == "bare bf16")
+                    rate, _ = bare_loop(size, 2 * batch, args.steps, args.warmup, fast=which != "bare fp32",
+                                        fused=which == "bare bf16 fused")
                 else:
                     rate, build_s, _ = real_path(manifest, work, size, batch, args.steps, args.warmup,
                                                  precision=which.split()[1])
@@ -270,7 +275,11 @@ def main() -> int:
                      for k in names]
         sections += ["", f"- medcl auto / bare fp32: **{m['medcl auto'] / m['bare fp32']:.2f}** (goal >= 1.8 on a bf16 CPU)",
                      f"- medcl auto / bare bf16 + channels_last: **{m['medcl auto'] / m['bare bf16']:.2f}** (goal >= 0.95)",
-                     f"- medcl fp32 / bare fp32: {m['medcl fp32'] / m['bare fp32']:.2f} (the real path's overhead)",
+                     f"- medcl auto / bare bf16 + channels_last + fused Adam: {m['medcl auto'] / m['bare bf16 fused']:.2f} "
+                     "(the same optimiser implementation on both sides: the real path's own overhead)",
+                     f"- bare fused / bare default Adam (bf16 + channels_last): "
+                     f"{m['bare bf16 fused'] / m['bare bf16']:.2f} (what the optimiser implementation alone is worth)",
+                     f"- medcl fp32 / bare fp32: {m['medcl fp32'] / m['bare fp32']:.2f}",
                      f"- batch building (pairs, augmentation, mixing): {statistics.median(build) * 1000:.0f} ms/step", ""]
         goals.append((size, m['medcl auto'] / m['bare fp32'], m['medcl auto'] / m['bare bf16']))
     ft = {p: finetune_epoch(p) for p in ("fp32", "auto")}
@@ -285,8 +294,9 @@ def main() -> int:
         f"- Machine: {os.cpu_count()} cores, {cpu_model()}, native bf16 flags: {', '.join(cpu_bf16_flags()) or 'none'}; "
         f"torch {torch.__version__}, {args.threads} threads, Python {platform.python_version()}",
         f"- Setting: ResNet-18 (1 channel, stride-2 stem); real path = USCL on FrameSets (pairs, augmentation, "
-        f"heads, NT-Xent + CE, Adam, logging); bare = forward + mean-square loss + backward + Adam on one in-memory "
-        f"tensor. {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} rounds, order alternated; "
+        f"heads, NT-Xent + CE, Adam from `medcl.precision.make_optimizer` (fused where PyTorch has it), logging); "
+        f"bare = forward + mean-square loss + backward + Adam (PyTorch's default implementation unless the row says "
+        f"fused) on one in-memory tensor. {args.steps} timed steps after {args.warmup} warm-up, {args.rounds} rounds, order alternated; "
         "median reported. Compare ratios, not absolute speeds.",
         f"- Load average (1, 5, 15 min) before: {load_before}; after: {load_after}.",
         "",

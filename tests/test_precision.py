@@ -3,6 +3,7 @@ that bf16 training tracks fp32 within stated tolerances (pretraining losses, fin
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -101,3 +102,35 @@ def test_bf16_finetuning_tracks_fp32(tmp_path):
         cols = [i for i, h in enumerate(header) if h.startswith("prob_")]
         probs[mode] = np.array([[float(r.split(",")[i]) for i in cols] for r in rows[1:]])
     np.testing.assert_allclose(probs["bf16"], probs["fp32"], atol=PROB_ATOL)
+
+
+@pytest.mark.parametrize("name, extra", [("adam", {}), ("adamw", {}), ("sgd", {"momentum": 0.9})])
+def test_make_optimizer_is_fused_and_follows_the_plain_update(name, extra):
+    """The fused update (one kernel over all tensors) follows the per-tensor loop of the same
+    optimiser step for step, weight decay included."""
+    from medcl.precision import OPTIMIZERS, make_optimizer
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    twin, start = copy.deepcopy(net), copy.deepcopy(net)
+    fused = make_optimizer(name, net.parameters(), lr=0.05, weight_decay=0.01, **extra)
+    plain = OPTIMIZERS[name](twin.parameters(), lr=0.05, weight_decay=0.01, foreach=False, **extra)
+    assert fused.defaults.get("fused") is True and not plain.defaults.get("fused")
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    for _ in range(5):
+        for model, opt in ((net, fused), (twin, plain)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for a, b in zip(net.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(net[0].weight, start[0].weight, atol=1e-3)  # the steps did move the weights
+
+
+def test_make_optimizer_refuses_unknown_names_and_falls_back_off_cpu_and_cuda():
+    from medcl.precision import make_optimizer
+
+    with pytest.raises(ValueError, match="optimizer 'lamb': choose one of adam, adamw, sgd"):
+        make_optimizer("lamb", [torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    meta = make_optimizer("adam", [torch.nn.Parameter(torch.zeros(2, device="meta"))], lr=0.1)
+    assert not meta.defaults.get("fused")

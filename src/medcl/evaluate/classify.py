@@ -68,7 +68,7 @@ from medcl.evaluate.models import (
 from medcl.evaluate.protocol import RunResult, Schedule, Validation, compare_inits, train_with_selection, write_run
 from medcl.inputs import InputSpec, resize_frames, to_model_input
 from medcl.models.backbones import RESNET18_FEATURES, resnet18_backbone
-from medcl.precision import autocast, channels_last, resolve_precision
+from medcl.precision import autocast, channels_last, make_optimizer, resolve_precision
 from medcl.sampling.augment import AugmentParams, augment_frames
 from medcl.weights import InitSpec, LoadedBackbone, load_init
 
@@ -422,10 +422,8 @@ def train_fold(model: FrameClassifier, source: InputSource, fit_idx: np.ndarray,
         model.suffix.fit(torch.cat([source.get(fit_idx[i:i + 256], train=False) for i in range(0, len(fit_idx), 256)]))
     generator = torch.Generator().manual_seed(seed)
     params = model.trainable_parameters()
-    if config.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    extra = {"momentum": config.momentum} if config.optimizer == "sgd" else {}
+    opt = make_optimizer(config.optimizer, params, lr=config.lr, weight_decay=config.weight_decay, **extra)
     steps_per_epoch = max(1, math.ceil(len(fit_idx) / config.batch_size))
     labels = torch.as_tensor(source.data.frame_labels)
     y_val = source.data.frame_labels[val_idx]

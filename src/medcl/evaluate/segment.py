@@ -72,7 +72,7 @@ from medcl.evaluate.models import (
 )
 from medcl.evaluate.protocol import RunResult, Schedule, Validation, compare_inits, train_with_selection, write_run
 from medcl.inputs import InputSpec
-from medcl.precision import autocast, channels_last, resolve_precision
+from medcl.precision import autocast, channels_last, make_optimizer, resolve_precision
 from medcl.weights import InitSpec, MissingWeightsError, WeightsError, load_init
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +525,7 @@ def finetune_once(
     # Dice over foreground classes only and over the whole batch: small organs in crops that miss
     # them would otherwise be swamped by background Dice or give 0/0 per-sample terms
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=cfg.dice_background, batch=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer("adamw", model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def period_batches(period: int):
         first = period * val_every + 1

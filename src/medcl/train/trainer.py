@@ -104,7 +104,7 @@ from tqdm.auto import tqdm
 
 from medcl.environment import resolve_device, write_environment
 from medcl.runfolder import RunFolderError, run_lock
-from medcl.precision import autocast, channels_last, is_2d_cnn, resolve_precision
+from medcl.precision import autocast, channels_last, is_2d_cnn, make_optimizer, resolve_precision
 from medcl.train.checkpoint import rng_state, set_rng_state
 from medcl.train.scalars import numeric_items, open_tensorboard
 from medcl.weights import (
@@ -306,8 +306,8 @@ class Trainer:
                 self.method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.method)  # type: ignore[assignment]
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = torch.nn.parallel.DistributedDataParallel(self.method, device_ids=ids)
-        opt_cls = torch.optim.AdamW if optim.name == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(self.method.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)
+        self.optimizer = make_optimizer(optim.name, self.method.parameters(), lr=optim.lr,
+                                        weight_decay=optim.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.warmup_steps, self.total_steps, optim.min_lr_ratio)
         )
