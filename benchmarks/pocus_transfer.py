@@ -19,7 +19,10 @@
 4. Fine-tune on POCUS, the SAME folds for every initialisation: a ``linear`` probe for every init
    (frozen backbone: the standard self-supervised evaluation; for scratch, a random backbone),
    ``last_stage`` (the paper's protocol: layer4 + a new linear head) for every init, and ``full``
-   for scratch and the in-domain inits.
+   for scratch and the in-domain inits. The in-domain runs keep a snapshot every ``snapshot_epochs``
+   (``train.snapshot_every``): linear probes along the run measure what pretraining length buys.
+   The shortcut test (how well frozen features predict the video's SOURCE) and bf16 vs fp32
+   pretraining (USCL on COVID-BLUES twice: loss curves and downstream) follow.
 5. Paired differences with patient-bootstrap 95% intervals (every init vs scratch, USCL vs SimCLR
    per corpus), the same on the videos of mixed-class sources only (POCUS classes are confounded
    with their sources), the goals, and the published numbers; writes
