@@ -361,17 +361,18 @@ def test_divergence_before_any_checkpoint_says_there_is_none(frames_dir, tmp_pat
 
 
 def test_an_overflowing_learning_rate_ends_with_the_divergence_message(frames_dir, tmp_path, capsys):
-    """lr=1e38: Adam's step size lr / (1 - 0.9) is beyond float range; that is divergence, not a traceback."""
+    """lr=1e38: the first update is beyond float range (the fused Adam of make_optimizer writes Inf weights;
+    PyTorch's per-tensor Adam raised on its step size lr / (1 - 0.9)); that is divergence, not a traceback."""
     from medcl.cli import main
 
     overrides = tiny_overrides(frames_dir, tmp_path / "run", **{"optim.lr": 1e38, "optim.warmup_epochs": 0})
-    with pytest.raises(TrainingDiverged, match=r"update of step 1 .*overflowed in the optimiser.*No checkpoint"):
+    with pytest.raises(TrainingDiverged, match=r"weights became non-finite in the update of step 1 .*Inf.*No checkpoint"):
         pretrain(PROJECT / "configs/uscl.yaml", overrides)
     code = main(["pretrain", "--config", str(PROJECT / "configs/uscl.yaml"), *tiny_overrides(
         frames_dir, tmp_path / "cli", **{"optim.lr": 1e38, "optim.warmup_epochs": 0})])
     err = capsys.readouterr().err
     assert code == 3 and "Traceback" not in err
-    assert err.startswith("medcl pretrain: stopped: the update of step 1") and err.count("\n") == 1
+    assert err.startswith("medcl pretrain: stopped: the weights became non-finite in the update of step 1") and err.count("\n") == 1
 
 
 def test_a_stalled_loss_with_an_exploding_weight_norm_warns(frames_dir, tmp_path):
