@@ -391,23 +391,15 @@ def precision_section(pretrained: dict[str, str], out_png: Path) -> list[str]:
     for i in marks:
         lines.append(f"| {auto[i]['step']} | {auto[i]['loss']:.3f} | {fp32[i]['loss']:.3f} | {smooth(auto, i):.3f} | "
                      f"{smooth(fp32, i):.3f} |")
-    try:
-        import matplotlib
+    from medcl.report.plots import figure_png, plt  # the report's headless figures
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        for rows, label in ((auto, "auto (bf16 here)"), (fp32, "fp32")):
-            ax.plot([r["step"] for r in rows[:n]], [smooth(rows, i) for i in range(n)], label=label)
-        ax.set_xlabel("step"), ax.set_ylabel("USCL loss (25-step mean)"), ax.legend()
-        ax.set_title("USCL on COVID-BLUES: bf16 autocast vs fp32")
-        fig.tight_layout()
-        out_png.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_png, dpi=100)
-        plt.close(fig)
-    except ImportError:  # pragma: no cover - matplotlib is a dependency
-        pass
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for rows, label in ((auto, "auto (bf16 here)"), (fp32, "fp32")):
+        ax.plot([r["step"] for r in rows[:n]], [smooth(rows, i) for i in range(n)], label=label)
+    ax.set_xlabel("step"), ax.set_ylabel("USCL loss (25-step mean)"), ax.legend()
+    ax.set_title("USCL on COVID-BLUES: bf16 autocast vs fp32")
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    out_png.write_bytes(figure_png(fig))
     return lines + [""]
 
 
@@ -435,23 +427,16 @@ def length_section(linear: dict, s: Settings, out_png: Path) -> list[str]:
         at = dict(curve)
         lines.append(f"| {METHOD_LABELS[method]} | " + " | ".join(
             f"{at[e]['mean']:.3f} ± {at[e]['std']:.3f}" if e in at else "" for e in epochs) + " |")
-    try:
-        import matplotlib
+    from medcl.report.plots import figure_png, plt  # the report's headless figures
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for method, curve in curves.items():
-            ax.errorbar([e for e, _ in curve], [v["mean"] for _, v in curve], yerr=[v["std"] for _, v in curve],
-                        marker="o", capsize=3, label=METHOD_LABELS[method])
-        ax.set_xlabel("in-domain pretraining epochs"), ax.set_ylabel("linear probe video macro-F1")
-        ax.set_title("POCUS: linear probe along pretraining"), ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_png, dpi=100)
-        plt.close(fig)
-    except ImportError:  # pragma: no cover - matplotlib is a dependency
-        pass
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for method, curve in curves.items():
+        ax.errorbar([e for e, _ in curve], [v["mean"] for _, v in curve], yerr=[v["std"] for _, v in curve],
+                    marker="o", capsize=3, label=METHOD_LABELS[method])
+    ax.set_xlabel("in-domain pretraining epochs"), ax.set_ylabel("linear probe video macro-F1")
+    ax.set_title("POCUS: linear probe along pretraining"), ax.legend()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    out_png.write_bytes(figure_png(fig))
     return lines + [""]
 
 
