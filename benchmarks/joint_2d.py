@@ -14,7 +14,8 @@ COVID-BLUES budget: ``pretrain_epochs`` video epochs of 32 pairs):
 - MixCL-CNN on the 2D ultrasound segmentation pool (HC18 fetal heads, TG3K thyroid nodules, CTRUS;
   NOT BUS-BRA, the segmentation target), ``log_grad_norms`` on: the scale of each term and of its
   gradient on the encoder is reported (does the label term fall, and does it push the encoder?);
-- joint: one run on both (``method: joint``: USCL batch + pool batch every step, weights 1 / 1).
+- joint: one run on both (``method: joint``: USCL batch + pool batch every step, weight_video = 1 and
+  ``weight_pixel`` from the measured gradient norms of the two streams, logged: ``grad_video`` / ``grad_pixel``).
 
 Evaluations, the same folds / cases for every encoder: POCUS with pocus_transfer's protocols at
 128 px (``linear`` probe and ``last_stage``, 5 folds by patient); BUS-BRA with segment_2d's U-Net
@@ -57,6 +58,14 @@ class Settings:
     size: int = 128
     pretrain_epochs: int = 25  # COVID-BLUES video epochs (the step count of every encoder)
     pixel_batch: int = 8  # pooled images per step (MixCL-CNN, joint)
+    # MixCL-CNN's label-term weight (MixCL-CNN and the joint's pixel part), set from measured gradient norms:
+    # at the paper's 0.01 the label term pushed the encoder 1e-4 x as hard as the identity term (session 6)
+    alpha: float = 100.0
+    # the joint's pool weight (weight_video = 1), set from the measured grad_video / grad_pixel: at 1 / 1 the
+    # pool's identity term dominated the shared encoder and the joint tracked MixCL-CNN on POCUS (session 6);
+    # over the first 12 steps at weight 1 and alpha 100, grad_pixel / grad_video = 4058 / 7.05 = 576, and the
+    # pool's identity gradient falls ~10x over a run (session 6): 0.005 pushes ~3x the videos early, ~1x late
+    weight_pixel: float = 0.005
     pocus_folds: int = 5
     finetune_epochs: int = 15
     max_train_frames_per_video: int = 10
@@ -102,6 +111,37 @@ def cached_pretrain(name: str, config: dict, work: Path, log) -> Path:
     return final
 
 
+TRAIN = {"device": "auto", "progress": False, "tensorboard": False, "checkpoint_every": 100}
+
+
+def mixcl_config(data: Path, s: Settings, steps: int) -> dict:
+    """MixCL-CNN on the pool, ``steps`` optimisation steps, gradient norms of its terms logged."""
+    mixcl = yaml.safe_load((ROOT / "configs" / "mixcl-cnn-2d.yaml").read_text())
+    # pool images resized so that a patch covers about what BUS-BRA's fine-tuning input shows (the whole image)
+    patch = s.size if not s.quick else 32
+    mixcl["mixcl_cnn"].update(datasets=pool_datasets(data), patch_size=patch, image_size=[patch * 5 // 4] * 2,
+                              log_grad_norms=True, alpha=s.alpha)
+    mixcl["optim"].update(batch_size=s.pixel_batch, max_steps=steps)
+    mixcl["train"] = {**mixcl.get("train", {}), **TRAIN, "seed": s.seed}
+    return mixcl
+
+
+def joint_config(data: Path, s: Settings, blues: Path, steps: int) -> dict:
+    """The joint encoder: USCL on the COVID-BLUES videos (pocus_transfer's settings) + the pool, ``steps``
+    steps, grad_video / grad_pixel logged."""
+    ps = s.pretraining()
+    patch = s.size if not s.quick else 32
+    joint = yaml.safe_load((ROOT / "configs" / "joint-2d.yaml").read_text())
+    joint["data"].update(manifest=str(blues), size=ps.size, label_fraction=ps.label_fraction)
+    joint["optim"].update(batch_size=ps.pretrain_batch, epochs=ps.pretrain_epochs, max_steps=steps,
+                          warmup_epochs=ps.warmup_epochs)
+    joint["train"] = {**joint["train"], **TRAIN, "seed": s.seed}
+    joint["joint"].update(pixel_batch_size=s.pixel_batch, weight_pixel=s.weight_pixel, log_grad_norms=True)
+    joint["joint"]["pixel"].update(datasets=pool_datasets(data), patch_size=patch, image_size=[patch * 5 // 4] * 2,
+                                   alpha=s.alpha)
+    return joint
+
+
 def stage_pretrain(args, s: Settings, work: Path, log) -> dict[str, str]:
     ps = s.pretraining()
     pre_work = ROOT / "benchmarks" / "work" / f"pocus_transfer{'_quick' if s.quick else ''}"
@@ -110,23 +150,8 @@ def stage_pretrain(args, s: Settings, work: Path, log) -> dict[str, str]:
     checkpoints = {k: str(v) for k, v in pocus_transfer.pretrain_all(blues, pre_work, ps, log,
                                                                     only=("simclr", "uscl")).items()}
     steps = pocus_transfer.pretrain_budget(blues, ps)["total_steps"]  # SimCLR's / USCL's step count
-    train = {"seed": s.seed, "device": "auto", "progress": False, "tensorboard": False, "checkpoint_every": 100}
-    mixcl = yaml.safe_load((ROOT / "configs" / "mixcl-cnn-2d.yaml").read_text())
-    # pool images resized so that a patch covers about what BUS-BRA's fine-tuning input shows (the whole image)
-    patch = s.size if not s.quick else 32
-    mixcl["mixcl_cnn"].update(datasets=pool_datasets(args.data), patch_size=patch, image_size=[patch * 5 // 4] * 2,
-                              log_grad_norms=True)
-    mixcl["optim"].update(batch_size=s.pixel_batch, max_steps=steps)
-    mixcl["train"] = {**mixcl.get("train", {}), **train}
-    checkpoints["mixcl_cnn"] = str(cached_pretrain("mixcl_cnn", mixcl, work, log))
-    joint = yaml.safe_load((ROOT / "configs" / "joint-2d.yaml").read_text())
-    joint["data"].update(manifest=str(blues), size=ps.size, label_fraction=ps.label_fraction)
-    joint["optim"].update(batch_size=ps.pretrain_batch, epochs=ps.pretrain_epochs, max_steps=steps,
-                          warmup_epochs=ps.warmup_epochs)
-    joint["train"] = {**joint["train"], **train}
-    joint["joint"].update(pixel_batch_size=s.pixel_batch)
-    joint["joint"]["pixel"].update(datasets=pool_datasets(args.data), patch_size=patch, image_size=[patch * 5 // 4] * 2)
-    checkpoints["joint"] = str(cached_pretrain("joint", joint, work, log))
+    checkpoints["mixcl_cnn"] = str(cached_pretrain("mixcl_cnn", mixcl_config(args.data, s, steps), work, log))
+    checkpoints["joint"] = str(cached_pretrain("joint", joint_config(args.data, s, blues, steps), work, log))
     (work / "encoders.json").write_text(json.dumps(checkpoints, indent=1))
     return checkpoints
 
@@ -170,12 +195,17 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def label_term_account(work: Path) -> list[str]:
-    """Scale of MixCL-CNN's terms and of each weighted term's gradient on the encoder, over its run."""
-    encoders = json.loads((work / "encoders.json").read_text())
-    metrics = Path(encoders["mixcl_cnn"]).parents[1] / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "loss_id" in r]
+def logged_rows(metrics: Path, key: str) -> list[dict]:
+    """The rows of a pretraining run's metrics.jsonl that hold ``key``."""
+    if not metrics.is_file():
+        return []
+    return [r for r in (json.loads(line) for line in metrics.read_text().splitlines() if line.strip()) if key in r]
+
+
+def term_account(metrics: Path, keys: tuple[str, ...], ratio: tuple[str, str], title: str, note: str) -> list[str]:
+    """The first-10% and last-10% means of ``keys`` over a pretraining run's metrics.jsonl, and
+    sum(ratio[0]) / sum(ratio[1]) over the run."""
+    rows = logged_rows(metrics, keys[0])
     if not rows:
         return []
     tenth = max(1, len(rows) // 10)
@@ -184,15 +214,29 @@ def label_term_account(work: Path) -> list[str]:
         values = [r[key] for r in part if key in r]
         return sum(values) / len(values) if values else float("nan")
 
-    lines = ["## MixCL-CNN: the scale of each term and of its gradient on the encoder", "",
-             f"From the pretraining run's metrics ({len(rows)} steps; first and last 10% of the steps averaged). "
-             "`grad_*`: norm of the WEIGHTED term's gradient on the encoder's parameters (alpha = beta = 0.01).", "",
-             "| quantity | first 10% | last 10% | change |", "|---|---|---|---|"]
-    for key in ("loss_id", "loss_label", "loss_recon", "grad_id", "grad_label", "grad_recon"):
+    lines = [f"## {title}", "", f"From the pretraining run's metrics ({len(rows)} steps; first and last 10% of the "
+             f"steps averaged). {note}", "", "| quantity | first 10% | last 10% | change |", "|---|---|---|---|"]
+    for key in keys:
         a, b = mean(key, rows[:tenth]), mean(key, rows[-tenth:])
         lines.append(f"| {key} | {a:.4g} | {b:.4g} | {(b - a) / a * 100 if a else float('nan'):+.0f}% |")
-    ratio = mean("grad_label", rows) / mean("grad_id", rows) if mean("grad_id", rows) else float("nan")
-    lines += ["", f"Over the run, the label term's gradient on the encoder is {ratio:.3g} x the identity term's.", ""]
+    value = sum(r[ratio[0]] for r in rows) / max(sum(r[ratio[1]] for r in rows), 1e-30)
+    return lines + ["", f"Over the run (summed over the steps), {ratio[0]} / {ratio[1]} = **{value:.3g}**.", ""]
+
+
+def label_term_account(work: Path, s: Settings) -> list[str]:
+    """Scale of MixCL-CNN's terms and of each weighted term's gradient on the encoder, over its run;
+    and the joint run's two streams (grad_video / grad_pixel on the shared encoder)."""
+    encoders = json.loads((work / "encoders.json").read_text())
+    lines = term_account(Path(encoders["mixcl_cnn"]).parents[1] / "metrics.jsonl",
+                         ("loss_id", "loss_label", "loss_recon", "grad_id", "grad_label", "grad_recon"),
+                         ("grad_label", "grad_id"), "MixCL-CNN: the scale of each term and of its gradient on the encoder",
+                         f"`grad_*`: norm of the WEIGHTED term's gradient on the encoder's parameters (alpha = "
+                         f"{s.alpha:g}, beta = 0.01).")
+    lines += term_account(Path(encoders["joint"]).parents[1] / "metrics.jsonl",
+                          ("grad_video", "grad_pixel", "video_loss", "pixel_loss", "pixel_loss_label"),
+                          ("grad_pixel", "grad_video"), "Joint: how hard each stream pushes the shared encoder",
+                          f"`grad_video` / `grad_pixel`: norm of the gradient of weight_video x L_USCL / weight_pixel "
+                          f"x L_MixCL on the encoder (weight_video = 1, weight_pixel = {s.weight_pixel:g}).")
     return lines
 
 
@@ -259,7 +303,7 @@ def stage_report(args, s: Settings, work: Path, log, started: float, out_md: Pat
         lines.append("")
     lines += ["## Goals", "", "| goal | comparison | difference [95% CI] | verdict |", "|---|---|---|---|", *verdict, ""]
     if (work / "encoders.json").is_file():
-        lines += label_term_account(work)
+        lines += label_term_account(work, s)
     write_results(out_md, lines, log)
 
 

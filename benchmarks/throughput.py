@@ -8,8 +8,9 @@ Rows per input size: bare fp32, bare bf16 + channels_last (PyTorch's default Ada
 ``Adam(fused=True)``, medcl fp32 (train.precision=fp32, channels_last off), medcl auto (the
 default; medcl's optimisers are fused where PyTorch has it: ``medcl.precision.make_optimizer``). Goals of the performance issue on a
 bf16-capable CPU: medcl auto >= 1.8x the fp32 bare loop, and >= 0.95x the bf16 bare loop. Then one
-fine-tuning epoch (classification, ``full`` protocol) and one segmentation step (UNETR 2D), each
-fp32 vs auto.
+fine-tuning epoch (classification, ``full`` protocol) and one segmentation step (the CNN U-Net of
+segment_2d.py), each as medcl's real loop in fp32 and auto next to the same work as a bare torch loop
+in fp32 and in bf16 + channels_last, side by side, order alternated per round.
 
 Real path: ``medcl.train.Trainer.fit`` on frame sets read through ``FrameSets`` (a synthetic
 manifest of 224 px frames written under benchmarks/work/, like ``medcl ingest``'s default output):
@@ -174,18 +175,25 @@ def real_path(manifest: Path, work: Path, size: int, batch: int, steps: int, war
     return rate, statistics.median(loader.seconds[warmup:]), statistics.median(forward_times[warmup:])
 
 
-def finetune_epoch(precision: str, size: int = 112, frames: int = 256, batch: int = 64) -> float:
-    """Seconds of one classification fine-tuning epoch (``full`` protocol: every layer trains) on
-    random frames, plus its validation pass."""
-    from medcl.evaluate.classify import FinetuneConfig, FrameData, InputSource, build_classifier, compute_settings, train_fold
-    from medcl.precision import channels_last
+def _classification_data(size: int, frames: int):
+    from medcl.evaluate.classify import FrameData
 
     rng = np.random.default_rng(0)
     n_videos = frames // 8
-    data = FrameData(["a", "b", "c"], [f"v{i}" for i in range(n_videos)], np.arange(n_videos) % 3,
+    return FrameData(["a", "b", "c"], [f"v{i}" for i in range(n_videos)], np.arange(n_videos) % 3,
                      [f"p{i}" for i in range(n_videos)],
                      torch.from_numpy(rng.integers(0, 256, (frames, 1, size, size), dtype=np.uint8)),
                      np.repeat(np.arange(n_videos), 8), np.tile(np.arange(8), n_videos))
+
+
+def finetune_epoch(precision: str, size: int = 112, frames: int = 256, batch: int = 64) -> float:
+    """Seconds per classification fine-tuning epoch (``full`` protocol: every layer trains) on
+    random frames, plus its validation pass: medcl's ``train_fold`` for 2 epochs (the first warms
+    up), total / 2."""
+    from medcl.evaluate.classify import FinetuneConfig, InputSource, build_classifier, compute_settings, train_fold
+    from medcl.precision import channels_last
+
+    data = _classification_data(size, frames)
     config = FinetuneConfig(protocol="full", epochs=2, batch_size=batch, precision=precision,
                             channels_last=precision != "fp32", save_models=False, patience=5)
     device, dtype, memory_format = compute_settings(config)
@@ -200,30 +208,124 @@ def finetune_epoch(precision: str, size: int = 112, frames: int = 256, batch: in
     return (time.perf_counter() - t0) / 2
 
 
-def segment_steps(precision: str, size: int = 64, batch: int = 8, steps: int = 8) -> float:
-    """Seconds per UNETR 2D training step (the segmentation benchmarks' model) in ``precision``."""
+def bare_finetune_epoch(fast: bool, size: int = 112, frames: int = 256, batch: int = 64) -> float:
+    """The same work as :func:`finetune_epoch` written directly with torch: a ResNet-18 + linear
+    head, frames already float in memory, shuffled batches, cross-entropy, backward,
+    ``torch.optim.SGD`` (momentum 0.9, PyTorch's default implementation), then one no-grad pass
+    over the 32 validation frames; 2 epochs, total / 2. ``fast``: bf16 autocast + channels_last."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(resnet18_backbone(), torch.nn.Linear(512, 3))
+    x = torch.rand(frames, 1, size, size)
+    y = torch.randint(0, 3, (frames,))
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    fit = frames - 32
+    memory_format = torch.channels_last if fast else torch.contiguous_format
+    t0 = time.perf_counter()
+    for _ in range(2):
+        model.train()
+        order = torch.randperm(fit)
+        for start in range(0, fit, batch):
+            idx = order[start:start + batch]
+            xb = x[idx].contiguous(memory_format=memory_format)  # indexing returns the default layout
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+                logits = model(xb)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
+            model(x[fit:].contiguous(memory_format=memory_format)).float().softmax(1)
+    return (time.perf_counter() - t0) / 2
+
+
+def segment_path(precision: str, size: int = 128, batch: int = 16, steps: int = 10, warmup: int = 2,
+                 n_images: int = 64) -> float:
+    """Seconds per training step of medcl's segmentation loop (``finetune_once``: the CNN U-Net on a
+    ResNet-18 encoder that segment_2d.py uses, MONAI augmentation of every sample, Dice + CE,
+    fused AdamW, warm-up + cosine) on random images with blob masks: the median interval between
+    consecutive training forward passes (stamped by a global forward pre-hook, the trainer untouched),
+    i.e. batch building + forward + backward + update."""
+    from medcl.data.seg_manifest import SegTask
+    from medcl.evaluate.segment import SegmentConfig, finetune_once
+    from medcl.models.unet import ResNetUNet
+
+    rng = np.random.default_rng(0)
+    images = [rng.random((1, size, size), dtype=np.float32) for _ in range(n_images)]
+    yy, xx = np.mgrid[:size, :size]
+    labels = []
+    for _ in range(n_images):
+        cy, cx, r = rng.integers(size // 4, 3 * size // 4, 2).tolist() + [int(rng.integers(size // 10, size // 4))]
+        labels.append(((yy - cy) ** 2 + (xx - cx) ** 2 < r * r).astype(np.int64)[None])
+    cfg = SegmentConfig(arch="unet", augment="monai", batch_size=batch, iterations=warmup + steps,
+                        val_every=warmup + steps, precision=precision, lr=1e-3, weight_decay=1e-4, save_models=False)
+    task = SegTask("throughput", 2, ["blob"], [])
+    stamps: list[float] = []
+
+    def stamp(module, _inputs):
+        if isinstance(module, ResNetUNet) and module.training:
+            stamps.append(time.perf_counter())
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(stamp)
+    try:
+        finetune_once(task, (images, labels), (images[:2], labels[:2]), cfg, None, {}, seed=0)
+    finally:
+        handle.remove()
+    return statistics.median(np.diff(stamps[warmup:]).tolist())
+
+
+def bare_segment(fast: bool, size: int = 128, batch: int = 16, steps: int = 10, warmup: int = 2) -> float:
+    """Seconds per step of the same U-Net written as a bare torch loop: one in-memory batch, no
+    augmentation, MONAI's DiceCELoss, ``torch.optim.AdamW`` (PyTorch's default implementation).
+    ``fast``: bf16 autocast + channels_last."""
     from monai.losses import DiceCELoss
 
-    from medcl.evaluate.segment import build_segmentation_model
-    from medcl.precision import autocast, make_optimizer, resolve_precision
+    from medcl.models.unet import build_unet
 
     torch.manual_seed(0)
-    model = build_segmentation_model(2, (size, size), 1, 2)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
-    optimizer = make_optimizer("adamw", model.parameters(), lr=3e-4)  # as medcl's segmentation loop
+    model = build_unet(out_channels=2)
     x, y = torch.rand(batch, 1, size, size), torch.randint(0, 2, (batch, 1, size, size))
-    dtype = resolve_precision(precision, "cpu")
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     times = []
-    for _ in range(steps + 2):
+    for _ in range(warmup + steps):
         t0 = time.perf_counter()
-        with autocast("cpu", dtype):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast):
             logits = model(x)
         loss = loss_fn(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times[2:])
+    return statistics.median(times[warmup:])
+
+
+def side_by_side(rounds: int, paths: dict) -> dict[str, list[float]]:
+    """Each of ``paths`` (name -> callable returning seconds) once per round, the order alternated."""
+    seconds: dict[str, list[float]] = {k: [] for k in paths}
+    for r in range(rounds):
+        for name in (list(paths) if r % 2 == 0 else list(reversed(paths))):
+            seconds[name].append(paths[name]())
+    return seconds
+
+
+def other_section(seconds: dict[str, list[float]], what: str, unit: str, medcl_fp32: str) -> list[str]:
+    """A markdown table of seconds per unit (lower is better) with the speed ratios the issue asks
+    for: medcl auto vs the fp32 and the bf16 bare loops."""
+    m = {k: statistics.median(v) for k, v in seconds.items()}
+    names = {"bare fp32": "bare loop, fp32", "bare bf16": "bare loop, bf16 autocast + channels_last",
+             "medcl fp32": f"medcl, precision=fp32 ({medcl_fp32})", "medcl auto": "medcl, precision=auto"}
+    return [f"- {what}:", "", f"| loop | {unit} (median) | per round | speed x bare fp32 |", "|---|---|---|---|",
+            *[f"| {names[k]} | {m[k]:.3f} | {', '.join(f'{v:.3f}' for v in seconds[k])} | {m['bare fp32'] / m[k]:.2f} |"
+              for k in names],
+            "", f"  medcl auto: **{m['bare fp32'] / m['medcl auto']:.2f}x** the bare fp32 loop, "
+                f"**{m['bare bf16'] / m['medcl auto']:.2f}** of the bare bf16 + channels_last loop's speed; "
+                f"medcl auto / medcl fp32 {m['medcl fp32'] / m['medcl auto']:.2f}x.", ""]
 
 
 def main() -> int:
@@ -282,9 +384,16 @@ def main() -> int:
                      f"- medcl fp32 / bare fp32: {m['medcl fp32'] / m['bare fp32']:.2f}",
                      f"- batch building (pairs, augmentation, mixing): {statistics.median(build) * 1000:.0f} ms/step", ""]
         goals.append((size, m['medcl auto'] / m['bare fp32'], m['medcl auto'] / m['bare bf16']))
-    ft = {p: finetune_epoch(p) for p in ("fp32", "auto")}
-    seg = {p: segment_steps(p) for p in ("fp32", "auto")}
-    print(f"fine-tuning epoch: {ft}; segmentation step: {seg}", flush=True)
+    ft = side_by_side(args.rounds, {"bare fp32": lambda: bare_finetune_epoch(False),
+                                    "bare bf16": lambda: bare_finetune_epoch(True),
+                                    "medcl fp32": lambda: finetune_epoch("fp32"),
+                                    "medcl auto": lambda: finetune_epoch("auto")})
+    print(f"fine-tuning s/epoch: {ft}", flush=True)
+    seg = side_by_side(args.rounds, {"bare fp32": lambda: bare_segment(False),
+                                     "bare bf16": lambda: bare_segment(True),
+                                     "medcl fp32": lambda: segment_path("fp32"),
+                                     "medcl auto": lambda: segment_path("auto")})
+    print(f"segmentation s/step: {seg}", flush=True)
     load_after = load_average()
     lines = [
         "# Throughput: medcl's training paths vs bare PyTorch loops, fp32 and automatic precision",
@@ -303,13 +412,13 @@ def main() -> int:
         *sections,
         "## Fine-tuning and segmentation",
         "",
-        "| path | fp32 | auto | speed-up |",
-        "|---|---|---|---|",
-        f"| classification fine-tuning, `full` protocol, 224 frames at 112 px, batch 64: s/epoch (+ validation) | "
-        f"{ft['fp32']:.2f} | {ft['auto']:.2f} | {ft['fp32'] / ft['auto']:.2f}x |",
-        f"| segmentation, UNETR 2D (benchmarks' model) at 64 px, batch 8: s/step | {seg['fp32']:.3f} | "
-        f"{seg['auto']:.3f} | {seg['fp32'] / seg['auto']:.2f}x |",
-        "",
+        *other_section(ft, "classification fine-tuning, `full` protocol, 224 training + 32 validation frames at "
+                           "112 px, batch 64 (`medcl.evaluate.classify.train_fold` vs a bare SGD loop on float "
+                           "frames in memory)", "s/epoch", "channels_last off"),
+        *other_section(seg, "segmentation step, the CNN U-Net (ResNet-18 encoder, segment_2d.py's model) at 128 px, "
+                            "batch 16 (`medcl.evaluate.segment.finetune_once` with MONAI augmentation vs a bare "
+                            "AdamW loop on one in-memory batch)", "s/step",
+                       "channels_last stays on: the U-Net loop always uses it"),
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines))

@@ -73,6 +73,16 @@ def test_joint_loss_is_the_weighted_sum_and_the_encoder_is_shared(tmp_path):
     g_pixel = encoder_grad(2.5 * pixel.training_step(batch["pixel"])["loss"])
     torch.testing.assert_close(both, g_video + g_pixel, rtol=1e-4, atol=1e-6)
     assert g_video.abs().sum() > 0 and g_pixel.abs().sum() > 0
+    # log_grad_norms: the norm of each weighted stream's gradient on the shared encoder, loss unchanged
+    assert "grad_video" not in out
+    method.log_grad_norms = True
+    torch.manual_seed(1)
+    logged = method.training_step(batch)
+    torch.testing.assert_close(logged["loss"], out["loss"])
+    # reference norms in float64 (a float32 norm of the 11M concatenated entries is off by ~5e-4 here)
+    torch.testing.assert_close(logged["grad_video"].double(), g_video.double().norm(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logged["grad_pixel"].double(), g_pixel.double().norm(), rtol=1e-5, atol=1e-6)
+    assert build_method(load_config(path, overrides + ["joint.log_grad_norms=true"]))[0].log_grad_norms
 
 
 def test_joint_run_exports_a_resnet18_for_classification_and_the_unet(tmp_path):

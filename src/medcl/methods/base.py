@@ -35,6 +35,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from medcl.inputs import InputSpec
@@ -83,6 +84,19 @@ class Method(nn.Module):
             first = str(exc).strip().splitlines()[0]
             raise ValueError(f"model.init={source}: does not fit the {self.backbone_spec.get('name')} backbone "
                              f"({first})") from None
+
+    def backbone_gradient_norms(self, weighted_terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``{name: ||d term / d theta||}`` for each (already weighted) loss term, theta = the
+        backbone's trainable parameters: how hard each term pushes the shared encoder this step.
+        One extra backward pass per term (the graph is kept for the real backward); for
+        diagnostics (``log_grad_norms``), not for every run."""
+        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        norms = {}
+        for key, value in weighted_terms.items():
+            grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+            squares = [g.float().pow(2).sum() for g in grads if g is not None]
+            norms[key] = torch.stack(squares).sum().sqrt() if squares else value.new_zeros(())
+        return norms
 
     def backbone_info(self) -> dict[str, Any]:
         """The checkpoint's ``backbone`` entry: name, kwargs and state-dict prefix."""

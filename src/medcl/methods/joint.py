@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
+import torch
 from torch import Tensor, nn
 
 from medcl.config import USCLConfig
@@ -41,6 +42,9 @@ class JointConfig(USCLConfig):
     weight_video: float = Field(1.0, ge=0.0)
     weight_pixel: float = Field(1.0, ge=0.0)
     pixel_batch_size: int = Field(8, ge=2)  # pooled images per step (each gives V1, V1', V2)
+    # log grad_video / grad_pixel: the norm of each WEIGHTED loss's gradient on the shared encoder
+    # (one extra backward pass each): which stream drives the encoder, to set the weights from
+    log_grad_norms: bool = False
     pixel: MixCLCNNConfig
 
     @field_validator("pixel")
@@ -56,7 +60,8 @@ class Joint(Method):
 
     name: ClassVar[str] = "joint"
 
-    def __init__(self, video: USCL, pixel: MixCLCNN, weight_video: float = 1.0, weight_pixel: float = 1.0) -> None:
+    def __init__(self, video: USCL, pixel: MixCLCNN, weight_video: float = 1.0, weight_pixel: float = 1.0,
+                 log_grad_norms: bool = False) -> None:
         super().__init__()
         if video.backbone_spec["name"] != "resnet18":
             raise ValueError(f"the joint encoder is a resnet18 (MixCL-CNN's stages), got {video.backbone_spec['name']!r}")
@@ -70,6 +75,7 @@ class Joint(Method):
                 raise ValueError(f"{type(part).__name__} holds tensors outside its child modules: not composable here")
         object.__setattr__(self, "_parts", (video, pixel))  # plain references: their modules are registered above
         self.weight_video, self.weight_pixel = weight_video, weight_pixel
+        self.log_grad_norms = log_grad_norms
         self.metadata = {"video": dict(video.metadata), "pixel": dict(pixel.metadata)}
 
     def train(self, mode: bool = True) -> Joint:
@@ -82,9 +88,12 @@ class Joint(Method):
         video, pixel = self._parts
         out_video = video.training_step(batch["video"])
         out_pixel = pixel.training_step(batch["pixel"])
-        loss = self.weight_video * out_video["loss"] + self.weight_pixel * out_pixel["loss"]
+        weighted = {"grad_video": self.weight_video * out_video["loss"], "grad_pixel": self.weight_pixel * out_pixel["loss"]}
+        loss = weighted["grad_video"] + weighted["grad_pixel"]
         logged = {f"video_{k}": v.detach() for k, v in out_video.items()}
         logged.update({f"pixel_{k}": v.detach() for k, v in out_pixel.items()})
+        if self.log_grad_norms and torch.is_grad_enabled():
+            logged.update({k: v.detach() for k, v in self.backbone_gradient_norms(weighted).items()})
         return {"loss": loss, **logged}
 
 
@@ -131,4 +140,4 @@ def build(config, *, rank: int = 0, world_size: int = 1):
     video = uscl.from_config(config, classes)
     pixel = from_section(p.pixel, in_channels=config.data.in_channels)
     pixel.metadata = pixel_metadata
-    return Joint(video, pixel, p.weight_video, p.weight_pixel), JointLoader(video_loader, pixel_loader)
+    return Joint(video, pixel, p.weight_video, p.weight_pixel, p.log_grad_norms), JointLoader(video_loader, pixel_loader)

@@ -94,14 +94,9 @@ class MixCL(Method):
         """``grad_id`` / ``grad_label`` / ``grad_recon``: the norm of each WEIGHTED term's gradient on the
         encoder's parameters (theta), i.e. how hard each term pushes the encoder this step; logged with
         ``log_grad_norms`` (one extra backward pass per term) to see which term drives pretraining."""
-        params = [p for p in self.backbone.parameters() if p.requires_grad]
         weights = {"loss_id": 1.0, "loss_label": self.alpha, "loss_recon": self.beta}
-        norms = {}
-        for key, value in terms.items():
-            grads = torch.autograd.grad(weights[key] * value, params, retain_graph=True, allow_unused=True)
-            squares = [g.float().pow(2).sum() for g in grads if g is not None]
-            norms["grad_" + key.removeprefix("loss_")] = torch.stack(squares).sum().sqrt() if squares else value.new_zeros(())
-        return norms
+        return self.backbone_gradient_norms({"grad_" + key.removeprefix("loss_"): weights[key] * value
+                                             for key, value in terms.items()})
 
     def encode(self, batch: dict[str, Any]) -> Encoded:
         """One encoder pass over V1, V1' (and V2): input, last layer, hidden states, projections."""
