@@ -331,3 +331,27 @@ def test_monai_augmentation_in_3d_keeps_volume_and_mask_aligned():
         assert mask2[0, :, :, 8:].sum() == 0
     with pytest.raises(ValueError, match="spatial_dims"):
         monai_augmenter(seed=0, spatial_dims=4)
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (1, 48, 40)), (3, (1, 24, 20, 12))])
+def test_monai_augmentation_without_metadata_gives_the_same_values(monkeypatch, dims, shape):
+    """The augmenter switches MONAI's metadata tracking off inside each call (speed) and back on after:
+    the values equal those of the same transform with tracking on, and the global setting is restored."""
+    import monai
+    import monai.data.meta_obj as meta_obj
+
+    from medcl.evaluate.segment import monai_augmenter
+
+    rng = np.random.default_rng(0)
+    image = rng.random(shape, dtype=np.float32)
+    labels = (rng.random(shape) > 0.7).astype(np.int64)
+    fast = monai_augmenter(3, dims)
+    got = [fast(image, labels) for _ in range(6)]
+    assert monai.data.get_track_meta() is True
+    monkeypatch.setattr(meta_obj, "set_track_meta", lambda value: None)  # tracking stays on inside the calls
+    tracked = monai_augmenter(3, dims)
+    expected = [tracked(image, labels) for _ in range(6)]
+    for (gi, gl), (ei, el) in zip(got, expected):
+        np.testing.assert_array_equal(gi, ei)
+        np.testing.assert_array_equal(gl, el)
+    assert any(not np.array_equal(gi, image) for gi, _ in got)  # the draws did change the images
