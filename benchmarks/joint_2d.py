@@ -63,8 +63,8 @@ class Settings:
     alpha: float = 100.0
     # the joint's pool weight (weight_video = 1), set from the measured grad_video / grad_pixel: at 1 / 1 the
     # pool's identity term dominated the shared encoder and the joint tracked MixCL-CNN on POCUS (session 6);
-    # over the first 12 steps at weight 1 and alpha 100, grad_pixel / grad_video = 4058 / 7.05 = 576, and the
-    # pool's identity gradient falls ~10x over a run (session 6): 0.005 pushes ~3x the videos early, ~1x late
+    # over the first 12 steps at weight 1 and alpha 100, grad_pixel / grad_video = 4058 / 7.05 = 576; measured at
+    # 0.005 (session 8): the pool pushes 2.5x the videos over the first 25 steps, 0.4-0.5x from then on
     weight_pixel: float = 0.005
     pocus_folds: int = 5
     finetune_epochs: int = 15
@@ -74,6 +74,12 @@ class Settings:
     n_boot: int = 2000
     seed: int = 0
     quick: bool = False
+
+    @property
+    def patch(self) -> int:
+        """Pool patch size (MixCL-CNN, joint): pool images resized so that a patch covers about what
+        BUS-BRA's fine-tuning input shows (the whole image)."""
+        return self.size if not self.quick else 32
 
     @classmethod
     def tiny(cls) -> Settings:
@@ -117,9 +123,7 @@ TRAIN = {"device": "auto", "progress": False, "tensorboard": False, "checkpoint_
 def mixcl_config(data: Path, s: Settings, steps: int) -> dict:
     """MixCL-CNN on the pool, ``steps`` optimisation steps, gradient norms of its terms logged."""
     mixcl = yaml.safe_load((ROOT / "configs" / "mixcl-cnn-2d.yaml").read_text())
-    # pool images resized so that a patch covers about what BUS-BRA's fine-tuning input shows (the whole image)
-    patch = s.size if not s.quick else 32
-    mixcl["mixcl_cnn"].update(datasets=pool_datasets(data), patch_size=patch, image_size=[patch * 5 // 4] * 2,
+    mixcl["mixcl_cnn"].update(datasets=pool_datasets(data), patch_size=s.patch, image_size=[s.patch * 5 // 4] * 2,
                               log_grad_norms=True, alpha=s.alpha)
     mixcl["optim"].update(batch_size=s.pixel_batch, max_steps=steps)
     mixcl["train"] = {**mixcl.get("train", {}), **TRAIN, "seed": s.seed}
@@ -130,14 +134,13 @@ def joint_config(data: Path, s: Settings, blues: Path, steps: int) -> dict:
     """The joint encoder: USCL on the COVID-BLUES videos (pocus_transfer's settings) + the pool, ``steps``
     steps, grad_video / grad_pixel logged."""
     ps = s.pretraining()
-    patch = s.size if not s.quick else 32
     joint = yaml.safe_load((ROOT / "configs" / "joint-2d.yaml").read_text())
     joint["data"].update(manifest=str(blues), size=ps.size, label_fraction=ps.label_fraction)
     joint["optim"].update(batch_size=ps.pretrain_batch, epochs=ps.pretrain_epochs, max_steps=steps,
                           warmup_epochs=ps.warmup_epochs)
     joint["train"] = {**joint["train"], **TRAIN, "seed": s.seed}
     joint["joint"].update(pixel_batch_size=s.pixel_batch, weight_pixel=s.weight_pixel, log_grad_norms=True)
-    joint["joint"]["pixel"].update(datasets=pool_datasets(data), patch_size=patch, image_size=[patch * 5 // 4] * 2,
+    joint["joint"]["pixel"].update(datasets=pool_datasets(data), patch_size=s.patch, image_size=[s.patch * 5 // 4] * 2,
                                    alpha=s.alpha)
     return joint
 
