@@ -154,17 +154,16 @@ def time_forward(module: torch.nn.Module) -> list[float]:
 
 
 def real_path(manifest: Path, work: Path, size: int, batch: int, steps: int, warmup: int,
-              precision: str = "auto", prefetch: bool = True) -> tuple[float, float, float]:
+              precision: str = "auto") -> tuple[float, float, float]:
     """(images per second of Trainer.fit in steady state, batch building s/step, forward + losses s/step).
-    ``precision``: ``fp32`` (channels_last off: the path before medcl.precision) or ``auto``;
-    ``prefetch``: ``train.prefetch`` (the next batch built in a thread during the step)."""
+    ``precision``: ``fp32`` (channels_last off: the path before medcl.precision) or ``auto``."""
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(ROOT / "configs/uscl.yaml", [
         f"data.manifest={manifest}", f"out={out}", f"data.size={size}", f"optim.batch_size={batch}",
         f"optim.max_steps={warmup + steps}", "optim.warmup_epochs=0", f"train.checkpoint_every={10**6}",
         "train.progress=false", "train.device=cpu", "data.label_fraction=0.1", f"train.precision={precision}",
-        f"train.channels_last={precision != 'fp32'}", f"train.prefetch={prefetch}"])
+        f"train.channels_last={precision != 'fp32'}"])
     torch.manual_seed(0)
     method, loader = build_method(cfg)
     loader = TimedLoader(loader)
@@ -243,16 +242,12 @@ def bare_finetune_epoch(fast: bool, size: int = 112, frames: int = 256, batch: i
 
 
 def segment_path(precision: str, size: int = 128, batch: int = 16, steps: int = 10, warmup: int = 2,
-                 n_images: int = 64, prefetch: bool = True) -> float:
+                 n_images: int = 64) -> float:
     """Seconds per training step of medcl's segmentation loop (``finetune_once``: the CNN U-Net on a
     ResNet-18 encoder that segment_2d.py uses, MONAI augmentation of every sample, Dice + CE,
     fused AdamW, warm-up + cosine) on random images with blob masks: the median interval between
     consecutive training forward passes (stamped by a global forward pre-hook, the trainer untouched),
-    i.e. batch building + forward + backward + update. ``prefetch=False``: the loop's prefetch thread
-    switched off (batches built between the steps, as before it existed)."""
-    from functools import partial
-
-    import medcl.evaluate.protocol as protocol
+    i.e. batch building + forward + backward + update."""
     from medcl.data.seg_manifest import SegTask
     from medcl.evaluate.segment import SegmentConfig, finetune_once
     from medcl.models.unet import ResNetUNet
@@ -274,13 +269,10 @@ def segment_path(precision: str, size: int = 128, batch: int = 16, steps: int = 
             stamps.append(time.perf_counter())
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(stamp)
-    threaded = protocol.prefetch
-    protocol.prefetch = threaded if prefetch else partial(threaded, enabled=False)
     try:
         finetune_once(task, (images, labels), (images[:2], labels[:2]), cfg, None, {}, seed=0)
     finally:
         handle.remove()
-        protocol.prefetch = threaded
     return statistics.median(np.diff(stamps[warmup:]).tolist())
 
 

@@ -202,7 +202,6 @@ class TrainConfig(Section):
     amp: bool = True  # false forces fp32 whatever `precision` says (configs written before `precision`)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # medcl.precision: bf16 autocast where native
     channels_last: bool = True  # channels_last memory format for 2D CNNs (same values, faster kernels)
-    prefetch: bool = True  # build the next batch in a thread while the model computes (same batches)
     checkpoint_every: int = Field(500, ge=1)  # steps
     snapshot_every: int | None = Field(None, ge=1)  # steps: also keep checkpoints/step-NNNNNN.pt (probe the run)
     log_every: int = Field(1, ge=1)  # steps

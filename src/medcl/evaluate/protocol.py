@@ -36,7 +36,6 @@ from torch import nn
 
 from medcl.environment import write_environment
 from medcl.runfolder import refuse_existing, run_lock
-from medcl.sampling.loader import prefetch
 from medcl.train.scalars import write_curves
 from medcl.train.trainer import lr_factor
 from medcl.weights import InitSpec, unique_inits
@@ -106,18 +105,17 @@ def train_with_selection(
     for period in range(schedule.periods):
         model.train()
         total, count = 0.0, 0
-        with prefetch(period_batches(period)) as batches:  # the next batch is built while this one computes
-            for batch, _ in batches:
-                loss, n = step_loss(batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"fine-tuning loss became {loss.item()} at step {step + 1}; lower the learning rate")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                total += loss.item() * n
-                count += n
+        for batch in period_batches(period):
+            loss, n = step_loss(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning loss became {loss.item()} at step {step + 1}; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            total += loss.item() * n
+            count += n
         result = validate()
         row = {"period": period, "step": step, "train_loss": total / max(count, 1),
                "lr": optimizer.param_groups[0]["lr"], **result.metrics,

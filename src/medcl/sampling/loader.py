@@ -20,10 +20,7 @@ batches are built in the training process.
 
 from __future__ import annotations
 
-import ctypes
-import queue
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -84,94 +81,3 @@ class IndexBatchLoader:
         if state.get("world_size", self.world_size) != self.world_size:
             raise ValueError(f"checkpoint loader was saved with world_size {state['world_size']}, now {self.world_size}")
         self.rng.bit_generator.state = state["rng"]
-
-
-def one_kernel_thread() -> None:
-    """Run the calling thread's torch kernels on one OpenMP thread. A producer thread that kept
-    torch's team size (the compute threads' count) would oversubscribe the cores, and OpenMP teams
-    that spin-wait for each other slow the training step itself (measured on 2 cores: a prefetch
-    thread with 2 kernel threads made the step ~4% slower than building batches inline).
-    ``torch.set_num_threads`` is process-wide; OpenMP's setting is per thread, so it is set there.
-    Without OpenMP (another build), nothing changes."""
-    try:
-        import torch
-
-        torch.get_num_threads()  # torch sets this thread's team size on first use: do it before overriding
-        ctypes.CDLL(None).omp_set_num_threads(1)
-    except (ImportError, AttributeError, OSError):
-        pass
-
-
-class prefetch:  # noqa: N801 - used like a function: ``with prefetch(items) as batches``
-    """Iterate ``items`` one step ahead in a background thread: the next batch is built while the
-    model computes on the current one (on a 2-core CPU, batch building in the training process
-    costs 4-6% of a step; a worker process would compete with the compute threads, a thread
-    mostly waits on numpy / torch kernels that release the GIL).
-
-    Yields ``(item, snapshot())`` pairs, ``snapshot`` called in the producer thread right after
-    the item was made (e.g. the loader's ``state_dict``: the random state *between* this batch and
-    the next, which a checkpoint taken after this batch's step must record; the loader itself is
-    already one batch further). ``depth`` items at most wait in the queue. The items are exactly
-    those of plain iteration, in order, as long as only the producer thread draws from the
-    generators that make them. An exception raised while making an item is raised in the consumer
-    at that item. Use it as a context manager, so that leaving early (break, an error in the step)
-    stops the producer before anything else touches the loader; ``enabled=False`` iterates inline.
-    """
-
-    _DONE = object()
-
-    def __init__(self, items: Iterable[Any], snapshot: Callable[[], Any] | None = None, *, depth: int = 1,
-                 enabled: bool = True) -> None:
-        self._items, self._snapshot, self._enabled = iter(items), snapshot, enabled
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _produce(self) -> None:
-        one_kernel_thread()
-        try:
-            for item in self._items:
-                state = self._snapshot() if self._snapshot is not None else None
-                if not self._put((item, state)):
-                    return
-            self._put(self._DONE)
-        except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
-            self._put(error)
-
-    def _put(self, entry: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(entry, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def __enter__(self) -> Iterator[tuple[Any, Any]]:
-        if not self._enabled:
-            return ((item, self._snapshot() if self._snapshot is not None else None) for item in self._items)
-        self._thread = threading.Thread(target=self._produce, name="medcl-prefetch", daemon=True)
-        self._thread.start()
-        return self._consume()
-
-    def _consume(self) -> Iterator[tuple[Any, Any]]:
-        while True:
-            entry = self._queue.get()
-            if entry is self._DONE:
-                return
-            if isinstance(entry, BaseException):
-                raise entry
-            yield entry
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop the producer (it finishes the item it is making, then ends) and wait for it."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        close = getattr(self._items, "close", None)
-        if close is not None:  # a generator: run its ``finally`` (e.g. the streamed loader's buffer release)
-            close()

@@ -105,7 +105,6 @@ from tqdm.auto import tqdm
 from medcl.environment import resolve_device, write_environment
 from medcl.runfolder import RunFolderError, run_lock
 from medcl.precision import autocast, channels_last, is_2d_cnn, make_optimizer, resolve_precision
-from medcl.sampling.loader import prefetch
 from medcl.train.checkpoint import rng_state, set_rng_state
 from medcl.train.scalars import numeric_items, open_tensorboard
 from medcl.weights import (
@@ -317,7 +316,6 @@ class Trainer:
         self._watch: DivergenceWatch | None = None
         self._tb = None
         self._signals: list[int] = []  # stop signals received while fitting
-        self._loader_state: dict[str, Any] | None = None  # the loader between the last step's batch and the next
 
     def _stop_signal(self) -> int:
         """The stop signal to act on now (0 = none); every rank gets the same answer."""
@@ -338,9 +336,7 @@ class Trainer:
 
     def checkpoint(self) -> dict[str, Any]:
         rngs = self._gather(rng_state())
-        # with prefetching, the loader is already one batch ahead: record its state between the
-        # batch of this step and the next (what a resumed run must continue from)
-        loaders = self._gather(self._loader_state if self._loader_state is not None else self.loader.state_dict())
+        loaders = self._gather(self.loader.state_dict())
         return {
             "format": CHECKPOINT_FORMAT,
             "method": self.config.method,
@@ -396,7 +392,6 @@ class Trainer:
         # re-divides the rest of the epoch (medcl.sampling.streamed: what stays exact)
         set_rng_state(ckpt["rng_per_rank"][self.rank % saved_world])
         self.loader.load_state_dict(ckpt["loader_per_rank"][self.rank % saved_world])
-        self._loader_state = None
         if self.is_main and self.metrics_path.is_file():  # drop what was logged after this checkpoint
             kept = [ln for ln in self.metrics_path.read_text().splitlines() if _logged_step(ln) <= self.step]
             self.metrics_path.write_text("".join(ln + "\n" for ln in kept))
@@ -480,34 +475,31 @@ class Trainer:
             with _stop_requests(self._signals):
                 while self.step < self.total_steps:
                     epoch, first = divmod(self.step, self.steps_per_epoch)
-                    # the next batch is built in a thread while this one computes (medcl.sampling.loader)
-                    with prefetch(self.loader.epoch_batches(epoch, start=first), self.loader.state_dict,
-                                  enabled=self.config.train.prefetch) as batches:
-                        for batch, self._loader_state in batches:
-                            lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
-                            batch = move_to(batch, self.device)
-                            self._call("on_step_start", self.step + 1)
-                            values = self._train_step(batch, epoch)
-                            self.step += 1
-                            bar.update(1)
-                            bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
-                            if self.step % self.config.train.log_every == 0 or self.step == self.total_steps:
-                                elapsed = time.perf_counter() - started
-                                self._log({"step": self.step, "epoch": epoch, "lr": lr, **values,
-                                           "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9)})
-                            self._call("on_step_end", self.step, dict(values))
-                            if self.step == self.total_steps:
-                                break
-                            signum = self._stop_signal()
-                            if signum:
-                                self.save("last.pt")
-                                raise TrainingInterrupted(signum, self.step, self.last_path)
-                            names = ["last.pt"] if self.step % self.config.train.checkpoint_every == 0 else []
-                            snapshot = self.config.train.snapshot_every
-                            if snapshot and self.step % snapshot == 0:
-                                names.append(snapshot_name(self.step))
-                            if names:
-                                self.save(*names)
+                    for batch in self.loader.epoch_batches(epoch, start=first):
+                        lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
+                        batch = move_to(batch, self.device)
+                        self._call("on_step_start", self.step + 1)
+                        values = self._train_step(batch, epoch)
+                        self.step += 1
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+                        if self.step % self.config.train.log_every == 0 or self.step == self.total_steps:
+                            elapsed = time.perf_counter() - started
+                            self._log({"step": self.step, "epoch": epoch, "lr": lr, **values,
+                                       "steps_per_s": (self.step - start_step) / max(elapsed, 1e-9)})
+                        self._call("on_step_end", self.step, dict(values))
+                        if self.step == self.total_steps:
+                            break
+                        signum = self._stop_signal()
+                        if signum:
+                            self.save("last.pt")
+                            raise TrainingInterrupted(signum, self.step, self.last_path)
+                        names = ["last.pt"] if self.step % self.config.train.checkpoint_every == 0 else []
+                        snapshot = self.config.train.snapshot_every
+                        if snapshot and self.step % snapshot == 0:
+                            names.append(snapshot_name(self.step))
+                        if names:
+                            self.save(*names)
                 self.save("last.pt", "final.pt")
                 if self.is_main:
                     warn_if_batchnorm_unsettled(self.method, self.step)
