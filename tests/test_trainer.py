@@ -136,6 +136,26 @@ def test_resume_continues_exactly(frames_dir, tmp_path):
         torch.testing.assert_close(final_a[key], final_b[key], rtol=1e-5, atol=1e-6)
 
 
+def test_resume_from_a_checkpoint_inside_an_epoch(frames_dir, tmp_path):
+    # 12 videos, batch 4: 3 steps per epoch; a checkpoint every 2 steps falls inside an epoch, where the
+    # loader's random state must sit between two batches of the same epoch
+    overrides = tiny_overrides(frames_dir, tmp_path / "x", **{"optim.max_steps": 8, "train.checkpoint_every": 2})
+    full = pretrain(PROJECT / "configs/uscl.yaml", overrides, out=tmp_path / "full")
+
+    def die(trainer):
+        raise _Interrupt
+
+    cfg, trainer = _trainer(overrides, tmp_path / "killed", callbacks=[_OnStepStart(6, die)])
+    with pytest.raises(_Interrupt):
+        trainer.fit()
+    assert load_checkpoint(cfg.out / "checkpoints" / "last.pt")["step"] == 4  # epoch 1, after its first batch
+    resumed = pretrain(cfg, resume=True)
+    expected, got = losses(full), losses(resumed)
+    assert [s for s, _ in got] == list(range(1, 9))
+    for (s1, a), (s2, b) in zip(expected, got):
+        assert s1 == s2 and a == pytest.approx(b, rel=1e-6, abs=1e-7), (s1, a, b)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_stop_signal_checkpoints_then_resumes_exactly(frames_dir, tmp_path, signum):
     """SIGTERM (a scheduler's warning) or Ctrl-C during step 3: the step finishes, last.pt is

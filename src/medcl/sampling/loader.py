@@ -15,7 +15,10 @@ saved generator state always sits exactly between two steps. The last incomplete
 epoch is dropped (contrastive losses want a constant batch).
 
 On two CPU cores, worker processes gain nothing (they compete with the compute threads), so
-batches are built in the training process.
+batches are built in the training process, between the steps. A prefetch thread that builds the
+next batch during the step was measured too (commit cbd1730, reverted): slower on 2 cores (224 px
+USCL 30.5-31.4 vs 32.0-32.6 images/s; U-Net step 0.49-0.53 vs 0.45-0.49 s), because the compute
+threads already hold both cores and whatever runs beside them stalls their OpenMP team.
 """
 
 from __future__ import annotations
