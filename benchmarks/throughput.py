@@ -1,7 +1,7 @@
 """Steady-state throughput of the real USCL pretraining path against a bare PyTorch loop, in fp32
 and in medcl's automatic precision (bf16 autocast + channels_last where the CPU does bf16 natively).
 
-    python benchmarks/throughput.py [--sizes 112,224] [--batch 32] [--steps 12] [--warmup 3] [--rounds 2]
+    python benchmarks/throughput.py [--sizes 112,224] [--batch 32] [--steps 12] [--warmup 3] [--rounds 3]
                                     [--threads 2] [--out benchmarks/results/throughput.md]
 
 Rows per input size: bare fp32, bare bf16 + channels_last (PyTorch's default Adam), the same with
@@ -335,7 +335,7 @@ def main() -> int:
                                                               "(112 / size)^2 at other sizes, at least 8")
     parser.add_argument("--steps", type=int, default=12, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--videos", type=int, default=96)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/throughput.md")

@@ -4,7 +4,7 @@ import torch
 from scipy import stats
 
 from medcl.data.splits import label_targets, select_labeled_videos
-from medcl.sampling.augment import AugmentParams, augment_frames
+from medcl.sampling.augment import AugmentParams, affine_grid, augment_frames, random_affine
 from medcl.sampling.pairs import PairGenerator
 from medcl.sampling.loader import IndexBatchLoader
 
@@ -180,3 +180,13 @@ def test_large_frames_are_shrunk_once_to_what_the_crops_need():
     assert gen.frames.shape == (2, 20, 20)  # ceil(16 / sqrt(0.64)): the smallest crop still has 16 pixels
     assert int(gen.frames.min()) == int(gen.frames.max()) == 200
     assert generator([2], size=8).frames.shape == (2, 8, 8)
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 112, 224])
+def test_affine_grid_is_torchs_bit_for_bit(size):
+    theta = random_affine(6, np.random.default_rng(size), AugmentParams(rotate_degrees=30))
+    theta[0] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # identity: the pixel centres themselves
+    expected = torch.nn.functional.affine_grid(theta, [6, 1, size, size], align_corners=False)
+    got = affine_grid(theta, size)
+    assert got.shape == expected.shape == (6, size, size, 2)
+    assert torch.equal(got, expected)  # the same values to the last bit: augmentation streams are unchanged

@@ -74,6 +74,16 @@ def random_affine(n: int, rng: np.random.Generator, params: AugmentParams) -> Te
     return torch.from_numpy(theta)
 
 
+def affine_grid(theta: Tensor, size: int) -> Tensor:
+    """``F.affine_grid(theta, [n, 1, size, size], align_corners=False)``, bit for bit (tested), by
+    broadcasting instead of PyTorch's batched matrix product over every pixel: the same pixel-centre
+    coordinates and the same order of operations, ~2x faster on CPU (16 images at 224 px; the grid
+    cost more than the ``grid_sample`` itself, the largest part of building a pretraining batch)."""
+    coords = torch.linspace(-1, 1, size, dtype=theta.dtype, device=theta.device) * (size - 1) / size
+    t = theta.view(-1, 1, 1, 2, 3)  # grid[n, i, j, k] = theta[n, k, 0] x_j + theta[n, k, 1] y_i + theta[n, k, 2]
+    return (t[..., 0] * coords.view(1, 1, size, 1) + t[..., 1] * coords.view(1, size, 1, 1)) + t[..., 2]
+
+
 def augment_frames(
     frames: Tensor, size: int, rng: np.random.Generator, params: AugmentParams, channels: int = 1
 ) -> Tensor:
@@ -83,7 +93,7 @@ def augment_frames(
     n = frames.shape[0]
     images = unit_range(frames.unsqueeze(1))  # the one input convention: x / 255
     theta = random_affine(n, rng, params).to(images.device)
-    grid = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
+    grid = affine_grid(theta, size)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if params.enabled and (params.brightness > 0 or params.contrast > 0):
         contrast = torch.from_numpy(rng.uniform(1 - params.contrast, 1 + params.contrast, size=n).astype(np.float32)).to(out.device)
