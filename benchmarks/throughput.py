@@ -23,7 +23,9 @@ size, from one in-memory tensor: forward, mean-square loss on the features, back
 
 Both run in this process with the same thread count, alternating (bare, real, bare, real, ...)
 (who goes first alternates) so that load from other processes hits both; the median over rounds
-is reported. A profile of the
+is reported, and each ratio as the median of its per-round ratios (the two loops of a ratio ran
+within a minute of each other in that round; drift between rounds, e.g. 33 -> 35 images/s for the
+same bare loop, cancels), with the ratio of the medians beside it. A profile of the
 real step (pair generation + augmentation vs. the model step) says where any gap goes.
 
 The real path is timed from outside, without touching the trainer: the trainer's step hooks
@@ -314,6 +316,13 @@ def side_by_side(rounds: int, paths: dict) -> dict[str, list[float]]:
     return seconds
 
 
+def paired(num: list[float], den: list[float]) -> str:
+    """``num / den`` as the median of the per-round ratios (bold), the rounds, and the ratio of the medians."""
+    ratios = [a / b for a, b in zip(num, den)]
+    return (f"**{statistics.median(ratios):.3f}** (per round {', '.join(f'{r:.3f}' for r in ratios)}; ratio of the "
+            f"medians {statistics.median(num) / statistics.median(den):.3f})")
+
+
 def other_section(seconds: dict[str, list[float]], what: str, unit: str, medcl_fp32: str) -> list[str]:
     """A markdown table of seconds per unit (lower is better) with the speed ratios the issue asks
     for: medcl auto vs the fp32 and the bf16 bare loops."""
@@ -323,9 +332,9 @@ def other_section(seconds: dict[str, list[float]], what: str, unit: str, medcl_f
     return [f"- {what}:", "", f"| loop | {unit} (median) | per round | speed x bare fp32 |", "|---|---|---|---|",
             *[f"| {names[k]} | {m[k]:.3f} | {', '.join(f'{v:.3f}' for v in seconds[k])} | {m['bare fp32'] / m[k]:.2f} |"
               for k in names],
-            "", f"  medcl auto: **{m['bare fp32'] / m['medcl auto']:.2f}x** the bare fp32 loop, "
-                f"**{m['bare bf16'] / m['medcl auto']:.2f}** of the bare bf16 + channels_last loop's speed; "
-                f"medcl auto / medcl fp32 {m['medcl fp32'] / m['medcl auto']:.2f}x.", ""]
+            "", f"  medcl auto, speed x the bare fp32 loop: {paired(seconds['bare fp32'], seconds['medcl auto'])}; "
+                f"x the bare bf16 + channels_last loop: {paired(seconds['bare bf16'], seconds['medcl auto'])}; "
+                f"x medcl fp32: {paired(seconds['medcl fp32'], seconds['medcl auto'])}.", ""]
 
 
 def main() -> int:
@@ -352,7 +361,7 @@ def main() -> int:
              "bare bf16 fused": "bare loop, bf16 autocast + channels_last, fused Adam (`Adam(fused=True)`)",
              "medcl fp32": "medcl `Trainer.fit`, train.precision=fp32, channels_last off",
              "medcl auto": f"medcl `Trainer.fit`, train.precision=auto (here: {auto})"}
-    sections, goals = [], []
+    sections = []
     for size in [int(v) for v in args.sizes.split(",")]:
         batch = max(4, min(args.batch, round(args.batch * (112 / size) ** 2)))
         rates: dict[str, list[float]] = {k: [] for k in names}
@@ -375,15 +384,14 @@ def main() -> int:
                      "| loop | images/s (median) | per round | x bare fp32 |", "|---|---|---|---|"]
         sections += [f"| {names[k]} | {m[k]:.1f} | {', '.join(f'{v:.1f}' for v in rates[k])} | {m[k] / m['bare fp32']:.2f} |"
                      for k in names]
-        sections += ["", f"- medcl auto / bare fp32: **{m['medcl auto'] / m['bare fp32']:.2f}** (goal >= 1.8 on a bf16 CPU)",
-                     f"- medcl auto / bare bf16 + channels_last: **{m['medcl auto'] / m['bare bf16']:.2f}** (goal >= 0.95)",
+        sections += ["", f"- medcl auto / bare fp32: {paired(rates['medcl auto'], rates['bare fp32'])} (goal >= 1.8 on a bf16 CPU)",
+                     f"- medcl auto / bare bf16 + channels_last: {paired(rates['medcl auto'], rates['bare bf16'])} (goal >= 0.95)",
                      f"- medcl auto / bare bf16 + channels_last + fused Adam: {m['medcl auto'] / m['bare bf16 fused']:.2f} "
                      "(the same optimiser implementation on both sides: the real path's own overhead)",
                      f"- bare fused / bare default Adam (bf16 + channels_last): "
                      f"{m['bare bf16 fused'] / m['bare bf16']:.2f} (what the optimiser implementation alone is worth)",
                      f"- medcl fp32 / bare fp32: {m['medcl fp32'] / m['bare fp32']:.2f}",
                      f"- batch building (pairs, augmentation, mixing): {statistics.median(build) * 1000:.0f} ms/step", ""]
-        goals.append((size, m['medcl auto'] / m['bare fp32'], m['medcl auto'] / m['bare bf16']))
     ft = side_by_side(args.rounds, {"bare fp32": lambda: bare_finetune_epoch(False),
                                     "bare bf16": lambda: bare_finetune_epoch(True),
                                     "medcl fp32": lambda: finetune_epoch("fp32"),
