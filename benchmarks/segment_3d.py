@@ -136,7 +136,8 @@ def main(argv=None) -> int:
         lines.append(f"| {r['fold']} | {r['fraction'] * 100:g}% | {r['n_train_patients']} | {r['iterations']} | "
                      f"{r['best_iteration']} | " + " | ".join(f"{r['test']['per_class'][c]:.3f}" for c in task.classes)
                      + f" | {r['test']['mean_dice']:.3f} |")
-    lines += ["", f"Training minutes: {minutes:.1f}", "", "## Beside it", "", "| reference | result |", "|---|---|",
+    lines += ["", f"Training minutes: {minutes:.1f}", "", *curve_table(work / "scratch" / "curves.jsonl"),
+              "## Beside it", "", "| reference | result |", "|---|---|",
               *[f"| {n} | {v} |" for n, v in REFERENCES], ""]
     unetr = markdown_table_rows(ROOT / UNETR, "| label fraction | scratch test Dice")
     if unetr:
@@ -147,6 +148,18 @@ def main(argv=None) -> int:
               + ", ".join(f"{float(f) * 100:g}% {fmt(v['test_per_class']['Mandible'])}" for f, v in summary.items()), ""]
     write_results(out_md, lines, log)
     return 0
+
+
+def curve_table(path: Path) -> list[str]:
+    """The training curves (each validation: training loss since the last one, validation Dice) as a table:
+    whether a run was still improving when its budget ended is the first question about a low Dice."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    if not rows:
+        return []
+    return ["## Learning curves (validation patients)", "",
+            "| fold | label fraction | iteration | training loss (Dice + CE) | val mean Dice | seconds |", "|---|---|---|---|---|---|",
+            *[f"| {r['fold']} | {r['fraction'] * 100:g}% | {r['iteration']} | {r['train_loss']:.3f} | "
+              f"{r['val_mean_dice']:.3f} | {r['seconds']:.0f} |" for r in rows], ""]
 
 
 if __name__ == "__main__":
