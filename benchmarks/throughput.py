@@ -386,11 +386,11 @@ def main() -> int:
                      for k in names]
         sections += ["", f"- medcl auto / bare fp32: {paired(rates['medcl auto'], rates['bare fp32'])} (goal >= 1.8 on a bf16 CPU)",
                      f"- medcl auto / bare bf16 + channels_last: {paired(rates['medcl auto'], rates['bare bf16'])} (goal >= 0.95)",
-                     f"- medcl auto / bare bf16 + channels_last + fused Adam: {m['medcl auto'] / m['bare bf16 fused']:.2f} "
+                     f"- medcl auto / bare bf16 + channels_last + fused Adam: {paired(rates['medcl auto'], rates['bare bf16 fused'])} "
                      "(the same optimiser implementation on both sides: the real path's own overhead)",
                      f"- bare fused / bare default Adam (bf16 + channels_last): "
-                     f"{m['bare bf16 fused'] / m['bare bf16']:.2f} (what the optimiser implementation alone is worth)",
-                     f"- medcl fp32 / bare fp32: {m['medcl fp32'] / m['bare fp32']:.2f}",
+                     f"{paired(rates['bare bf16 fused'], rates['bare bf16'])} (what the optimiser implementation alone is worth)",
+                     f"- medcl fp32 / bare fp32: {paired(rates['medcl fp32'], rates['bare fp32'])}",
                      f"- batch building (pairs, augmentation, mixing): {statistics.median(build) * 1000:.0f} ms/step", ""]
     ft = side_by_side(args.rounds, {"bare fp32": lambda: bare_finetune_epoch(False),
                                     "bare bf16": lambda: bare_finetune_epoch(True),
