@@ -54,10 +54,23 @@ class Settings:
     augment: str = "flips"  # "monai": + axial rotation, scale and intensity (medcl.evaluate.segment.monai_augmenter)
     max_val_cases: int = 4
     lr: float = 1e-3
+    class_weights: list[float] | None = None  # loss weight per class (background, Mandible, SpinalCord)
     weight_decay: float = 1e-4
     window: list[float] = field(default_factory=lambda: [-150.0, 250.0])
     seed: int = 0
     n_patients: int | None = None  # all
+
+    def segment_config(self, threads: int, **changes):
+        """The 3D U-Net recipe as a ``SegmentConfig`` (also the fine-tuning of mixcl_cnn_3d.py)."""
+        from medcl.evaluate.segment import SegmentConfig
+
+        return SegmentConfig(arch="unet", roi_size=self.roi_size, sw_roi_size=self.sw_roi_size,
+                             pos_fraction=self.pos_fraction, batch_size=self.batch_size, epochs=self.epochs,
+                             min_iterations=self.min_iterations, max_validations=self.max_validations,
+                             max_val_cases=self.max_val_cases, lr=self.lr, weight_decay=self.weight_decay,
+                             fractions=self.fractions, n_folds=self.n_folds, folds=self.folds, augment=self.augment,
+                             class_weights=self.class_weights, seed=self.seed, save_models=False, n_overlays=2,
+                             num_threads=threads, **changes)
 
     @classmethod
     def quick(cls) -> Settings:
@@ -80,12 +93,16 @@ def main(argv=None) -> int:
         parser.add_argument("--augment", choices=("flips", "monai"), default=None,
                             help="flips, or monai (flips + axial rotation / scale + intensity)")
         parser.add_argument("--lr", type=float, default=None)
+        parser.add_argument("--class-weights", default=None,
+                            help="loss weight per class, background first, e.g. 1,1,5")
 
     args, work, out_md = unet_bench_args("segment_3d", __doc__, argv, extra)
     s = Settings.quick() if args.quick else Settings()
     s.folds = args.fold_list or s.folds
     if args.fractions:
         s.fractions = [float(f) for f in args.fractions.split(",")]
+    if args.class_weights:
+        s.class_weights = [float(w) for w in args.class_weights.split(",")]
     for key in ("epochs", "min_iterations", "augment", "lr"):
         if getattr(args, key) is not None:
             setattr(s, key, getattr(args, key))
@@ -97,18 +114,13 @@ def main(argv=None) -> int:
     log = Log()
 
     from medcl.data.seg_manifest import openkbp_patients, openkbp_task
-    from medcl.evaluate.segment import SegmentConfig, finetune, fmt, results_markdown
+    from medcl.evaluate.segment import finetune, fmt, results_markdown
 
     patients = sorted(p["patient"] for p in openkbp_patients(root) if set(ORGANS) <= set(p["contoured"]))
     if s.n_patients:
         patients = patients[: s.n_patients]
     task = openkbp_task(root, ORGANS, patients=patients, intensity_range=tuple(s.window))
-    cfg = SegmentConfig(arch="unet", roi_size=s.roi_size, sw_roi_size=s.sw_roi_size, pos_fraction=s.pos_fraction,
-                        batch_size=s.batch_size, epochs=s.epochs, min_iterations=s.min_iterations,
-                        max_validations=s.max_validations, max_val_cases=s.max_val_cases, lr=s.lr,
-                        weight_decay=s.weight_decay, fractions=s.fractions, n_folds=s.n_folds, folds=s.folds,
-                        augment=s.augment,
-                        seed=s.seed, save_models=False, n_overlays=2, num_threads=args.threads)
+    cfg = s.segment_config(args.threads)
     log(f"OpenKBP: {len(patients)} patients with {' + '.join(ORGANS)} contoured; folds {s.folds} of {s.n_folds}")
     result = finetune(task, ["scratch"], cfg, work / "scratch", log=log, overwrite=True)
     results = result["runs"]["scratch"]

@@ -244,3 +244,11 @@ def test_every_float_field_of_every_section_refuses_inf_and_nan():
 def test_free_form_dataset_options_refuse_non_finite_numbers():
     with pytest.raises(ConfigError, match=r"mixcl\.datasets\.0: window=\[inf, 1\]: must be a finite number"):
         load_config(PROJECT / "configs/mixcl-2d.yaml", ["mixcl.datasets=[{adapter: x, root: /tmp, window: [.inf, 1]}]"])
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (PROJECT / "configs").glob("*.yaml")))
+def test_every_preset_validates(preset, manifest):
+    """Each shipped preset passes validation as written (video methods given a manifest)."""
+    raw = yaml.safe_load((PROJECT / f"configs/{preset}.yaml").read_text())
+    overrides = [] if raw["method"] in ("mixcl", "mixcl_cnn") else [f"data.manifest={manifest}"]  # pool methods: no data
+    assert load_config(PROJECT / f"configs/{preset}.yaml", overrides).method == raw["method"]

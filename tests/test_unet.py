@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -355,3 +356,21 @@ def test_monai_augmentation_without_metadata_gives_the_same_values(monkeypatch, 
         np.testing.assert_array_equal(gi, ei)
         np.testing.assert_array_equal(gl, el)
     assert any(not np.array_equal(gi, image) for gi, _ in got)  # the draws did change the images
+
+
+def test_class_weights_reach_the_loss_and_a_wrong_count_is_an_error(tmp_path):
+    task = read_seg_csv(write_2d_manifest(tmp_path / "data", n_patients=6, size=32))
+    tiny = {**TINY, "save_models": False}
+
+    def loss_curve(weights):
+        out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        run_segmentation(task, SegmentConfig(**tiny, class_weights=weights), out, log=None)
+        return [json.loads(line)["train_loss"] for line in (out / "curves.jsonl").read_text().splitlines()]
+
+    plain = loss_curve(None)
+    assert loss_curve([1.0] * task.n_classes) == plain  # all-ones weights are the unweighted loss
+    assert loss_curve([1.0] + [10.0] * (task.n_classes - 1)) != plain
+    with pytest.raises(ValueError, match=rf"class_weights has 5 values; task .* has {task.n_classes} classes"):
+        run_segmentation(task, SegmentConfig(**tiny, class_weights=[1.0] * 5), None, log=None)
+    with pytest.raises(ValueError, match="must be > 0"):
+        SegmentConfig(**tiny, class_weights=[1.0, 0.0])

@@ -111,6 +111,10 @@ class SegmentConfig(BaseModel):
     max_val_cases: int | None = None
     pos_fraction: float = 0.5
     dice_background: bool = False  # include the background channel in the Dice part of the loss
+    class_weights: list[float] | None = Field(
+        default=None, description="one weight per class, background first, for both terms of the loss (MONAI "
+                                  "DiceCELoss ``weight``): > 1 for a small structure the loss would otherwise "
+                                  "let the model ignore; None = all 1")
     sw_batch_size: int = 4
     sw_overlap: float = 0.25
     nsd_tolerance: float = Field(default=2.0, gt=0, description="NSD tolerance in pixels / voxels of the model grid")
@@ -168,6 +172,13 @@ class SegmentConfig(BaseModel):
     def _positive(cls, v: int | None) -> int | None:
         if v is not None and v < 1:
             raise ValueError(f"must be >= 1, got {v}")
+        return v
+
+    @field_validator("class_weights")
+    @classmethod
+    def _positive_weights(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(w > 0 for w in v):
+            raise ValueError(f"each class weight must be > 0, got {v}")
         return v
 
     @field_validator("epochs")
@@ -530,9 +541,16 @@ def finetune_once(
     dtype = resolve_precision(cfg.precision, "cpu", model)  # medcl.precision (segmentation runs on the CPU here)
     if encoder_state is not None:
         load_encoder_into(model, encoder_state, cfg.checkpoint or "checkpoint")
+    weight = None
+    if cfg.class_weights is not None:
+        if len(cfg.class_weights) != task.n_classes:
+            raise ValueError(f"class_weights has {len(cfg.class_weights)} values; task {task.name!r} has "
+                             f"{task.n_classes} classes (background + {', '.join(task.classes)})")
+        weight = torch.tensor(cfg.class_weights, dtype=torch.float32)
     # Dice over foreground classes only and over the whole batch: small organs in crops that miss
     # them would otherwise be swamped by background Dice or give 0/0 per-sample terms
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=cfg.dice_background, batch=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=cfg.dice_background, batch=True,
+                         weight=weight)
     opt = make_optimizer("adamw", model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def period_batches(period: int):
