@@ -172,6 +172,9 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
                             "USCL / SimCLR / supervised checkpoints, exports, torchvision resnet18 files)")
     group.add_argument("--min-iterations", dest="min_iterations", type=int, default=None, metavar="N",
                        help="with --epochs: train at least N iterations (small label fractions get more epochs)")
+    group.add_argument("--class-weights", dest="class_weights", default=None, metavar="W0,W1,...",
+                       help="loss weight per class, background first (e.g. 1,1,2 for a small organ the model would "
+                            "otherwise never predict; default all 1)")
     group.add_argument("--max-validations", dest="max_validations", type=int, default=None, metavar="N",
                        help="with --epochs: validate at most N times (every k epochs instead of every epoch)")
     group.add_argument("--val-every", type=int, default=None,
@@ -265,6 +268,8 @@ def segment_config(args: argparse.Namespace):
         data["roi_size"] = [int(v) for v in _csv_list(args.roi_size)]
     if getattr(args, "sw_roi_size", None):
         data["sw_roi_size"] = [int(v) for v in _csv_list(args.sw_roi_size)]
+    if getattr(args, "class_weights", None):
+        data["class_weights"] = [float(v) for v in _csv_list(args.class_weights)]
     if getattr(args, "model", None):
         data["model"] = {**data.get("model", {}), **_model_kwargs(args.model)}
     if getattr(args, "final_model", None):
