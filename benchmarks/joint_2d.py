@@ -30,6 +30,7 @@ import argparse
 import csv
 import hashlib
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -101,19 +102,28 @@ def pool_datasets(data: Path) -> list[dict]:
     return [{"adapter": name, "root": str(data / "us-seg" / name)} for name in POOL]
 
 
+def cached_path(name: str, config: dict, work: Path) -> Path:
+    """Where :func:`cached_pretrain` puts ``config``'s final checkpoint: ``work/pretrain/<name>-<digest>``."""
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return work / "pretrain" / f"{name}-{digest}" / "checkpoints" / "final.pt"
+
+
 def cached_pretrain(name: str, config: dict, work: Path, log) -> Path:
-    """``medcl pretrain`` of ``config`` into ``work/pretrain/<name>-<digest>`` unless its final.pt exists."""
+    """``medcl pretrain`` of ``config`` into ``work/pretrain/<name>-<digest>`` unless its final.pt exists;
+    a run of the same config that stopped part-way (checkpoints/last.pt, no final.pt) is resumed."""
     from medcl.train.api import pretrain
 
-    digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    out = work / "pretrain" / f"{name}-{digest}"
-    final = out / "checkpoints" / "final.pt"
+    final = cached_path(name, config, work)
+    out = final.parents[1]
     if final.is_file():
         log(f"pretrain {name}: reusing {final}")
         return final
+    resume = (out / "checkpoints" / "last.pt").is_file()
+    if out.exists() and not resume:  # stopped before its first checkpoint: nothing to keep
+        shutil.rmtree(out)
     t0 = time.time()
-    pretrain({**config, "out": str(out)})
-    log(f"pretrain {name}: {time.time() - t0:.0f} s")
+    pretrain({**config, "out": str(out)}, resume=resume)
+    log(f"pretrain {name}: {'resumed, ' if resume else ''}{time.time() - t0:.0f} s")
     return final
 
 
