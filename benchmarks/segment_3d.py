@@ -63,7 +63,7 @@ class Settings:
     seed: int = 0
     n_patients: int | None = None  # all
 
-    def segment_config(self, threads: int, **changes):
+    def segment_config(self, threads: int):
         """The 3D U-Net recipe as a ``SegmentConfig`` (also the fine-tuning of mixcl_cnn_3d.py)."""
         from medcl.evaluate.segment import SegmentConfig
 
@@ -73,7 +73,7 @@ class Settings:
                              max_val_cases=self.max_val_cases, lr=self.lr, weight_decay=self.weight_decay,
                              fractions=self.fractions, n_folds=self.n_folds, folds=self.folds, augment=self.augment,
                              class_weights=self.class_weights, seed=self.seed, save_models=False, n_overlays=2,
-                             num_threads=threads, **changes)
+                             num_threads=threads)
 
     @classmethod
     def quick(cls) -> Settings:
