@@ -79,10 +79,13 @@ def pretrain_config(root: Path, sources: dict[str, list[str]], s: Settings) -> d
 def main(argv=None) -> int:
     def extra(parser) -> None:
         parser.add_argument("--stage", choices=("all", "pretrain", "finetune"), default="all")
+        parser.add_argument("--fractions", default=None, help="label fractions to fine-tune, e.g. 0.05 (default 0.05,0.15)")
 
     args, work, out_md = unet_bench_args("mixcl_cnn_3d", __doc__, argv, extra)
     s = Settings.quick() if args.quick else Settings()
     s.folds = args.fold_list or s.folds
+    if args.fractions:
+        s.fractions = sorted(float(f) for f in args.fractions.split(","))
     root = args.data / "openkbp"
     if not (root / "index.json").is_file():
         print(f"mixcl_cnn_3d: {root / 'index.json'} not found (needs ../shared/data)", file=sys.stderr)
