@@ -123,7 +123,9 @@ def cached_pretrain(name: str, config: dict, work: Path, log) -> Path:
         shutil.rmtree(out)
     t0 = time.time()
     pretrain({**config, "out": str(out)}, resume=resume)
-    log(f"pretrain {name}: {'resumed, ' if resume else ''}{time.time() - t0:.0f} s")
+    seconds = time.time() - t0
+    log(f"pretrain {name}: {'resumed, ' if resume else ''}{seconds:.0f} s")
+    (out / "wall_seconds.txt").write_text(f"{seconds:.0f}\n")  # this (last) invocation's wall time, for reports
     return final
 
 

@@ -126,7 +126,9 @@ def main(argv=None) -> int:
     finetune_minutes = (time.time() - t0) / 60
     results = result["comparison"]["results"]
     minutes = {name: sum(x["train_seconds"] for x in res["runs"]) / 60 for name, res in results.items()}
-    pretrain_minutes = sum(1.0 / m["steps_per_s"] for m in metrics if m.get("steps_per_s")) / 60
+    wall = checkpoint.parents[1] / "wall_seconds.txt"
+    pretrain_time = (f"the pretraining stage took {float(wall.read_text()) / 60:.1f} min" if wall.is_file()
+                     else "the pretraining stage's wall time was not recorded")
 
     # 3. report
     lines = [
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
         f"- machine: {machine()}",
         f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- wall time of this command: {(time.time() - started) / 60:.1f} min (fine-tuning {finetune_minutes:.1f});"
-        f" the pretraining stage's steps took {pretrain_minutes:.1f} min",
+        f" {pretrain_time} ({len(metrics)} steps)",
         f"- folds run: {s.folds} of {r.n_folds}; target patients {len(target)}", "",
         "## Settings", "", "```json",
         json.dumps({"benchmark": asdict(s), "pretraining": config, "segment_config": cfg.model_dump()}, indent=1,
