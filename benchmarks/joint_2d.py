@@ -217,9 +217,10 @@ def logged_rows(metrics: Path, key: str) -> list[dict]:
     return [r for r in (json.loads(line) for line in metrics.read_text().splitlines() if line.strip()) if key in r]
 
 
-def term_account(metrics: Path, keys: tuple[str, ...], ratio: tuple[str, str], title: str, note: str) -> list[str]:
+def term_account(metrics: Path, keys: tuple[str, ...], ratio: tuple[str, str] | None, title: str,
+                 note: str) -> list[str]:
     """The first-10% and last-10% means of ``keys`` over a pretraining run's metrics.jsonl, and
-    sum(ratio[0]) / sum(ratio[1]) over the run."""
+    sum(ratio[0]) / sum(ratio[1]) over the run (unless ``ratio`` is None)."""
     rows = logged_rows(metrics, keys[0])
     if not rows:
         return []
@@ -234,6 +235,8 @@ def term_account(metrics: Path, keys: tuple[str, ...], ratio: tuple[str, str], t
     for key in keys:
         a, b = mean(key, rows[:tenth]), mean(key, rows[-tenth:])
         lines.append(f"| {key} | {a:.4g} | {b:.4g} | {(b - a) / a * 100 if a else float('nan'):+.0f}% |")
+    if ratio is None:
+        return lines + [""]
     value = sum(r[ratio[0]] for r in rows) / max(sum(r[ratio[1]] for r in rows), 1e-30)
     return lines + ["", f"Over the run (summed over the steps), {ratio[0]} / {ratio[1]} = **{value:.3g}**.", ""]
 

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _segbench import Log, command_line, machine, unet_bench_args, write_results  # noqa: E402
-from joint_2d import cached_path, cached_pretrain  # noqa: E402  (pretraining cached by config digest)
+from joint_2d import cached_path, cached_pretrain, logged_rows, term_account  # noqa: E402  (pretraining cache, its account)
 from mixcl_3d import SOURCE_ORGANS, TARGET_ORGANS, split_patients  # noqa: E402
 from segment_3d import Settings as Recipe  # noqa: E402
 
@@ -110,8 +110,8 @@ def main(argv=None) -> int:
     if not checkpoint.is_file():
         print(f"mixcl_cnn_3d: {checkpoint} not found: run --stage pretrain first", file=sys.stderr)
         return 2
-    metrics = [json.loads(line) for line in (checkpoint.parents[1] / "metrics.jsonl").read_text().splitlines()
-               if line.strip()]
+    metrics = checkpoint.parents[1] / "metrics.jsonl"
+    steps = len(logged_rows(metrics, "loss"))
 
     # 2. fine-tuning: scratch and MixCL-CNN on the same fold, fractions, cases and seeds
     from medcl.data.seg_manifest import openkbp_task
@@ -142,12 +142,13 @@ def main(argv=None) -> int:
         f"- machine: {machine()}",
         f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- wall time of this command: {(time.time() - started) / 60:.1f} min (fine-tuning {finetune_minutes:.1f});"
-        f" {pretrain_time} ({len(metrics)} steps)",
+        f" {pretrain_time} ({steps} steps)",
         f"- folds run: {s.folds} of {r.n_folds}; target patients {len(target)}", "",
         "## Settings", "", "```json",
         json.dumps({"benchmark": asdict(s), "pretraining": config, "segment_config": cfg.model_dump()}, indent=1,
                    default=str), "```", "",
-        "## Pretraining", "", *loss_table(metrics), "",
+        *term_account(metrics, ("loss", "loss_id", "loss_label", "loss_recon"), None, "Pretraining",
+                      "Unweighted terms (loss = id + alpha * label + beta * recon)."),
         "## Test Dice: scratch vs MixCL-CNN", "", comparison_markdown(results), "",
         "HD95 and NSD (voxels of the ~4 mm grid):", "", surface_comparison_markdown(results), "",
         segmentation_comparison_markdown(result["comparison"]), "",
@@ -156,22 +157,6 @@ def main(argv=None) -> int:
     ]
     write_results(out_md, lines, log)
     return 0
-
-
-def loss_table(metrics: list[dict]) -> list[str]:
-    """Each logged term (and, with log_grad_norms, its gradient norm on the encoder) averaged over the
-    first and the last 10% of the pretraining steps: what the encoder was pushed by, and whether it fell."""
-    if not metrics:
-        return ["(no metrics logged)"]
-    keys = sorted(k for k in metrics[0] if k.startswith(("loss", "grad")))
-    n = max(1, len(metrics) // 10)
-
-    def mean(rows, k):
-        values = [row[k] for row in rows if k in row]
-        return sum(values) / len(values) if values else float("nan")
-
-    return ["| term | first 10% of steps | last 10% of steps |", "|---|---|---|",
-            *[f"| {k} | {mean(metrics[:n], k):.4g} | {mean(metrics[-n:], k):.4g} |" for k in keys]]
 
 
 if __name__ == "__main__":

@@ -541,12 +541,7 @@ def finetune_once(
     dtype = resolve_precision(cfg.precision, "cpu", model)  # medcl.precision (segmentation runs on the CPU here)
     if encoder_state is not None:
         load_encoder_into(model, encoder_state, cfg.checkpoint or "checkpoint")
-    weight = None
-    if cfg.class_weights is not None:
-        if len(cfg.class_weights) != task.n_classes:
-            raise ValueError(f"class_weights has {len(cfg.class_weights)} values; task {task.name!r} has "
-                             f"{task.n_classes} classes (background + {', '.join(task.classes)})")
-        weight = torch.tensor(cfg.class_weights, dtype=torch.float32)
+    weight = torch.tensor(cfg.class_weights, dtype=torch.float32) if cfg.class_weights is not None else None
     # Dice over foreground classes only and over the whole batch: small organs in crops that miss
     # them would otherwise be swamped by background Dice or give 0/0 per-sample terms
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=cfg.dice_background, batch=True,
@@ -749,6 +744,9 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
         torch.set_num_threads(cfg.num_threads)
     if not task.cases:
         raise ValueError(f"task {task.name!r} has no cases")
+    if cfg.class_weights is not None and len(cfg.class_weights) != task.n_classes:
+        raise ValueError(f"class_weights has {len(cfg.class_weights)} values; task {task.name!r} has "
+                         f"{task.n_classes} classes (background + {', '.join(task.classes)})")
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         (out / "overlays").mkdir(parents=True, exist_ok=True)
