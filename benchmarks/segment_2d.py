@@ -18,7 +18,9 @@
 
 Budget (``Settings``, recorded in the results file): BUS-BRA folds 1-2 of 5 at 128 px, 8 epochs of
 the training cases but at least 350 steps of batch 16, 12 validations; pretraining 25 video epochs
-at 128 px per method. About 85 min on 2 idle CPU cores (``--folds 1,2,3,4,5``: ~3.5 h).
+at 128 px per method. About 85 min on 2 idle CPU cores (``--folds 1,2,3,4,5``: ~3.5 h). Scratch alone
+on all five folds (``--inits scratch --folds 1,2,3,4,5 --out benchmarks/results/segment_2d_scratch.md``,
+no pretraining): about 65 min.
 """
 
 from __future__ import annotations
@@ -100,8 +102,16 @@ def main(argv=None) -> int:
     def extra(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--pretrain-work", type=Path, default=None,
                             help="pretraining cache (default: pocus_transfer's work folder, shared)")
+        parser.add_argument("--inits", default="scratch,simclr,uscl",
+                            help="which of scratch, simclr, uscl to fine-tune (scratch first; 'scratch' alone: no "
+                                 "pretraining, e.g. for all five folds within 90 min)")
 
     args, work, out_md = unet_bench_args("segment_2d", __doc__, argv, extra)
+    names = [n.strip() for n in args.inits.split(",") if n.strip()]
+    if not names or names[0] != "scratch" or not set(names) <= {"scratch", "simclr", "uscl"}:
+        print(f"segment_2d: --inits must start with scratch and name only scratch, simclr, uscl; got {args.inits!r}",
+              file=sys.stderr)
+        return 2
     s = Settings.quick() if args.quick else Settings()
     s.folds = args.fold_list or s.folds
     pre_work = args.pretrain_work or ROOT / "benchmarks" / "work" / f"pocus_transfer{'_quick' if args.quick else ''}"
@@ -114,24 +124,26 @@ def main(argv=None) -> int:
 
     from medcl.data.seg_manifest import busbra_task
     from medcl.evaluate.compare import segmentation_comparison_markdown
-    from medcl.evaluate.segment import comparison_markdown, finetune, surface_comparison_markdown
+    from medcl.evaluate.segment import comparison_markdown, finetune, results_markdown, surface_comparison_markdown
 
     # 1. pretraining (shared cache with pocus_transfer.py)
     ps = s.pretraining()
-    pre_work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    blues = pocus_transfer.ingest_blues(args.data, pre_work, ps, log)
-    checkpoints = pocus_transfer.pretrain_all(blues, pre_work, ps, log, only=("simclr", "uscl"))
+    checkpoints = {}
+    if len(names) > 1:
+        pre_work.mkdir(parents=True, exist_ok=True)
+        blues = pocus_transfer.ingest_blues(args.data, pre_work, ps, log)
+        checkpoints = pocus_transfer.pretrain_all(blues, pre_work, ps, log, only=tuple(names[1:]))
     pretrain_minutes = (time.time() - t0) / 60
 
     # 2. fine-tuning: the same folds, fractions and cases for every init
     task = busbra_task(args.data / "us-seg" / "busbra")
     cfg = s.segment_config(args.threads)
-    inits = ["scratch", f"simclr={checkpoints['simclr']}", f"uscl={checkpoints['uscl']}"]
+    inits = ["scratch", *[f"{n}={checkpoints[n]}" for n in names[1:]]]
     t0 = time.time()
     result = finetune(task, inits, cfg, work / "finetune", log=log, n_boot=s.n_boot, overwrite=True)
     finetune_minutes = (time.time() - t0) / 60
-    results = result["comparison"]["results"]
+    results = result["comparison"]["results"] if result["comparison"] else result["runs"]
     minutes = {name: sum(r["train_seconds"] for r in res["runs"]) / 60 for name, res in results.items()}
 
     # 3. report
@@ -152,11 +164,17 @@ def main(argv=None) -> int:
         "## Settings", "", "```json", json.dumps({"benchmark": asdict(s), "pretraining": asdict(ps),
                                                   "segment_config": cfg.model_dump()}, indent=1, default=str),
         "```", "",
-        "## Test Dice (mean +- std over folds) and per-fold paired differences against scratch", "",
-        comparison_markdown(results), "",
-        f"HD95 (pixels of the {s.size} x {s.size} input grid, lower is better) and NSD (tolerance"
-        f" {cfg.nsd_tolerance:g} px, higher is better):", "", surface_comparison_markdown(results), "",
-        segmentation_comparison_markdown(result["comparison"]), "",
+        *(["## Test Dice (mean +- std over folds) and per-fold paired differences against scratch", "",
+            comparison_markdown(results), "",
+            f"HD95 (pixels of the {s.size} x {s.size} input grid, lower is better) and NSD (tolerance"
+            f" {cfg.nsd_tolerance:g} px, higher is better):", "", surface_comparison_markdown(results), "",
+            segmentation_comparison_markdown(result["comparison"]), ""] if result["comparison"] else
+          ["## Test Dice, scratch (mean +- std over folds)", "", results_markdown(results["scratch"]).split("\n", 2)[2],
+           "Per fold (test Dice after post-processing, before it in brackets):", "",
+           "| fold | label fraction | train patients | best iteration | post-processed | test Dice |", "|---|---|---|---|---|---|",
+           *[f"| {r['fold']} | {r['fraction'] * 100:g}% | {r['n_train_patients']} | {r['best_iteration']} | "
+             f"{', '.join(r['postprocess']['keep_largest_component']) or '-'} | {r['test']['mean_dice']:.3f} "
+             f"({r['test_raw']['mean_dice']:.3f}) |" for r in results["scratch"]["runs"]], ""]),
         "Fine-tuning minutes per init (training loops only): "
         + ", ".join(f"{n} {m:.1f}" for n, m in minutes.items()), "",
         "## Beside it", "",

@@ -16,7 +16,7 @@ from medcl.cli import main
 from medcl.data.seg_manifest import read_seg_csv
 from medcl.evaluate.classify import FinetuneConfig, finetune
 from medcl.evaluate.models import load_finetuned
-from medcl.evaluate.segment import SegmentConfig, run_segmentation
+from medcl.evaluate.segment import SegmentConfig, keep_largest_component, run_segmentation
 from test_segment import TINY_MODEL, write_2d_manifest
 from tiny_frames import class_pattern, make_frame_sets
 
@@ -285,13 +285,17 @@ def test_volume_grid_round_trip_matches_monai_orientation(tmp_path):
     assert voxel_volume_mm3(original) == pytest.approx(3.0)
 
 
-def test_3d_segmentation_masks_keep_the_inputs_grid_and_reproduce_the_folds_dice(tmp_path, capsys):
+def test_3d_segmentation_masks_keep_the_inputs_grid_and_reproduce_the_folds_dice(tmp_path, capsys, monkeypatch):
     from medcl.data.segfiles import read_volume
 
     task = read_seg_csv(write_oblique_volumes(tmp_path / "vol"), classes=["bright", "dark"])
+    # post-processing forced on: the masks must be the post-processed ones the fold's Dice was computed on
     cfg = SegmentConfig(roi_size=[16, 16, 16], model=TINY_MODEL, iterations=2, batch_size=1, val_every=2,
-                        fractions=[1.0], n_folds=3, folds=[1], sw_batch_size=2, n_overlays=0)
-    run_segmentation(task, cfg, tmp_path / "run", log=None)
+                        fractions=[1.0], n_folds=3, folds=[1], sw_batch_size=2, n_overlays=0,
+                        postprocess="largest_component")
+    results = run_segmentation(task, cfg, tmp_path / "run", log=None)
+    assert results["runs"][0]["postprocess"] == {"keep_largest_component": ["bright", "dark"]}
+    assert set(results["runs"][0]["test_raw"]["per_class"]) == {"bright", "dark"}
     model = tmp_path / "run" / "models" / "fold1_frac100.safetensors"
     rows = [r for r in read_csv(tmp_path / "run" / "predictions.csv") if r["fold"] == "1"]
     cases = {c.case_id: c for c in task.cases}
@@ -300,6 +304,7 @@ def test_3d_segmentation_masks_keep_the_inputs_grid_and_reproduce_the_folds_dice
     volumes = {Path(r["input"]).name: r for r in read_csv(tmp_path / "pred" / "volumes.csv")}
     network, card = load_finetuned(model)
     assert card["input"]["spatial_dims"] == 3 and card["classes"] == ["bright", "dark"]
+    assert card["model"]["postprocess"] == {"keep_largest_component": ["bright", "dark"]}
     for row in rows:
         case = cases[row["case_id"]]
         written = nib.load(tmp_path / "pred" / "masks" / Path(case.image).name)
@@ -316,9 +321,24 @@ def test_3d_segmentation_masks_keep_the_inputs_grid_and_reproduce_the_folds_dice
         from medcl.precision import autocast, resolve_precision
 
         with torch.no_grad(), autocast("cpu", resolve_precision("auto", "cpu")):  # as predict's default precision
-            expected = window_predict(network, torch.from_numpy(image)[None], (16, 16, 16), 2).float().argmax(1)[0].numpy()
+            raw = window_predict(network, torch.from_numpy(image)[None], (16, 16, 16), 2).float().argmax(1)[0].numpy()
+        expected = keep_largest_component(raw, [1, 2])
         assert len(np.unique(expected)) > 1  # a real test of the geometry, not an all-background mask
         np.testing.assert_array_equal(back, expected)
+
+    # a prediction with islands: predict writes only each class's largest component
+    def islands(model, image, roi, sw_batch_size=4, overlap=0.25):
+        labels = torch.zeros(image.shape[0], *image.shape[2:], dtype=torch.long)
+        labels[:, :2, :2, :2] = 1      # 8 voxels
+        labels[:, -1, -1, -1] = 1      # a 1-voxel island
+        labels[:, 5:8, 5:8, 5] = 2     # 9 voxels
+        labels[:, 10, 10, 10] = 2      # an island
+        return torch.nn.functional.one_hot(labels, 3).movedim(-1, 1).float()
+
+    monkeypatch.setattr("medcl.evaluate.segment.predict", islands)
+    assert predict_cli(model, images[0], "-o", tmp_path / "islands") == 0
+    mask = np.asarray(nib.load(tmp_path / "islands" / "masks" / Path(images[0]).name).dataobj)
+    assert (mask == 1).sum() == 8 and (mask == 2).sum() == 9
     # a 2D image to this 3D model, a 4-channel volume: refused; a damaged volume: skipped
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "slice.png")
     assert predict_cli(model, tmp_path / "slice.png", "-o", tmp_path / "p2") == 2

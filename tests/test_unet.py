@@ -273,13 +273,14 @@ def test_cli_arch_unet_with_epochs_and_monai_augmentation(tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(["finetune", str(data), "--task", "segment", "--arch", "unet", "--size", "32,32", "--run-folds", "1",
                  "--folds", "3", "--fractions", "1", "--batch-size", "4", "--epochs", "1", "--seg-augment", "monai",
-                 "--patience", "2", "--class-weights", "1,3", "--no-save-models", "--out", str(out)])
+                 "--patience", "2", "--class-weights", "1,3", "--postprocess", "none", "--no-save-models", "--out", str(out)])
     assert code == 0
     import yaml
 
     config = yaml.safe_load((out / "config.yaml").read_text())["segment"]
     assert (config["arch"], config["augment"], config["epochs"], config["patience"]) == ("unet", "monai", 1, 2)
-    assert config["class_weights"] == [1.0, 3.0]
+    assert config["class_weights"] == [1.0, 3.0] and config["postprocess"] == "none"
+    assert json.loads((out / "results.json").read_text())["runs"][0]["postprocess"] == {"keep_largest_component": []}
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         main(["finetune", str(data), "--task", "segment", "--size", "32,32", "--seg-augment", "elastic",
               "--out", str(out / "x")])

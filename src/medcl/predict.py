@@ -312,6 +312,7 @@ def _prob_row(item: Item, classes: list[str], probs: np.ndarray, **counts: int) 
 
 def _segment(model: torch.nn.Module, card: dict, items: list[Item], out: Path, batch_size: int, device: str,
              summary: PredictSummary, bar) -> None:
+    from medcl.evaluate.segment import postprocess_batch
     from medcl.evaluate.segment import predict as window_predict
 
     inp = card["input"]
@@ -320,11 +321,14 @@ def _segment(model: torch.nn.Module, card: dict, items: list[Item], out: Path, b
     # a UNETR's own input grid (larger inputs are tiled); the U-Net takes the training roi or the whole image
     img_size = getattr(model.encoder, "img_size", None) or window.get("roi_size")
     roi = tuple(img_size) if img_size else None
+    # the post-processing chosen on the model's validation patients (cards before it existed: none)
+    largest = [classes.index(c) for c in card.get("model", {}).get("postprocess", {}).get("keep_largest_component", [])]
 
     def forward(x: torch.Tensor) -> np.ndarray:
         logits = window_predict(model, x.to(device), roi, int(window.get("sw_batch_size", 4)),
                                 float(window.get("overlap", 0.25)))
-        return logits.float().argmax(1).cpu().numpy().astype(np.uint8)
+        pred = postprocess_batch(logits.float().argmax(1, keepdim=True).cpu(), largest)
+        return pred[:, 0].numpy().astype(np.uint8)
 
     (out / "masks").mkdir(parents=True, exist_ok=True)
     names: set[str] = set()

@@ -175,6 +175,10 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--class-weights", dest="class_weights", default=None, metavar="W0,W1,...",
                        help="loss weight per class, background first (e.g. 1,1,2 for a small organ the model would "
                             "otherwise never predict; default all 1)")
+    group.add_argument("--postprocess", choices=["auto", "none", "largest_component"], default=None,
+                       help="auto (default): a class keeps only its largest connected component when that removes "
+                            "islands from some validation prediction without lowering its validation Dice; "
+                            "largest_component: every class; none: the raw argmax")
     group.add_argument("--max-validations", dest="max_validations", type=int, default=None, metavar="N",
                        help="with --epochs: validate at most N times (every k epochs instead of every epoch)")
     group.add_argument("--val-every", type=int, default=None,
@@ -254,7 +258,7 @@ def segment_config(args: argparse.Namespace):
     simple = {"tensorboard": "tensorboard", "seed": "seed", "lr": "lr", "batch_size": "batch_size", "val_fraction": "val_fraction",
               "iterations": "iterations", "folds": "n_folds", "threads": "num_threads", "arch": "arch",
               "epochs": "epochs", "patience": "patience", "val_every": "val_every",
-              "min_iterations": "min_iterations", "max_validations": "max_validations"}
+              "min_iterations": "min_iterations", "max_validations": "max_validations", "postprocess": "postprocess"}
     for attr, field in simple.items():
         if getattr(args, attr, None) is not None:
             data[field] = getattr(args, attr)

@@ -12,6 +12,7 @@ per-class Dice on the held-out fold (k-fold by patient) and on an optional separ
         test = patients of this fold; rest -> validation patients (seeded) + training pool
         for fraction in (5, 15, 50, 100 %):     # nested subsets of the pool's patients
             fine-tune N iterations, keep the weights with the best validation mean Dice
+            post-processing per class (largest connected component or not), decided on validation
             Dice on the fold's test cases (+ the task's separate test cases)
     report mean +- std over folds
 
@@ -138,6 +139,11 @@ class SegmentConfig(BaseModel):
                                   "epochs instead of a handful of steps); None = epochs alone")
     max_validations: int | None = Field(
         default=None, description="with epochs: validate at most this many times (every k epochs); None = every epoch")
+    postprocess: Literal["auto", "none", "largest_component"] = Field(
+        default="auto", description="auto: keep only the largest connected component of a class in every prediction "
+                                    "when that changes some validation prediction and does not lower the class's "
+                                    "validation Dice (nnU-Net's rule, decided per model); largest_component: for every "
+                                    "class; none: the raw argmax")
 
     @model_validator(mode="after")
     def _inference_tile(self) -> SegmentConfig:
@@ -378,6 +384,78 @@ def predict(
     )
 
 
+def keep_largest_component(label_map: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """A copy of the label map [*spatial] in which each class index in ``classes`` keeps only its
+    largest connected component (full connectivity: 8 neighbours in 2D, 26 in 3D); the rest of
+    that class becomes background. For structures that are one piece (a mandible, a spinal cord,
+    one lesion per image) it removes look-alike islands elsewhere. ``scipy.ndimage.label`` (MONAI's
+    ``KeepLargestConnectedComponent`` needs scikit-image, which medcl does not otherwise use)."""
+    from scipy import ndimage
+
+    out = np.array(label_map, copy=True)
+    structure = ndimage.generate_binary_structure(out.ndim, out.ndim)
+    for c in classes:
+        components, n = ndimage.label(out == c, structure)
+        if n > 1:
+            largest = 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
+            out[(components > 0) & (components != largest)] = 0
+    return out
+
+
+def postprocess_batch(pred: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """:func:`keep_largest_component` on each label map of a batch [B, 1, *spatial]."""
+    if not classes:
+        return pred
+    maps = [keep_largest_component(p[0].cpu().numpy(), classes) for p in pred]
+    return torch.from_numpy(np.stack(maps)[:, None]).to(pred.dtype)
+
+
+def predicted_labels(model: nn.Module, images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                     roi_size: Sequence[int] | None, cfg: SegmentConfig):
+    """(prediction, ground truth) label-map batches [B, 1, *spatial] of the cases, in order: 2D
+    images in batches of 8, volumes one by one; bf16 autocast where ``cfg.precision`` resolves to it."""
+    model.eval()
+    batch = 8 if not images or images[0].ndim == 3 else 1
+    dtype = resolve_precision(cfg.precision, "cpu", model)  # segmentation runs on the CPU (as in finetune_once)
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(np.stack(images[start : start + batch]))
+        y = torch.from_numpy(np.stack(labels[start : start + batch]))
+        with autocast(x.device, dtype):
+            logits = predict(model, x, roi_size, cfg.sw_batch_size, cfg.sw_overlap)
+        yield x, logits.float().argmax(1, keepdim=True), y
+
+
+def choose_postprocess(model: nn.Module, images: Sequence[np.ndarray], labels: Sequence[np.ndarray], n_classes: int,
+                       roi_size: Sequence[int] | None, cfg: SegmentConfig) -> list[int]:
+    """The foreground class indices whose predictions keep only their largest connected component.
+
+    ``cfg.postprocess``: 'none' -> []; 'largest_component' -> every class; 'auto' -> nnU-Net's rule
+    on the validation cases: a class is post-processed when that changes at least one validation
+    prediction (there was an island to remove) and does not lower the class's mean validation Dice
+    (cases without the class in the ground truth are skipped, as in :func:`dice_per_class`)."""
+    foreground = list(range(1, n_classes))
+    if cfg.postprocess == "none":
+        return []
+    if cfg.postprocess == "largest_component":
+        return foreground
+    raw, kept, changed = [], {c: [] for c in foreground}, {c: False for c in foreground}
+    for _, pred, y in predicted_labels(model, images, labels, roi_size, cfg):
+        raw.append(dice_per_class(pred, y, n_classes))
+        for c in foreground:
+            post = postprocess_batch(pred, [c])
+            changed[c] = changed[c] or bool((post != pred).any())
+            kept[c].append(dice_per_class(post, y, n_classes)[:, c - 1])
+    if not raw:
+        return []
+    raw_scores = np.concatenate(raw)
+    chosen = []
+    for c in foreground:
+        before, after = _nanmean(raw_scores[:, c - 1]), _nanmean(np.concatenate(kept[c]))
+        if changed[c] and not math.isnan(after) and not after < before:  # NaN: class never in the validation truth
+            chosen.append(c)
+    return chosen
+
+
 def dice_per_class(pred: torch.Tensor, gt: torch.Tensor, n_classes: int) -> np.ndarray:
     """Dice of each foreground class for label maps [B, 1, *spatial] -> array [B, n_classes - 1].
 
@@ -447,21 +525,20 @@ def evaluate_cases(
     cfg: SegmentConfig,
     keep: int = 0,
     surface: list[np.ndarray] | None = None,
+    keep_largest: Sequence[int] = (),
+    raw: list[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray, np.ndarray]], np.ndarray]:
     """Per-case, per-class Dice [n_cases, n_classes - 1]; (image, pred, gt) of the first ``keep``
     cases; voxel counts [n_cases, n_classes - 1, 3] (see :func:`voxel_counts`). Given a list
     ``surface``, appends each batch's HD95 / NSD (:func:`surface_metrics`) to it (test sets; the
-    validation during training skips them: distance transforms cost more than Dice)."""
-    model.eval()
+    validation during training skips them: distance transforms cost more than Dice). Predictions
+    are post-processed (:func:`keep_largest_component` of the classes ``keep_largest``) before
+    every metric; given a list ``raw``, the Dice before post-processing is appended to it."""
     scores, kept, counts = [], [], []
-    batch = 8 if not images or images[0].ndim == 3 else 1  # 2D images [1, H, W] batch; volumes one by one
-    dtype = resolve_precision(cfg.precision, "cpu", model)  # segmentation runs on the CPU (as in finetune_once)
-    for start in range(0, len(images), batch):
-        x = torch.from_numpy(np.stack(images[start : start + batch]))
-        y = torch.from_numpy(np.stack(labels[start : start + batch]))
-        with autocast(x.device, dtype):
-            logits = predict(model, x, roi_size, cfg.sw_batch_size, cfg.sw_overlap)
-        pred = logits.float().argmax(1, keepdim=True)
+    for x, pred, y in predicted_labels(model, images, labels, roi_size, cfg):
+        if raw is not None:
+            raw.append(dice_per_class(pred, y, n_classes))
+        pred = postprocess_batch(pred, keep_largest)
         scores.append(dice_per_class(pred, y, n_classes))
         counts.append(voxel_counts(pred, y, n_classes))
         if surface is not None:
@@ -634,6 +711,9 @@ def summarize_runs(runs: Sequence[dict], classes: Sequence[str]) -> dict:
             "test_mean_dice": mean_std([r["test"]["mean_dice"] for r in rows]),
             "test_per_class": {c: mean_std([r["test"]["per_class"][c] for r in rows]) for c in classes},
         }
+        if all("test_raw" in r for r in rows):
+            entry["test_mean_dice_raw"] = mean_std([r["test_raw"]["mean_dice"] for r in rows])
+            entry["test_per_class_raw"] = {c: mean_std([r["test_raw"]["per_class"][c] for r in rows]) for c in classes}
         if all("precision" in r["test"] for r in rows):
             for key in ("precision", "recall"):
                 entry[f"test_{key}"] = {c: mean_std([r["test"][key][c] for r in rows]) for c in classes}
@@ -680,6 +760,16 @@ def results_markdown(results: dict) -> str:
         if ext:
             row.append(fmt(s.get("external_test_mean_dice", {"n": 0})))
         lines.append("| " + " | ".join(row) + " |")
+    post = [r for r in results["runs"] if r.get("postprocess", {}).get("keep_largest_component")]
+    if post:
+        lines += ["", "Post-processing (chosen per model on its validation patients): each listed class keeps only its"
+                  " largest connected component. Test Dice before -> after (the tables report after):", ""]
+        header = ["fold", "label fraction", "post-processed"] + [f"{c} before -> after" for c in classes]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for r in post:
+            lines.append(f"| {r['fold']} | {r['fraction'] * 100:g}% | {', '.join(r['postprocess']['keep_largest_component'])} | "
+                         + " | ".join(f"{r['test_raw']['per_class'][c]:.3f} -> {r['test']['per_class'][c]:.3f}"
+                                      for c in classes) + " |")
     if all("test_hd95_per_class" in s for s in results["summary"].values()):
         lines += ["", f"Surface metrics on the test folds: HD95 (95th percentile Hausdorff distance, lower is better) and"
                   f" NSD (normalised surface Dice at {results.get('nsd_tolerance', 2.0):g} px, higher is better), in pixels /"
@@ -817,10 +907,13 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
                 task, train, val, cfg, encoder_state, model_kwargs, seed=cfg.seed * 1000 + fold, on_eval=on_eval
             )
             keep = cfg.n_overlays if fold == folds[0] else 0
+            largest = choose_postprocess(model, val[0], val[1], task.n_classes, cfg.inference_roi(), cfg)
+            record["postprocess"] = {"keep_largest_component": [task.classes[c - 1] for c in largest]}
             surface: list[np.ndarray] = []
+            raw: list[np.ndarray] = []
             scores, kept, counts = evaluate_cases(
                 model, [t[0] for t in test_imgs], [t[1] for t in test_imgs], task.n_classes, cfg.inference_roi(), cfg, keep,
-                surface,
+                surface, largest, raw,
             )
             surface_all = np.concatenate(surface) if surface else np.zeros((0, task.n_classes - 1, 2))
             predictions += _prediction_rows(fold, fraction, "test", [cases[i] for i in test_idx], scores, task.classes,
@@ -835,14 +928,16 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
                 "best_iteration": record["best_iteration"],
                 "val_mean_dice": record["val_mean_dice"],
                 "train_seconds": record["train_seconds"],
+                "postprocess": record["postprocess"],
                 "test": {**summarize_dice(scores, task.classes), **precision_recall(counts, task.classes),
                          **summarize_surface(surface_all, task.classes)},
+                "test_raw": summarize_dice(np.concatenate(raw) if raw else scores, task.classes),
             }
             if external:
                 ext_surface: list[np.ndarray] = []
                 ext_scores, _, ext_counts = evaluate_cases(
                     model, [e[0] for e in external], [e[1] for e in external], task.n_classes, cfg.inference_roi(), cfg,
-                    surface=ext_surface,
+                    surface=ext_surface, keep_largest=largest,
                 )
                 ext_surface_all = np.concatenate(ext_surface) if ext_surface else np.zeros((0, task.n_classes - 1, 2))
                 run["external_test"] = {**summarize_dice(ext_scores, task.classes),
@@ -922,7 +1017,8 @@ def segmentation_card(task: SegTask, cfg: SegmentConfig, init: InitSpec, kind: s
     data = {"task": task.summary(), "case_list_sha256": hashlib.sha256(json.dumps(cases).encode()).hexdigest(),
             "case_list": "sha256 of the JSON list [case_id, patient_id, image, mask, fold] of every case"}
     return base_card("segment", task.classes, inputs, {**init.to_dict(), "kind": kind}, selection, data,
-                     prediction="class index per pixel / voxel (argmax of the softmax), 0 = background")
+                     prediction="class index per pixel / voxel (argmax of the softmax), 0 = background; the classes in "
+                                "model.postprocess.keep_largest_component then keep only their largest connected component")
 
 
 def _keep_model(model: nn.Module, folder: Path, card: dict, run: dict, record: dict, n_test: int) -> dict:
@@ -930,8 +1026,11 @@ def _keep_model(model: nn.Module, folder: Path, card: dict, run: dict, record: d
     entry = {"file": f"fold{fold}_frac{fraction * 100:g}.safetensors", "fold": fold, "fraction": fraction,
              "best_iteration": record["best_iteration"],
              "selection": f"fold {fold}, {fraction * 100:g}% of the training patients ({run['n_train_patients']}): "
-                          f"iteration {record['best_iteration']} (validation mean Dice {record['val_mean_dice']:.3f})",
-             "test": f"mean Dice {run['test']['mean_dice']:.3f} ({n_test} held-out cases)"}
+                          f"iteration {record['best_iteration']} (validation mean Dice {record['val_mean_dice']:.3f})"
+                          + "".join(f"; {c} keeps its largest connected component"
+                                    for c in record["postprocess"]["keep_largest_component"]),
+             "test": f"mean Dice {run['test']['mean_dice']:.3f} ({n_test} held-out cases)",
+             "postprocess": record["postprocess"]}
     kwargs = record["architecture_kwargs"]
     save_finetuned(model, folder / entry["file"], record["architecture"], kwargs,
                    {**card, "model": {**entry, "test_metrics": run["test"]}}, InputSpec.from_dict(kwargs.get("input")))
