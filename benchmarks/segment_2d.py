@@ -148,7 +148,8 @@ def main(argv=None) -> int:
 
     # 3. report
     lines = [
-        "# BUS-BRA lesion segmentation: 2D U-Net on a ResNet-18, scratch vs SimCLR vs USCL", "",
+        "# BUS-BRA lesion segmentation: 2D U-Net on a ResNet-18, "
+        + " vs ".join({"scratch": "scratch", "simclr": "SimCLR", "uscl": "USCL"}[n] for n in names), "",
         "The USCL paper's second downstream row (USCL backbone -> breast lesion segmentation) at CPU scale:"
         " ResNet-18s pretrained on COVID-BLUES lung ultrasound videos (the pretraining of"
         " `benchmarks/pocus_transfer.py`, shared cache), fine-tuned as the encoder of medcl's 2D U-Net"
