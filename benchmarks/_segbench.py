@@ -277,6 +277,22 @@ def unet_bench_args(name: str, description: str, argv, extra=None) -> tuple[argp
             args.out or ROOT / "benchmarks" / "results" / f"{name}{suffix}.md")
 
 
+def per_fold_table(results: dict) -> list[str]:
+    """One row per (fold, label fraction) of a segmentation run's results: its budget, the selected
+    iteration, the post-processing chosen on validation, test Dice per class and their mean (before
+    post-processing in brackets)."""
+    classes = results["task"]["classes"]
+    lines = ["Per fold:", "", "| fold | label fraction | train patients | iterations | best iteration | post-processed | "
+             + " | ".join(f"{c} Dice" for c in classes) + " | mean Dice (before post-processing) |",
+             "|" + "---|" * (6 + len(classes) + 1)]
+    for r in results["runs"]:
+        lines.append(f"| {r['fold']} | {r['fraction'] * 100:g}% | {r['n_train_patients']} | {r['iterations']} | "
+                     f"{r['best_iteration']} | {', '.join(r['postprocess']['keep_largest_component']) or '-'} | "
+                     + " | ".join(f"{r['test']['per_class'][c]:.3f}" for c in classes)
+                     + f" | {r['test']['mean_dice']:.3f} ({r['test_raw']['mean_dice']:.3f}) |")
+    return lines + [""]
+
+
 def write_results(path: Path, lines: list[str], log: Log) -> None:
     """The results file: ``lines``, then the run's log."""
     path.parent.mkdir(parents=True, exist_ok=True)

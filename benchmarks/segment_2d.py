@@ -43,6 +43,7 @@ from _segbench import (  # noqa: E402
     command_line,
     machine,
     markdown_table_rows,
+    per_fold_table,
     unet_bench_args,
     write_results,
 )
@@ -165,17 +166,17 @@ def main(argv=None) -> int:
         "## Settings", "", "```json", json.dumps({"benchmark": asdict(s), "pretraining": asdict(ps),
                                                   "segment_config": cfg.model_dump()}, indent=1, default=str),
         "```", "",
-        *(["## Test Dice (mean +- std over folds) and per-fold paired differences against scratch", "",
-            comparison_markdown(results), "",
-            f"HD95 (pixels of the {s.size} x {s.size} input grid, lower is better) and NSD (tolerance"
-            f" {cfg.nsd_tolerance:g} px, higher is better):", "", surface_comparison_markdown(results), "",
-            segmentation_comparison_markdown(result["comparison"]), ""] if result["comparison"] else
-          ["## Test Dice, scratch (mean +- std over folds)", "", results_markdown(results["scratch"]).split("\n", 2)[2],
-           "Per fold (test Dice after post-processing, before it in brackets):", "",
-           "| fold | label fraction | train patients | best iteration | post-processed | test Dice |", "|---|---|---|---|---|---|",
-           *[f"| {r['fold']} | {r['fraction'] * 100:g}% | {r['n_train_patients']} | {r['best_iteration']} | "
-             f"{', '.join(r['postprocess']['keep_largest_component']) or '-'} | {r['test']['mean_dice']:.3f} "
-             f"({r['test_raw']['mean_dice']:.3f}) |" for r in results["scratch"]["runs"]], ""]),
+    ]
+    if result["comparison"]:
+        lines += ["## Test Dice (mean +- std over folds) and per-fold paired differences against scratch", "",
+                  comparison_markdown(results), "",
+                  f"HD95 (pixels of the {s.size} x {s.size} input grid, lower is better) and NSD (tolerance"
+                  f" {cfg.nsd_tolerance:g} px, higher is better):", "", surface_comparison_markdown(results), "",
+                  segmentation_comparison_markdown(result["comparison"]), ""]
+    else:  # scratch alone
+        lines += ["## Test Dice, scratch (mean +- std over folds)", "",
+                  results_markdown(results["scratch"]).split("\n", 2)[2], *per_fold_table(results["scratch"])]
+    lines += [
         "Fine-tuning minutes per init (training loops only): "
         + ", ".join(f"{n} {m:.1f}" for n, m in minutes.items()), "",
         "## Beside it", "",

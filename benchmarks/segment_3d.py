@@ -34,6 +34,7 @@ from _segbench import (  # noqa: E402
     command_line,
     machine,
     markdown_table_rows,
+    per_fold_table,
     unet_bench_args,
     write_results,
 )
@@ -145,16 +146,9 @@ def main(argv=None) -> int:
         f"- folds run: {s.folds} of {s.n_folds}", "",
         "## Settings", "", "```json", json.dumps({"benchmark": asdict(s), "segment_config": cfg.model_dump()},
                                                  indent=1, default=str), "```", "",
-        "## Results (test folds)", "", results_markdown(results).split("\n", 2)[2], "",
-        "Per fold:", "", "| fold | label fraction | train patients | iterations | best iteration | "
-        + " | ".join(f"{o} Dice" for o in task.classes) + " | mean Dice |",
-        "|" + "---|" * (5 + len(task.classes) + 1),
+        "## Results (test folds)", "", results_markdown(results).split("\n", 2)[2], "", *per_fold_table(results),
     ]
-    for r in results["runs"]:
-        lines.append(f"| {r['fold']} | {r['fraction'] * 100:g}% | {r['n_train_patients']} | {r['iterations']} | "
-                     f"{r['best_iteration']} | " + " | ".join(f"{r['test']['per_class'][c]:.3f}" for c in task.classes)
-                     + f" | {r['test']['mean_dice']:.3f} |")
-    lines += ["", f"Training minutes: {minutes:.1f}", "", *curve_table(work / "scratch" / "curves.jsonl"),
+    lines += [f"Training minutes: {minutes:.1f}", "", *curve_table(work / "scratch" / "curves.jsonl"),
               "## Beside it", "", "| reference | result |", "|---|---|",
               *[f"| {n} | {v} |" for n, v in REFERENCES], ""]
     unetr = markdown_table_rows(ROOT / UNETR, "| label fraction | scratch test Dice")
