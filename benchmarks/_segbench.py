@@ -277,6 +277,24 @@ def unet_bench_args(name: str, description: str, argv, extra=None) -> tuple[argp
             args.out or ROOT / "benchmarks" / "results" / f"{name}{suffix}.md")
 
 
+def recipe_options(parser: argparse.ArgumentParser) -> None:
+    """The U-Net recipe's knobs both segment_2d.py and segment_3d.py take (a longer or otherwise
+    different budget than their ``Settings``); :func:`apply_recipe_options` sets them."""
+    parser.add_argument("--fractions", default=None, help="label fractions, e.g. 0.05,0.15,1")
+    parser.add_argument("--epochs", type=float, default=None, help="epochs of the training patients")
+    parser.add_argument("--min-iterations", type=int, default=None, help="at least this many steps per run")
+    parser.add_argument("--lr", type=float, default=None)
+
+
+def apply_recipe_options(args: argparse.Namespace, settings) -> None:
+    """Copy the options of :func:`recipe_options` that were given onto a benchmark's ``Settings``."""
+    if args.fractions:
+        settings.fractions = [float(f) for f in args.fractions.split(",")]
+    for key in ("epochs", "min_iterations", "lr"):
+        if getattr(args, key) is not None:
+            setattr(settings, key, getattr(args, key))
+
+
 def per_fold_table(results: dict) -> list[str]:
     """One row per (fold, label fraction) of a segmentation run's results: its budget, the selected
     iteration, the post-processing chosen on validation, test Dice per class and their mean (before

@@ -20,7 +20,9 @@ Budget (``Settings``, recorded in the results file): BUS-BRA folds 1-2 of 5 at 1
 the training cases but at least 350 steps of batch 16, 12 validations; pretraining 25 video epochs
 at 128 px per method. About 85 min on 2 idle CPU cores (``--folds 1,2,3,4,5``: ~3.5 h). Scratch alone
 on all five folds (``--inits scratch --folds 1,2,3,4,5 --out benchmarks/results/segment_2d_scratch.md``,
-no pretraining): about 65 min.
+no pretraining): about 65 min. A longer budget for one fraction, e.g. 100% of the labels at 20 epochs on all
+five folds (``--inits scratch --fractions 1 --epochs 20 --folds 1,2,3,4,5 --out
+benchmarks/results/segment_2d_scratch_100.md``): about 75 min.
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pocus_transfer  # noqa: E402  (the shared COVID-BLUES ingest and pretraining cache)
 from _segbench import (  # noqa: E402
     Log,
+    apply_recipe_options,
     command_line,
     machine,
     markdown_table_rows,
     per_fold_table,
+    recipe_options,
     unet_bench_args,
     write_results,
 )
@@ -106,6 +110,7 @@ def main(argv=None) -> int:
         parser.add_argument("--inits", default="scratch,simclr,uscl",
                             help="which of scratch, simclr, uscl to fine-tune (scratch first; 'scratch' alone: no "
                                  "pretraining, e.g. for all five folds within 90 min)")
+        recipe_options(parser)
 
     args, work, out_md = unet_bench_args("segment_2d", __doc__, argv, extra)
     names = [n.strip() for n in args.inits.split(",") if n.strip()]
@@ -115,6 +120,7 @@ def main(argv=None) -> int:
         return 2
     s = Settings.quick() if args.quick else Settings()
     s.folds = args.fold_list or s.folds
+    apply_recipe_options(args, s)
     pre_work = args.pretrain_work or ROOT / "benchmarks" / "work" / f"pocus_transfer{'_quick' if args.quick else ''}"
     for sub in ("covid-blues", "us-seg/busbra"):
         if not (args.data / sub).is_dir():

@@ -31,10 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _segbench import (  # noqa: E402
     Log,
+    apply_recipe_options,
     command_line,
     machine,
     markdown_table_rows,
     per_fold_table,
+    recipe_options,
     unet_bench_args,
     write_results,
 )
@@ -94,25 +96,20 @@ UNETR = "benchmarks/results/mixcl_3d.md"  # medcl's UNETR on the mandible (3 fol
 
 def main(argv=None) -> int:
     def extra(parser) -> None:  # the recipe's knobs, for trying a longer or otherwise different budget
-        parser.add_argument("--fractions", default=None, help="label fractions, e.g. 0.05,0.15,1")
-        parser.add_argument("--epochs", type=float, default=None, help="epochs of the training patients")
-        parser.add_argument("--min-iterations", type=int, default=None, help="at least this many steps per run")
+        recipe_options(parser)
         parser.add_argument("--augment", choices=("flips", "monai"), default=None,
                             help="flips, or monai (flips + axial rotation / scale + intensity)")
-        parser.add_argument("--lr", type=float, default=None)
         parser.add_argument("--class-weights", default=None,
                             help="loss weight per class, background first, e.g. 1,1,5")
 
     args, work, out_md = unet_bench_args("segment_3d", __doc__, argv, extra)
     s = Settings.quick() if args.quick else Settings()
     s.folds = args.fold_list or s.folds
-    if args.fractions:
-        s.fractions = [float(f) for f in args.fractions.split(",")]
+    apply_recipe_options(args, s)
     if args.class_weights:
         s.class_weights = [float(w) for w in args.class_weights.split(",")]
-    for key in ("epochs", "min_iterations", "augment", "lr"):
-        if getattr(args, key) is not None:
-            setattr(s, key, getattr(args, key))
+    if args.augment is not None:
+        s.augment = args.augment
     root = args.data / "openkbp"
     if not (root / "index.json").is_file():
         print(f"segment_3d: {root / 'index.json'} not found (needs ../shared/data)", file=sys.stderr)
