@@ -53,18 +53,23 @@ from _segbench import (  # noqa: E402
 )
 
 
+from medcl.evaluate.segment import UNET_BUDGET, UNET_RECIPE  # noqa: E402  (the library's 2D U-Net recipe)
+
+RECIPE, BUDGET = UNET_RECIPE[2], UNET_BUDGET[2]
+
+
 @dataclass
 class Settings:
     size: int = 128  # BUS-BRA fine-tuning input (the issue asks >= 128 px)
     folds: list[int] = field(default_factory=lambda: [1, 2])
     fractions: list[float] = field(default_factory=lambda: [0.05, 0.15, 1.0])
-    epochs: float = 8.0  # epochs of the training cases ...
-    min_iterations: int = 350  # ... but at least this many steps (5% / 15% of the patients train longer)
-    max_validations: int = 12
+    epochs: float = BUDGET["epochs"]  # epochs of the training cases ...
+    min_iterations: int = BUDGET["min_iterations"]  # ... but at least this many steps (5% / 15% train longer)
+    max_validations: int = BUDGET["max_validations"]
     patience: int | None = None  # a dozen noisy validations: keep the best, never stop early
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
+    batch_size: int = RECIPE["batch_size"]
+    lr: float = RECIPE["lr"]
+    weight_decay: float = RECIPE["weight_decay"]
     max_val_cases: int = 150
     pretrain_size: int = 128
     pretrain_epochs: int = 25
@@ -80,7 +85,7 @@ class Settings:
         """The U-Net fine-tuning recipe (medcl.evaluate.segment.SegmentConfig) of these settings."""
         from medcl.evaluate.segment import SegmentConfig
 
-        return SegmentConfig(arch="unet", size=[self.size, self.size], augment="monai", batch_size=self.batch_size,
+        return SegmentConfig(arch="unet", size=[self.size, self.size], augment=RECIPE["augment"], batch_size=self.batch_size,
                              lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
                              min_iterations=self.min_iterations, max_validations=self.max_validations,
                              patience=self.patience, fractions=self.fractions, folds=self.folds,

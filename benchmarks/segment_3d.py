@@ -41,7 +41,10 @@ from _segbench import (  # noqa: E402
     write_results,
 )
 
+from medcl.evaluate.segment import UNET_BUDGET, UNET_RECIPE  # noqa: E402  (the library's 3D U-Net recipe)
+
 ORGANS = ["Mandible", "SpinalCord"]
+RECIPE, BUDGET = UNET_RECIPE[3], UNET_BUDGET[3]
 
 
 @dataclass
@@ -51,20 +54,20 @@ class Settings:
     fractions: list[float] = field(default_factory=lambda: [0.05, 0.15, 1.0])
     roi_size: list[int] = field(default_factory=lambda: [64, 64, 32])  # ~256 x 256 x 80 mm training crops
     sw_roi_size: list[int] = field(default_factory=lambda: [128, 128, 128])  # inference tile: the whole volume
-    pos_fraction: float = 0.67  # crops centred on an organ voxel (organs are ~0.1% of the volume)
-    batch_size: int = 2
+    pos_fraction: float = RECIPE["pos_fraction"]  # crops centred on an organ voxel (organs are ~0.1% of the volume)
+    batch_size: int = RECIPE["batch_size"]
     # epochs of the training patients (100%: 2700 steps; at 360 the mandible had not been learned, at 1350 the
     # validation Dice was still rising)
-    epochs: float = 120.0
-    min_iterations: int = 1200  # ... but at least this many steps (5% / 15% of the patients train longer)
-    max_validations: int = 5
-    augment: str = "flips"  # "monai": + axial rotation, scale and intensity (medcl.evaluate.segment.monai_augmenter)
+    epochs: float = BUDGET["epochs"]
+    min_iterations: int = BUDGET["min_iterations"]  # ... but at least this many steps (5% / 15% of the patients train longer)
+    max_validations: int = BUDGET["max_validations"]
+    augment: str = RECIPE["augment"]  # "monai": + axial rotation, scale and intensity (medcl.evaluate.segment.monai_augmenter)
     max_val_cases: int = 4
-    lr: float = 1e-3
+    lr: float = RECIPE["lr"]
     # loss weight per class (background, Mandible, SpinalCord), ~ sqrt of the mandible / cord voxel ratio (~4):
     # unweighted, the cord was never predicted (1350 steps); at 1:5 the mandible never was; 1:2 learns both
     class_weights: list[float] | None = field(default_factory=lambda: [1.0, 1.0, 2.0])
-    weight_decay: float = 1e-4
+    weight_decay: float = RECIPE["weight_decay"]
     window: list[float] = field(default_factory=lambda: [-150.0, 250.0])
     seed: int = 0
     n_patients: int | None = None  # all

@@ -152,6 +152,36 @@ def test_3d_unet_finetunes_with_crops_and_sliding_window_from_a_3d_checkpoint(tm
         run_segmentation(task2d, SegmentConfig(**TINY, checkpoint=str(tmp_path / "r3d.pt")), None, log=None)
 
 
+def test_arch_unet_takes_the_measured_recipe_for_fields_left_unset():
+    from medcl.evaluate.segment import UNET_BUDGET, UNET_RECIPE
+
+    # the UNETR (MixCL's paper setting) keeps the plain defaults
+    unetr = SegmentConfig(size=[32, 32])
+    assert unetr.for_task(2) is unetr and (unetr.batch_size, unetr.lr, unetr.epochs) == (2, 1e-4, None)
+    # arch unet, nothing else given: the 2D recipe and its budget in epochs
+    cfg = SegmentConfig(arch="unet", size=[128, 128]).for_task(2)
+    assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.augment) == (16, 1e-3, 1e-4, "monai")
+    assert (cfg.epochs, cfg.min_iterations, cfg.max_validations) == (8.0, 350, 12)
+    assert budget(cfg, 1200) == (600, 75)  # 8 epochs of 1200 cases at batch 16, validated every epoch
+    assert budget(cfg, 40) == (350, 3 * 10)  # few cases: the 350-step floor, validated every 10 epochs (12 times)
+    # 3D: its own recipe (foreground-oversampled crops, flips) and a longer budget
+    cfg3 = SegmentConfig(arch="unet", roi_size=[16, 16, 16]).for_task(3)
+    assert (cfg3.batch_size, cfg3.lr, cfg3.augment, cfg3.pos_fraction) == (2, 1e-3, "flips", 0.67)
+    assert (cfg3.epochs, cfg3.min_iterations, cfg3.max_validations) == (120.0, 1200, 5)
+    # whatever is given wins, field by field; a given iteration count or epochs keeps the recipe's budget out
+    mine = SegmentConfig(arch="unet", size=[64, 64], batch_size=4, augment="flips", iterations=30).for_task(2)
+    assert (mine.batch_size, mine.augment, mine.lr, mine.iterations) == (4, "flips", 1e-3, 30)
+    assert (mine.epochs, mine.min_iterations, mine.max_validations) == (None, None, None)
+    assert budget(mine, 1000) == (30, mine.val_every)
+    short = SegmentConfig(arch="unet", size=[64, 64], epochs=2).for_task(2)
+    assert (short.epochs, short.min_iterations, short.max_validations) == (2, None, None)
+    # defined once: the recipe tables are what for_task applies, for both dimensionalities
+    for dims in (2, 3):
+        got = SegmentConfig(arch="unet").for_task(dims)
+        assert {k: getattr(got, k) for k in {**UNET_RECIPE[dims], **UNET_BUDGET[dims]}} == {
+            **UNET_RECIPE[dims], **UNET_BUDGET[dims]}
+
+
 def test_epochs_budget_scales_with_training_cases():
     cfg = SegmentConfig(epochs=3, batch_size=4)
     assert budget(cfg, 10) == (math.ceil(3 * 10 / 4), 3)
@@ -280,6 +310,8 @@ def test_cli_arch_unet_with_epochs_and_monai_augmentation(tmp_path, capsys):
     config = yaml.safe_load((out / "config.yaml").read_text())["segment"]
     assert (config["arch"], config["augment"], config["epochs"], config["patience"]) == ("unet", "monai", 1, 2)
     assert config["class_weights"] == [1.0, 3.0] and config["postprocess"] == "none"
+    # flags left out take the U-Net recipe (lr, weight decay); --epochs keeps its budget (no step floor)
+    assert (config["batch_size"], config["lr"], config["weight_decay"], config["min_iterations"]) == (4, 1e-3, 1e-4, None)
     assert json.loads((out / "results.json").read_text())["runs"][0]["postprocess"] == {"keep_largest_component": []}
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         main(["finetune", str(data), "--task", "segment", "--size", "32,32", "--seg-augment", "elastic",

@@ -148,7 +148,7 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
                        help="CSV manifest (image, mask, patient_id) of a separate test set, scored by every fold's model")
     group.add_argument("--fractions", default=None, help="label fractions of the training patients (default 0.05,0.15,0.5,1)")
     group.add_argument("--run-folds", default=None, help="only these 1-based folds, e.g. 1,2")
-    group.add_argument("--iterations", type=int, default=None, help="fine-tuning iterations (default 2000)")
+    group.add_argument("--iterations", type=int, default=None, help="fine-tuning iterations (default 2000; --arch unet: its budget in --epochs)")
     group.add_argument("--size", default=None, help="2D: resize to H,W; 3D: resample volumes to D,H,W")
     group.add_argument("--roi-size", default=None, help="training crop and sliding-window size")
     group.add_argument("--sw-roi-size", dest="sw_roi_size", default=None,
@@ -161,7 +161,8 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--channel", type=int, default=None, metavar="K",
                        help="3D: channel (modality) of 4D images [X, Y, Z, C] to segment from, 0-based")
     group.add_argument("--seg-augment", dest="seg_augment", choices=["flips", "monai"], default=None,
-                       help="flips (default: random in-plane flips) or monai (in-plane flips, small affine, intensity; 2D and 3D)")
+                       help="flips (random in-plane flips; default, except monai for the 2D --arch unet) or monai (in-plane flips, "
+                            "small affine, intensity; 2D and 3D)")
     group.add_argument("--binarize", type=int, default=None, metavar="T",
                        help="binary masks: foreground = mask value > T (e.g. 127 for 0/255 masks with JPEG noise); "
                             "without it, mask values the task does not declare are an error")
@@ -169,7 +170,10 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
                        help="UNETR option for scratch runs, e.g. hidden_size=96 (repeatable)")
     group.add_argument("--arch", choices=["unetr", "unet"], default=None,
                        help="unetr (MixCL's ViT encoder, default) or unet (2D or 3D U-Net on the ResNet-18 backbone: scratch, "
-                            "USCL / SimCLR / supervised checkpoints, exports, torchvision resnet18 files)")
+                            "USCL / SimCLR / supervised checkpoints, exports, torchvision resnet18 files). Flags left out "
+                            "take the measured U-Net recipe: 2D batch 16, lr 1e-3, monai augmentation, 8 epochs but >= 350 "
+                            "steps, <= 12 validations; 3D batch 2, lr 1e-3, flips, 120 epochs but >= 1200 steps, <= 5 "
+                            "validations (medcl.evaluate.segment.UNET_RECIPE / UNET_BUDGET)")
     group.add_argument("--min-iterations", dest="min_iterations", type=int, default=None, metavar="N",
                        help="with --epochs: train at least N iterations (small label fractions get more epochs)")
     group.add_argument("--class-weights", dest="class_weights", default=None, metavar="W0,W1,...",

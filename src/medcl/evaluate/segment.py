@@ -81,8 +81,22 @@ from medcl.weights import InitSpec, MissingWeightsError, WeightsError, load_init
 # ---------------------------------------------------------------------------------------------
 
 
+# The CNN U-Net recipe measured by benchmarks/segment_2d.py (BUS-BRA) and segment_3d.py (OpenKBP): what
+# ``arch: unet`` uses for each of these fields the config leaves unset (the plain field defaults below are the
+# UNETR's, MixCL's paper setting). The budget applies only when neither ``iterations`` nor ``epochs`` is given.
+UNET_RECIPE: dict[int, dict[str, Any]] = {
+    2: {"batch_size": 16, "lr": 1e-3, "weight_decay": 1e-4, "augment": "monai"},
+    3: {"batch_size": 2, "lr": 1e-3, "weight_decay": 1e-4, "augment": "flips", "pos_fraction": 0.67},
+}
+UNET_BUDGET: dict[int, dict[str, Any]] = {
+    2: {"epochs": 8.0, "min_iterations": 350, "max_validations": 12},
+    3: {"epochs": 120.0, "min_iterations": 1200, "max_validations": 5},
+}
+
+
 class SegmentConfig(BaseModel):
-    """Everything a segmentation fine-tune run depends on (written to config.yaml)."""
+    """Everything a segmentation fine-tune run depends on (written to config.yaml). With ``arch:
+    unet``, :meth:`for_task` fills the fields left unset from :data:`UNET_RECIPE` / :data:`UNET_BUDGET`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -193,6 +207,18 @@ class SegmentConfig(BaseModel):
         if v is not None and not v > 0:
             raise ValueError(f"must be > 0, got {v}")
         return v
+
+    def for_task(self, spatial_dims: int) -> SegmentConfig:
+        """The config a run on ``spatial_dims``-D data uses: itself, except that ``arch: unet`` takes the
+        measured U-Net recipe for every recipe field not set explicitly (by the caller, a config file or
+        a flag), and its budget in epochs unless ``iterations`` or ``epochs`` was given."""
+        if self.arch != "unet":
+            return self
+        given = self.model_fields_set
+        update = {k: v for k, v in UNET_RECIPE[spatial_dims].items() if k not in given}
+        if not {"iterations", "epochs"} & given:
+            update.update({k: v for k, v in UNET_BUDGET[spatial_dims].items() if k not in given})
+        return self.model_copy(update=update) if update else self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -829,6 +855,7 @@ def _run(task: SegTask, cfg: SegmentConfig, out_dir: str | Path | None, log: Cal
     log = log or (lambda s: None)
     if init is not None:
         cfg = cfg.model_copy(update={"checkpoint": init.path})
+    cfg = cfg.for_task(task.spatial_dims)
     init = init or (InitSpec("pretrained", cfg.checkpoint) if cfg.checkpoint else InitSpec("scratch"))
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
