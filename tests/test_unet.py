@@ -161,8 +161,8 @@ def test_arch_unet_takes_the_measured_recipe_for_fields_left_unset():
     # arch unet, nothing else given: the 2D recipe and its budget in epochs
     cfg = SegmentConfig(arch="unet", size=[128, 128]).for_task(2)
     assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.augment) == (16, 1e-3, 1e-4, "monai")
-    assert (cfg.epochs, cfg.min_iterations, cfg.max_validations) == (8.0, 350, 12)
-    assert budget(cfg, 1200) == (600, 75)  # 8 epochs of 1200 cases at batch 16, validated every epoch
+    assert (cfg.epochs, cfg.min_iterations, cfg.max_validations) == (20.0, 350, 12)
+    assert budget(cfg, 1200) == (1500, 150)  # 20 epochs of 1200 cases at batch 16, validated every 2nd epoch
     assert budget(cfg, 40) == (350, 3 * 10)  # few cases: the 350-step floor, validated every 10 epochs (12 times)
     # 3D: its own recipe (foreground-oversampled crops, flips) and a longer budget
     cfg3 = SegmentConfig(arch="unet", roi_size=[16, 16, 16]).for_task(3)
