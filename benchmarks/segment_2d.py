@@ -51,9 +51,15 @@ from _segbench import (  # noqa: E402
     unet_bench_args,
     write_results,
 )
-
-
-from medcl.evaluate.segment import UNET_BUDGET, UNET_RECIPE  # noqa: E402  (the library's 2D U-Net recipe)
+from medcl.evaluate.segment import (  # noqa: E402  (UNET_*: the library's U-Net recipe, 2D part below)
+    UNET_BUDGET,
+    UNET_RECIPE,
+    SegmentConfig,
+    comparison_markdown,
+    finetune,
+    results_markdown,
+    surface_comparison_markdown,
+)
 
 RECIPE, BUDGET = UNET_RECIPE[2], UNET_BUDGET[2]
 
@@ -85,8 +91,6 @@ class Settings:
 
     def segment_config(self, threads: int):
         """The U-Net fine-tuning recipe (medcl.evaluate.segment.SegmentConfig) of these settings."""
-        from medcl.evaluate.segment import SegmentConfig
-
         return SegmentConfig(arch="unet", size=[self.size, self.size], augment=RECIPE["augment"], batch_size=self.batch_size,
                              lr=self.lr, weight_decay=self.weight_decay, epochs=self.epochs,
                              min_iterations=self.min_iterations, max_validations=self.max_validations,
@@ -138,7 +142,6 @@ def main(argv=None) -> int:
 
     from medcl.data.seg_manifest import busbra_task
     from medcl.evaluate.compare import segmentation_comparison_markdown
-    from medcl.evaluate.segment import comparison_markdown, finetune, results_markdown, surface_comparison_markdown
 
     # 1. pretraining (shared cache with pocus_transfer.py)
     ps = s.pretraining()

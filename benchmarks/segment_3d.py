@@ -41,7 +41,14 @@ from _segbench import (  # noqa: E402
     write_results,
 )
 
-from medcl.evaluate.segment import UNET_BUDGET, UNET_RECIPE  # noqa: E402  (the library's 3D U-Net recipe)
+from medcl.evaluate.segment import (  # noqa: E402  (UNET_*: the library's U-Net recipe, 3D part below)
+    UNET_BUDGET,
+    UNET_RECIPE,
+    SegmentConfig,
+    finetune,
+    fmt,
+    results_markdown,
+)
 
 ORGANS = ["Mandible", "SpinalCord"]
 RECIPE, BUDGET = UNET_RECIPE[3], UNET_BUDGET[3]
@@ -74,8 +81,6 @@ class Settings:
 
     def segment_config(self, threads: int):
         """The 3D U-Net recipe as a ``SegmentConfig`` (also the fine-tuning of mixcl_cnn_3d.py)."""
-        from medcl.evaluate.segment import SegmentConfig
-
         return SegmentConfig(arch="unet", roi_size=self.roi_size, sw_roi_size=self.sw_roi_size,
                              pos_fraction=self.pos_fraction, batch_size=self.batch_size, epochs=self.epochs,
                              min_iterations=self.min_iterations, max_validations=self.max_validations,
@@ -121,7 +126,6 @@ def main(argv=None) -> int:
     log = Log()
 
     from medcl.data.seg_manifest import openkbp_patients, openkbp_task
-    from medcl.evaluate.segment import finetune, fmt, results_markdown
 
     patients = sorted(p["patient"] for p in openkbp_patients(root) if set(ORGANS) <= set(p["contoured"]))
     if s.n_patients:

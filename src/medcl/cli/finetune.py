@@ -171,9 +171,8 @@ def add_segment_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--arch", choices=["unetr", "unet"], default=None,
                        help="unetr (MixCL's ViT encoder, default) or unet (2D or 3D U-Net on the ResNet-18 backbone: scratch, "
                             "USCL / SimCLR / supervised checkpoints, exports, torchvision resnet18 files). Flags left out "
-                            "take the measured U-Net recipe: 2D batch 16, lr 1e-3, monai augmentation, 20 epochs but >= 350 "
-                            "steps, <= 12 validations; 3D batch 2, lr 1e-3, flips, 120 epochs but >= 1200 steps, <= 5 "
-                            "validations (medcl.evaluate.segment.UNET_RECIPE / UNET_BUDGET)")
+                            "take the measured 2D / 3D U-Net recipe (batch size, lr, augmentation, a budget in epochs: "
+                            "medcl.evaluate.segment.UNET_RECIPE / UNET_BUDGET); the run's config.yaml records the values")
     group.add_argument("--min-iterations", dest="min_iterations", type=int, default=None, metavar="N",
                        help="with --epochs: train at least N iterations (small label fractions get more epochs)")
     group.add_argument("--class-weights", dest="class_weights", default=None, metavar="W0,W1,...",
